@@ -1,0 +1,458 @@
+"""The experiment file: one typed schema, validated before anything heavy runs.
+
+An experiment file (YAML) describes one sweep. It may ``extends:`` a base file (a path relative to
+itself); mappings are merged recursively, lists and scalars replace. ``--set a.b=value`` overrides
+are applied last. Every error names the file and the dotted field.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STRATEGIES = ("curriculum", "reverse", "random", "level-1", "level-2", "level-3", "level-4", "all")
+POOLINGS = ("eos", "mean", "ata")
+# Short names accepted as grid axes and in --cell, mapped to their dotted field.
+AXIS_ALIASES = {"strategy": "train.strategy", "pooling": "model.pooling", "seed": "train.seed"}
+
+Strategy = Literal["curriculum", "reverse", "random", "level-1", "level-2", "level-3", "level-4", "all"]
+Pooling = Literal["eos", "mean", "ata"]
+
+
+class ConfigError(ValueError):
+    """An experiment file is invalid; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSettings(_Strict):
+    enabled: bool = True
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # "all-linear" = every linear layer but the output head (LLM2Vec's q,k,v,o,gate,up,down on Llama)
+    target_modules: str | list[str] = "all-linear"
+
+
+class ModelSettings(_Strict):
+    # A Hub id, a local folder, or a packaged offline model: "packaged:smollm2-135m-instruct",
+    # "packaged:all-minilm-l6-v2".
+    name: str = "packaged:smollm2-135m-instruct"
+    revision: str | None = None
+    pooling: Pooling = "ata"
+    lora: LoraSettings = LoraSettings()
+    max_query_length: int = Field(128, ge=8)
+    max_doc_length: int = Field(256, ge=8)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    autocast: Literal["auto", "none", "bf16"] = "auto"  # auto: none (weights already bf16 on GPU)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    # E5-style query template; documents get no instruction.
+    query_template: str = "Instruct: {instruction}\nQuery: {query}"
+    skip_instruction: bool = True  # exclude instruction tokens from pooling (LLM2Vec default)
+    padding_side: Literal["left", "right"] = "left"
+
+    @field_validator("query_template")
+    @classmethod
+    def _template_fields(cls, v: str) -> str:
+        if "{query}" not in v or "{instruction}" not in v:
+            raise ValueError("must contain {instruction} and {query}")
+        if not v.split("{query}")[1] == "":
+            raise ValueError("{query} must come last (the query is what gets pooled)")
+        return v
+
+
+class TrainSettings(_Strict):
+    strategy: Strategy = "curriculum"
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = 1.0
+    temperature: float = Field(0.02, gt=0)
+    # Hard negatives per query. The schedule picks the level; extra negatives come from the
+    # levels nearest to it. Strategy "all" always uses all four.
+    negatives_per_query: int = Field(1, ge=0, le=4)
+    # Split the batch into chunks of this size with GradCache (same gradients, less memory).
+    grad_cache_chunk: int | None = Field(None, ge=1)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    heldout_size: int = Field(256, ge=0)  # rows kept out of training for the cheap held-out metric
+    log_every: int = Field(1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class CorpusBuild(_Strict):
+    """How to build the corpus when ``path`` does not exist yet: a ``synth`` config file."""
+
+    kind: Literal["mine", "generate"]
+    config: str  # path to the synth YAML, relative to the experiment file
+
+
+class CorpusSettings(_Strict):
+    path: str
+    build: CorpusBuild | None = None
+
+
+class EvalSettings(_Strict):
+    # A named suite (see `harness suites`) and/or explicit tasks: mteb task names or local folders.
+    suite: str | None = None
+    tasks: list[str] = []
+    instructions: dict[str, str] = {}  # per-task query instruction overrides
+    batch_size: int = Field(32, ge=1)
+    max_docs: int | None = Field(None, ge=1)  # cap corpus size of local retrieval tasks (smoke)
+    enabled: bool = True
+
+
+class SearchParam(_Strict):
+    type: Literal["float", "loguniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchParam:
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("type 'choice' needs 'values'")
+        elif self.low is None or self.high is None or self.low >= self.high:
+            raise ValueError(f"type {self.type!r} needs low < high")
+        return self
+
+
+class SearchSettings(_Strict):
+    params: dict[str, SearchParam]  # dotted field -> range
+    metric: str = "eval/avg"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(8, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class ResourceSettings(_Strict):
+    gpus_per_trial: float = Field(0, ge=0)
+    cpus_per_trial: float = Field(1, gt=0)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    max_failures: int = Field(0, ge=0)  # Ray retries of a failed trial
+
+
+class TrackingSettings(_Strict):
+    uri: str = "sqlite:///results/mlflow.db"  # relative sqlite paths resolve against the cwd
+    artifact_location: str | None = None
+    system_metrics: bool = True
+
+
+class TablesSettings(_Strict):
+    rows: list[str] | None = None  # grid axes that make a table row (default: all but seed)
+    baseline: dict[str, Any] | None = None  # e.g. {pooling: mean}
+    output_dir: str | None = None  # default results/<name>
+
+
+class Experiment(_Strict):
+    name: str = Field(min_length=1)
+    description: str = ""
+    corpus: CorpusSettings
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
+    grid: dict[str, list[Any]] = {}
+    search: SearchSettings | None = None
+    eval: EvalSettings = EvalSettings()
+    resources: ResourceSettings = ResourceSettings()
+    tracking: TrackingSettings = TrackingSettings()
+    tables: TablesSettings = TablesSettings()
+
+    # Where the file came from (not part of the schema; excluded from dumps).
+    source: str | None = Field(default=None, exclude=True)
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_axes(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {}
+        for axis, values in grid.items():
+            field = AXIS_ALIASES.get(axis, axis)
+            if not _field_exists(field):
+                raise ValueError(f"grid axis {axis!r} is not a field of the experiment")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"grid axis {axis!r} needs a non-empty list of values")
+            if len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
+                raise ValueError(f"grid axis {axis!r} repeats a value")
+            if field in out:
+                raise ValueError(f"grid axis {axis!r} given twice")
+            out[field] = values
+        return out
+
+    def resolve_path(self, p: str) -> Path:
+        """A path from the file, relative to the file's folder (or the cwd when from a string)."""
+        path = Path(os.path.expandvars(os.path.expanduser(p)))
+        if path.is_absolute() or self.source is None:
+            return path
+        return Path(self.source).parent / path
+
+
+def _field_exists(dotted: str) -> bool:
+    model: Any = Experiment
+    for part in dotted.split("."):
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return False
+        model = fields[part].annotation
+        # unwrap Optional[X]
+        args = [a for a in getattr(model, "__args__", ()) if a is not type(None)]
+        if args and not hasattr(model, "model_fields"):
+            model = args[0]
+    return True
+
+
+# ---------------------------------------------------------------- loading and errors
+
+
+def _format_validation(e: ValidationError, where: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the experiment file reference in README.md)"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        inp = err.get("input")
+        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(inp, dict) else f" (got {inp!r})"
+        lines.append(f"  {loc}: {msg}{shown}")
+    return f"{where}: invalid experiment file\n" + "\n".join(lines)
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: experiment file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}: broken YAML{at}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def load_raw(path: str | os.PathLike[str], _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML file and resolve its ``extends`` chain into one mapping."""
+    path = Path(path)
+    resolved = path.resolve()
+    if resolved in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, resolved))
+        raise ConfigError(f"{path}: 'extends' forms a cycle: {chain}")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends: must be a file path (got {parent!r})")
+    base = load_raw(path.parent / parent, (*_seen, resolved))
+    # paths in the base file are relative to the base file: rewrite the ones we know
+    base_dir = (path.parent / parent).parent
+    _rebase_paths(base, base_dir, path.parent)
+    return _deep_merge(base, data)
+
+
+_PATH_FIELDS = (("corpus", "path"), ("corpus", "build", "config"))
+
+
+def _rebase_paths(data: dict[str, Any], src: Path, dst: Path) -> None:
+    for keys in _PATH_FIELDS:
+        node: Any = data
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            p = node[keys[-1]]
+            if not os.path.isabs(os.path.expanduser(p)):
+                node[keys[-1]] = os.path.relpath(src / p, dst)
+    eval_tasks = data.get("eval", {}).get("tasks") if isinstance(data.get("eval"), dict) else None
+    if isinstance(eval_tasks, list):
+        data["eval"]["tasks"] = [
+            os.path.relpath(src / t, dst) if isinstance(t, str) and _looks_like_path(t) else t
+            for t in eval_tasks
+        ]
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.startswith((".", "/", "~")) or "/" in s
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", yaml-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. train.lr=1e-4")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: empty field name")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    # YAML 1.1 reads 1e-4 as a string; accept it as a float.
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed) if any(c in parsed for c in ".eE") else parsed
+        except ValueError:
+            pass
+    return AXIS_ALIASES.get(key, key), parsed
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {part!r} is not a mapping")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def get_dotted(data: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _yaml_floats(data: Any) -> Any:
+    """YAML 1.1 reads ``2e-4`` (no dot) as a string; turn such strings back into floats."""
+    if isinstance(data, dict):
+        return {k: _yaml_floats(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_yaml_floats(v) for v in data]
+    if isinstance(data, str):
+        s = data.strip()
+        if s and s[0] in "0123456789.-+" and any(c in s for c in "eE"):
+            try:
+                return float(s)
+            except ValueError:
+                return data
+    return data
+
+
+def validate(data: Mapping[str, Any], where: str = "<experiment>") -> Experiment:
+    try:
+        exp = Experiment.model_validate(_yaml_floats(dict(data)))
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, where)) from None
+    return exp
+
+
+def load_experiment(
+    path: str | os.PathLike[str], overrides: Sequence[str] = ()
+) -> Experiment:
+    """Load, merge ``extends``, apply ``--set`` overrides and validate an experiment file."""
+    data = load_raw(path)
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(data, key, value)
+    where = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    exp = validate(data, where)
+    exp.source = str(Path(path))
+    return exp
+
+
+# ---------------------------------------------------------------- grid and trial identity
+
+
+def grid_cells(exp: Experiment) -> list[dict[str, Any]]:
+    """Every combination of the grid axes, in file order (first axis slowest)."""
+    if not exp.grid:
+        return [{}]
+    axes = list(exp.grid)
+    return [dict(zip(axes, combo)) for combo in itertools.product(*(exp.grid[a] for a in axes))]
+
+
+def apply_cell(exp: Experiment, cell: Mapping[str, Any]) -> Experiment:
+    """The experiment with one grid cell's values set (validated again)."""
+    data = exp.model_dump(mode="json")
+    for key, value in cell.items():
+        set_dotted(data, AXIS_ALIASES.get(key, key), value)
+    data["grid"] = {}
+    data["search"] = None
+    out = validate(data, f"{exp.source or exp.name} (cell {cell_label(cell)})")
+    out.source = exp.source
+    return out
+
+
+def parse_cell(items: Iterable[str], exp: Experiment) -> dict[str, Any]:
+    """``strategy=curriculum,pooling=ata`` (or a list of such) -> a grid cell, checked against the grid."""
+    cell: dict[str, Any] = {}
+    for item in items:
+        for part in filter(None, (p.strip() for p in item.split(","))):
+            key, value = parse_override(part)
+            cell[key] = value
+    for key, value in cell.items():
+        if key in exp.grid and value not in exp.grid[key]:
+            raise ConfigError(f"--cell {key}={value!r}: not in the grid's values {exp.grid[key]}")
+        if not _field_exists(key):
+            raise ConfigError(f"--cell {key}: not a field of the experiment")
+    return cell
+
+
+def cell_label(cell: Mapping[str, Any]) -> str:
+    """Run name of a cell, like ``curriculum-ata-s1`` (strategy, pooling, others, seed last)."""
+    order = ["train.strategy", "model.pooling"]
+    keys = [k for k in order if k in cell] + sorted(k for k in cell if k not in (*order, "train.seed"))
+    parts = [str(cell[k]) if k in order else f"{k.split('.')[-1]}={cell[k]}" for k in keys]
+    if "train.seed" in cell:
+        parts.append(f"s{cell['train.seed']}")
+    return "-".join(parts) or "base"
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def trial_params(exp: Experiment) -> dict[str, Any]:
+    """The resolved config of one trial as flat dotted params (what MLflow logs)."""
+    data = exp.model_dump(mode="json", exclude={"grid", "search", "tables"})
+    return flatten(data)
+
+
+def trial_key(exp: Experiment, corpus_sha256: str) -> str:
+    """Hash of everything that changes a trial's result: resolved training config + corpus."""
+    data = exp.model_dump(mode="json", exclude={"grid", "search", "tables", "tracking", "resources", "description"})
+    blob = json.dumps({"config": data, "corpus": corpus_sha256}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

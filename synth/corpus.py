@@ -1,0 +1,250 @@
+"""The corpus contract shared by `synth` (writer) and `harness` (reader).
+
+A corpus is a directory holding ``samples.parquet`` (one training example per row) and
+``manifest.json`` (how it was built, counts, and the sha256 of ``samples.parquet``).
+See DESIGN.md, "Corpus". Level 1 is the hardest negative (closest to the query),
+level 4 the easiest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+SAMPLES_FILE = "samples.parquet"
+MANIFEST_FILE = "manifest.json"
+LEVELS = (1, 2, 3, 4)
+NEG_COLUMNS = tuple(f"neg_{level}" for level in LEVELS)
+TASK_KINDS = ("asymmetric", "symmetric", "retrieval")
+SYNTH_SUBTASKS = ("short-long", "long-short", "short-short", "long-long", "sts")
+
+SCHEMA: dict[str, pl.DataType] = {
+    "id": pl.String(),
+    "source": pl.String(),
+    "task_kind": pl.String(),
+    "subtask": pl.String(),
+    "instruction": pl.String(),
+    "query": pl.String(),
+    "positive": pl.String(),
+    **{col: pl.String() for col in NEG_COLUMNS},
+}
+REQUIRED_NON_NULL = ("id", "source", "task_kind", "subtask", "instruction", "query", "positive")
+
+
+class CorpusError(ValueError):
+    """A corpus on disk does not follow the contract; the message says what and where."""
+
+
+def row_id(instruction: str, query: str, positive: str, negatives: Iterable[str | None]) -> str:
+    """Stable content hash of one example (16 hex chars of sha256)."""
+    h = hashlib.sha256()
+    for part in (instruction, query, positive, *negatives):
+        h.update(b"\x00" if part is None else part.encode("utf-8"))
+        h.update(b"\x1f")
+    return h.hexdigest()[:16]
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A loaded, verified corpus: the rows, the manifest and the content hash."""
+
+    frame: pl.DataFrame
+    manifest: dict[str, Any]
+    sha256: str
+    path: Path | None = None
+
+    def __len__(self) -> int:
+        return self.frame.height
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("name", self.path.name if self.path else "corpus"))
+
+
+def validate_frame(frame: pl.DataFrame, where: str = "corpus") -> pl.DataFrame:
+    """Check columns, types and values; return the frame with the canonical column order."""
+    missing = [c for c in SCHEMA if c not in frame.columns]
+    if missing:
+        raise CorpusError(
+            f"{where}: missing column(s) {', '.join(missing)}; a corpus needs {', '.join(SCHEMA)}"
+        )
+    wrong = [
+        f"{c} is {frame.schema[c]}"
+        for c in SCHEMA
+        if frame.schema[c] not in (pl.String(), pl.Null())
+    ]
+    if wrong:
+        raise CorpusError(f"{where}: columns must be strings: {'; '.join(wrong)}")
+    frame = frame.select([pl.col(c).cast(pl.String) for c in SCHEMA])
+    for col in REQUIRED_NON_NULL:
+        bad = frame.filter(pl.col(col).is_null() | (pl.col(col).str.strip_chars() == ""))
+        if col == "instruction":  # an empty instruction is allowed (symmetric data sets); null is not
+            bad = frame.filter(pl.col(col).is_null())
+        if bad.height:
+            first = bad.row(0, named=True).get("id")
+            raise CorpusError(
+                f"{where}: column {col!r} is empty in {bad.height} row(s) (first id: {first})"
+            )
+    kinds = set(frame["task_kind"].unique().to_list()) - set(TASK_KINDS)
+    if kinds:
+        raise CorpusError(f"{where}: unknown task_kind {sorted(kinds)}; expected one of {TASK_KINDS}")
+    dup = frame.height - frame["id"].n_unique()
+    if dup:
+        raise CorpusError(f"{where}: {dup} duplicate id(s)")
+    return frame
+
+
+def level_counts(frame: pl.DataFrame) -> dict[str, int]:
+    return {col: int(frame[col].is_not_null().sum()) for col in NEG_COLUMNS}
+
+
+def summarize(frame: pl.DataFrame) -> dict[str, Any]:
+    """Counts per task kind, subtask and negative level, for the manifest."""
+
+    def counts(col: str) -> dict[str, int]:
+        vc = frame[col].value_counts(sort=True)
+        return {str(k): int(v) for k, v in zip(vc[col].to_list(), vc["count"].to_list())}
+
+    return {
+        "rows": frame.height,
+        "task_kind": counts("task_kind"),
+        "subtask": counts("subtask"),
+        "source": counts("source"),
+        "negatives_per_level": level_counts(frame),
+    }
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_corpus(
+    frame: pl.DataFrame,
+    directory: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    build: Mapping[str, Any] | None = None,
+    usage: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Corpus:
+    """Validate ``frame`` and write ``samples.parquet`` + ``manifest.json`` atomically.
+
+    ``build`` says how the corpus was made (endpoint model and prompt versions, or mining
+    model and bands); ``usage`` holds token usage and cost. Rows are written sorted by id so
+    the same content always gives the same file and hash.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    frame = validate_frame(frame, where=str(directory)).sort("id")
+    samples = directory / SAMPLES_FILE
+    tmp = directory / f".{SAMPLES_FILE}.tmp"
+    frame.write_parquet(tmp, compression="zstd", statistics=False)
+    os.replace(tmp, samples)
+    digest = sha256_file(samples)
+    manifest: dict[str, Any] = {
+        "name": name or directory.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "format_version": 1,
+        "build": dict(build or {}),
+        "counts": summarize(frame),
+        "usage": dict(usage or {}),
+        "samples_sha256": digest,
+        **dict(extra or {}),
+    }
+    _atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return Corpus(frame=frame, manifest=manifest, sha256=digest, path=directory)
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise CorpusError(f"{directory}: no {MANIFEST_FILE} (is this a corpus directory?)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CorpusError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(manifest, dict) or "samples_sha256" not in manifest:
+        raise CorpusError(f"{path}: manifest has no 'samples_sha256'")
+    return manifest
+
+
+def read_corpus(directory: str | os.PathLike[str], *, verify: bool = True) -> Corpus:
+    """Load a corpus directory; with ``verify`` the parquet's sha256 must match the manifest."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CorpusError(f"{directory}: corpus directory does not exist")
+    manifest = read_manifest(directory)
+    samples = directory / SAMPLES_FILE
+    if not samples.is_file():
+        raise CorpusError(f"{directory}: no {SAMPLES_FILE}")
+    digest = sha256_file(samples)
+    if verify and digest != manifest["samples_sha256"]:
+        raise CorpusError(
+            f"{samples}: sha256 {digest[:12]}… does not match the manifest's "
+            f"{str(manifest['samples_sha256'])[:12]}… (the file changed after it was written; "
+            "rebuild the corpus or restore the file)"
+        )
+    try:
+        frame = pl.read_parquet(samples)
+    except Exception as e:  # polars raises several types for truncated/corrupt files
+        raise CorpusError(f"{samples}: cannot read parquet ({type(e).__name__}: {e})") from None
+    frame = validate_frame(frame, where=str(samples))
+    return Corpus(frame=frame, manifest=manifest, sha256=digest, path=directory)
+
+
+@dataclass
+class RowBuilder:
+    """Collects rows in the corpus schema (used by mining, synthesis and tests)."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(
+        self,
+        *,
+        source: str,
+        task_kind: str,
+        subtask: str,
+        instruction: str,
+        query: str,
+        positive: str,
+        negatives: Iterable[str | None] = (),
+    ) -> None:
+        negs = list(negatives)[:4]
+        negs += [None] * (4 - len(negs))
+        self.rows.append(
+            {
+                "id": row_id(instruction, query, positive, negs),
+                "source": source,
+                "task_kind": task_kind,
+                "subtask": subtask,
+                "instruction": instruction,
+                "query": query,
+                "positive": positive,
+                **dict(zip(NEG_COLUMNS, negs)),
+            }
+        )
+
+    def frame(self) -> pl.DataFrame:
+        if not self.rows:
+            return pl.DataFrame(schema=SCHEMA)
+        return pl.DataFrame(self.rows, schema=SCHEMA).unique("id", keep="first", maintain_order=True)
