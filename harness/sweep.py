@@ -1,0 +1,586 @@
+"""``harness sweep``: the grid (or an Optuna search) of one experiment file as Ray Tune trials.
+
+The driver loads and hash-checks the corpus once and hands it to every trial through Ray's object
+store; it plans the trials, skips those that already FINISHED in MLflow (same ``trial_key``), starts
+or joins Ray, and is the only process that writes to MLflow: trials report through ``tune.report``
+and :class:`TrackingCallback` (a Tune callback, run on the driver) turns reports into the parent /
+child run layout of DESIGN.md. Killing the driver loses nothing finished: a rerun skips it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import tune
+from rich.console import Console
+from rich.table import Table
+
+from harness.config import (
+    ConfigError,
+    Experiment,
+    cell_label,
+    grid_cells,
+    load_experiment,
+    trial_params,
+)
+from harness.trial import (
+    ARTIFACTS,
+    KIND,
+    STEP,
+    TAGS,
+    TrialFn,
+    TrialSpec,
+    cell_of,
+    run_trial,
+    trial_spec,
+    unpack_artifacts,
+)
+from harness.tracking import CELL, SWEEP_KEY, TRIAL_KEY, Tracker, describe_error, redact_text
+from synth.corpus import Corpus, read_corpus
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 15.0  # one progress line per running trial at most this often
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot start (no cluster, no room for one trial, no corpus)."""
+
+
+@dataclass
+class TrialRecord:
+    label: str
+    key: str
+    status: str  # RUNNING, FINISHED, FAILED, KILLED, SKIPPED
+    run_id: str | None = None
+    seconds: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class SweepSummary:
+    experiment: str
+    tracking_uri: str
+    parent_run_id: str | None
+    records: list[TrialRecord]
+    wall_seconds: float
+    concurrency: int
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.records)
+
+    @property
+    def failed(self) -> int:
+        return sum(r.status in ("FAILED", "KILLED") for r in self.records)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    @property
+    def ideal_seconds(self) -> float:
+        """Sum of trial times divided by the concurrency: the wall time with zero overhead."""
+        ran = [r.seconds for r in self.records if r.seconds is not None and r.status != "SKIPPED"]
+        return sum(ran) / max(1, min(self.concurrency, len(ran))) if ran else 0.0
+
+
+# ---------------------------------------------------------------- corpus
+
+
+def load_corpus(exp: Experiment, console: Console) -> Corpus:
+    """Read and hash-check the corpus once; build it first when the file says how and it is missing."""
+    path = exp.resolve_path(exp.corpus.path)
+    if not path.exists():
+        build = exp.corpus.build
+        if build is None:
+            raise ConfigError(
+                f"{exp.source}: corpus.path {path} does not exist and there is no corpus.build "
+                "saying how to make it (build it with `synth mine` / `synth generate`)"
+            )
+        config = exp.resolve_path(build.config)
+        console.print(f"[bold]building the corpus[/] ({build.kind}, {config}) -> {path}")
+        _build_corpus(build.kind, config, path, exp)
+    corpus = read_corpus(path)
+    console.print(f"corpus {corpus.name}: {len(corpus)} rows, sha256 {corpus.sha256[:12]}")
+    return corpus
+
+
+def _build_corpus(kind: str, config: Path, output: Path, exp: Experiment) -> None:
+    """Run ``synth mine`` / ``synth generate`` in-process, once, on the driver."""
+    try:
+        if kind == "mine":
+            from synth.mine import load_config, mine
+
+            mine(load_config(config), output)
+        else:
+            from synth.generate import generate
+            from synth.synth_config import load_synth_config
+
+            generate(load_synth_config(config, output=output))
+    except ImportError as e:
+        raise ConfigError(
+            f"{exp.source}: corpus.build kind {kind!r} needs {e.name}, which this installation "
+            f"lacks; build the corpus first (`synth {kind} {config}`) into {output}"
+        ) from None
+
+
+# ---------------------------------------------------------------- plan
+
+
+@dataclass
+class Plan:
+    pending: list[TrialSpec]
+    skipped: list[TrialSpec]
+    search_samples: int  # Optuna samples still to run (0 for a grid)
+    warm_start: list[Any]  # finished trials fed to Optuna
+
+
+def make_plan(exp: Experiment, corpus_sha256: str, tracker: Tracker, *, resume: bool) -> Plan:
+    finished = tracker.finished_trials() if resume else {}
+    if exp.search is not None:
+        done = [t for t in finished.values() if t.sweep_key == sweep_key(exp, corpus_sha256)]
+        return Plan([], [], max(0, exp.search.num_samples - len(done)), done)
+    specs = [trial_spec(exp, cell, corpus_sha256) for cell in grid_cells(exp)]
+    pending = [s for s in specs if s.key not in finished]
+    return Plan(pending, [s for s in specs if s.key in finished], 0, [])
+
+
+def sweep_key(exp: Experiment, corpus_sha256: str) -> str:
+    """Identity of a whole sweep (grid + search + base config + corpus), to find its earlier trials."""
+    data = exp.model_dump(mode="json", exclude={"tracking", "resources", "tables", "description"})
+    blob = json.dumps({"sweep": data, "corpus": corpus_sha256}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def trial_resources(exp: Experiment) -> dict[str, float]:
+    r = exp.resources
+    return {"CPU": r.cpus_per_trial, "GPU": r.gpus_per_trial, **r.custom}
+
+
+def cluster_capacity(per_trial: Mapping[str, float]) -> int:
+    """How many trials fit at once on the live nodes (a trial's resources come from one node)."""
+    import ray
+
+    total = 0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources", {})
+        fits = [math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in per_trial.items() if v > 0]
+        total += min(fits) if fits else 0
+    return total
+
+
+def print_plan(console: Console, exp: Experiment, plan: Plan, per_trial: Mapping[str, float], concurrency: int) -> None:
+    wanted = {k: v for k, v in per_trial.items() if v}
+    n = plan.search_samples if exp.search else len(plan.pending)
+    what = f"{n} Optuna samples toward {exp.search.metric}" if exp.search else f"{n} trials"
+    console.print(
+        f"[bold]plan[/] {exp.name}: {what}, {len(plan.skipped) + len(plan.warm_start)} already finished, "
+        f"resources per trial {wanted}, expected concurrency {concurrency}"
+    )
+    for spec in plan.skipped:
+        console.print(f"  skip {spec.label} ({spec.key}): FINISHED in MLflow")
+    for spec in plan.pending:
+        console.print(f"  run  {spec.label} ({spec.key})")
+
+
+# ---------------------------------------------------------------- Ray
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when ``--address`` points nowhere."""
+    if address in ("auto", "local"):
+        return
+    hostport = re.sub(r"^\w+://", "", address)
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise SweepError(f"--address {address!r}: expected HOST:PORT (the address `ray start --head` printed)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise SweepError(
+            f"cannot reach the Ray cluster at {address} ({e}); start it with `ray start --head` "
+            "on the head node, or leave --address out to run on this machine"
+        ) from None
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Join ``address`` or start a local Ray; reuse a connection the caller already made."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        _check_reachable(address)
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ---------------------------------------------------------------- the driver's MLflow writer
+
+
+class TrackingCallback(tune.Callback):
+    """Turns trial reports into MLflow child runs; runs on the driver (the store's one writer)."""
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        parent_id: str,
+        base: Experiment,
+        corpus_sha256: str,
+        tags: Mapping[str, str],
+        console: Console,
+    ):
+        self.tracker = tracker
+        self.parent_id = parent_id
+        self.base = base
+        self.corpus_sha256 = corpus_sha256
+        self.tags = dict(tags)
+        self.console = console
+        self.records: dict[str, TrialRecord] = {}  # by Tune trial id
+        self._specs: dict[str, TrialSpec] = {}
+        self._last_step: dict[str, int] = {}
+        self._last_print: dict[str, float] = {}
+        self._started: dict[str, float] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles its run config, callbacks included, for ``Tuner.restore``; this sweep
+        resumes from MLflow instead, so the live client and console stay out of the pickle."""
+        return {**self.__dict__, "tracker": None, "console": None}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id in self.records:  # a retry (resources.max_failures) continues its run
+            return
+        spec = trial_spec(self.base, cell_of(trial.config), self.corpus_sha256)
+        run_id = self.tracker.start_trial(
+            self.parent_id,
+            name=spec.label,
+            params=trial_params(spec.exp),
+            tags={
+                **self.tags,
+                TRIAL_KEY: spec.key,
+                CELL: json.dumps(spec.cell, sort_keys=True, default=str),
+            },
+        )
+        config_yaml = yaml.safe_dump(spec.exp.model_dump(mode="json"), sort_keys=False)
+        self.tracker.log_text(run_id, redact_text(config_yaml), "config.yaml")
+        self._specs[trial.trial_id] = spec
+        self._started[trial.trial_id] = time.time()
+        self.records[trial.trial_id] = TrialRecord(spec.label, spec.key, "RUNNING", run_id)
+        self.console.print(f"[cyan]start[/] {spec.label} ({spec.key})")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        record = self.records[trial.trial_id]
+        kind = result.pop(KIND, None)
+        tags = result.pop(TAGS, {})
+        bundle = result.pop(ARTIFACTS, None)  # popped before Ray stores or logs the result
+        metrics = {
+            k: float(v)
+            for k, v in result.items()
+            if "/" in k and not k.startswith("harness/") and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if kind == "step":
+            step = int(result[STEP])
+            self._last_step[trial.trial_id] = step
+            self.tracker.log_metrics(record.run_id, metrics, step)
+            record.metrics.update(metrics)
+            self._progress(trial.trial_id, step)
+        elif kind == "final":
+            self.tracker.log_metrics(record.run_id, metrics, self._last_step.get(trial.trial_id, 0))
+            self.tracker.set_tags(record.run_id, tags)
+            if bundle:
+                with tempfile.TemporaryDirectory(prefix="harness-artifacts-") as tmp:
+                    for entry in unpack_artifacts(bundle, Path(tmp)):
+                        if entry.is_dir():
+                            self.tracker.log_artifacts(record.run_id, entry, entry.name)
+                        else:
+                            self.tracker.log_artifacts(record.run_id, entry.parent)
+            record.metrics.update(metrics)
+            record.seconds = metrics.get("trial/seconds")
+
+    def _progress(self, trial_id: str, step: int) -> None:
+        now = time.time()
+        if now - self._last_print.get(trial_id, 0.0) < PROGRESS_EVERY_S:
+            return
+        self._last_print[trial_id] = now
+        spec, record = self._specs[trial_id], self.records[trial_id]
+        total = spec.exp.train.steps
+        elapsed = now - self._started[trial_id]
+        eta = elapsed / max(step, 1) * max(total - step, 0)
+        loss = record.metrics.get("train/loss", math.nan)
+        self.console.print(
+            f"  {spec.label}: step {step}/{total}, loss {loss:.4f}, "
+            f"{elapsed / max(step, 1):.2f} s/step, ETA {eta:.0f} s"
+        )
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        record = self.records[trial.trial_id]
+        self.tracker.finish_trial(record.run_id)
+        record.status = "FINISHED"
+        if record.seconds is None:
+            record.seconds = time.time() - self._started[trial.trial_id]
+        self.console.print(f"[green]done[/]  {record.label} in {record.seconds:.0f} s {_key_metrics(record)}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        record = self.records.get(trial.trial_id)
+        if record is None:  # failed before it started (e.g. the actor could not be created)
+            self.on_trial_start(iteration, trials, trial)
+            record = self.records[trial.trial_id]
+        record.error = describe_error(_trial_exception(trial))
+        record.status = "FAILED"
+        record.seconds = time.time() - self._started[trial.trial_id]
+        self.tracker.fail_trial(record.run_id, record.error)
+        self.console.print(f"[red]FAILED[/] {record.label}: {record.error}")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Runs still open here were interrupted (Ctrl-C): mark them KILLED, not RUNNING forever."""
+        for record in self.records.values():
+            if record.status == "RUNNING":
+                record.status = "KILLED"
+                self.tracker.client.set_terminated(record.run_id, "KILLED")
+
+
+def _trial_exception(trial: Any) -> BaseException | None:
+    """The exception Tune just saved for ``trial`` on this machine (before it syncs to storage)."""
+    path = trial.pickled_error_file
+    if not path or not Path(path).is_file():
+        return None
+    from ray import cloudpickle
+
+    with open(path, "rb") as f:
+        return cloudpickle.load(f)
+
+
+def _key_metrics(record: TrialRecord) -> str:
+    keys = [k for k in ("heldout/recall@1", "eval/avg") if k in record.metrics]
+    return " ".join(f"{k} {record.metrics[k]:.4f}" for k in keys)
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def git_sha() -> str:
+    """The harness checkout's commit (``+dirty`` with uncommitted changes), or ``unknown``."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name)
+
+
+def run_sweep(
+    exp_path: Path,
+    overrides: Sequence[str] = (),
+    *,
+    address: str | None = None,
+    resume: bool = True,
+    trial_fn: TrialFn | None = None,
+    results_dir: Path | None = None,
+    console: Console | None = None,
+) -> SweepSummary:
+    """Run (or resume) the sweep of one experiment file; see the module docstring.
+
+    ``resume=False`` reruns every trial even when it already finished. ``trial_fn`` replaces the
+    real train-and-evaluate step (tests use it for fast, deterministic trials). Ray results go to
+    ``<results_dir>/ray/<name>`` and trained models to ``<results_dir>/models/<name>``, on the node
+    that trained them (default ``results/`` in the current directory).
+    """
+    console = console or Console()
+    t0 = time.time()
+    exp = load_experiment(exp_path, overrides)
+    exp.source = str(Path(exp_path).resolve())  # trials run in other working directories
+    results_dir = (results_dir or Path("results")).resolve()
+    corpus = load_corpus(exp, console)
+    tracker = Tracker(exp.tracking, exp.name)
+    for name in tracker.close_stale_runs():
+        console.print(f"[yellow]marked KILLED[/] {name}: left RUNNING by a driver that is gone")
+    plan = make_plan(exp, corpus.sha256, tracker, resume=resume)
+    skipped = [TrialRecord(s.label, s.key, "SKIPPED") for s in plan.skipped]
+
+    with ray_session(address):
+        per_trial = trial_resources(exp)
+        capacity = cluster_capacity(per_trial)
+        if capacity < 1:
+            raise SweepError(
+                f"no node of the Ray cluster has room for one trial ({per_trial}); "
+                "lower resources.* in the experiment file or add nodes"
+            )
+        n = plan.search_samples if exp.search else len(plan.pending)
+        limits = [n, capacity]
+        if exp.resources.max_concurrent_trials:
+            limits.append(exp.resources.max_concurrent_trials)
+        if exp.search:
+            limits.append(exp.search.max_concurrent)
+        concurrency = max(1, min(limits))
+        print_plan(console, exp, plan, per_trial, concurrency if n else 0)
+        if n == 0:
+            console.print("nothing to run: every trial already FINISHED (use --no-resume to rerun)")
+            summary = SweepSummary(exp.name, tracker.uri, None, skipped, time.time() - t0, 0)
+            print_summary(console, summary)
+            return summary
+
+        parent_id = tracker.start_sweep(
+            params={
+                "experiment_file": Path(exp_path).name,
+                "grid": json.dumps(exp.grid, default=str),
+                "search": json.dumps(exp.search.model_dump(mode="json") if exp.search else None),
+                "corpus_sha256": corpus.sha256,
+                "trials": n,
+                "skipped": len(plan.skipped) + len(plan.warm_start),
+                "concurrency": concurrency,
+            },
+            tags={"harness.experiment_file": str(exp_path), "git_sha": git_sha()},
+            config_yaml=redact_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)),
+        )
+        callback = TrackingCallback(
+            tracker,
+            parent_id,
+            exp,
+            corpus.sha256,
+            {"corpus_sha256": corpus.sha256, "git_sha": git_sha(), SWEEP_KEY: sweep_key(exp, corpus.sha256)},
+            console,
+        )
+        _fit(exp, plan, corpus, trial_fn, callback, results_dir, per_trial)
+        records = skipped + list(callback.records.values())
+        summary = SweepSummary(exp.name, tracker.uri, parent_id, records, time.time() - t0, concurrency)
+        tracker.end_sweep(
+            parent_id,
+            failed=summary.failed,
+            metrics={
+                "sweep/wall_seconds": summary.wall_seconds,
+                "sweep/ideal_seconds": summary.ideal_seconds,
+                "sweep/finished": summary.count("FINISHED"),
+                "sweep/failed": summary.failed,
+            },
+        )
+    print_summary(console, summary)
+    return summary
+
+
+def _fit(
+    exp: Experiment,
+    plan: Plan,
+    corpus: Corpus,
+    trial_fn: TrialFn | None,
+    callback: TrackingCallback,
+    results_dir: Path,
+    per_trial: Mapping[str, float],
+) -> None:
+    from ray.tune.logger import JsonLoggerCallback
+
+    trainable = tune.with_parameters(
+        run_trial, base=exp, corpus=corpus, models_dir=str(results_dir / "models"), trial_fn=trial_fn
+    )
+    resources = {"cpu": per_trial["CPU"], "gpu": per_trial["GPU"], **exp.resources.custom}
+    if exp.search:
+        from harness.search import make_searcher
+
+        param_space: dict[str, Any] = {}
+        sampling = {"search_alg": make_searcher(exp, plan.warm_start), "num_samples": plan.search_samples}
+        # Streamed training steps carry no search metric; Optuna reads the final result only.
+        env = {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
+    else:
+        param_space = {"cell": tune.grid_search([s.cell for s in plan.pending])}
+        sampling, env = {"num_samples": 1}, {}
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, resources),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=exp.resources.max_concurrent_trials,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+            **sampling,
+        ),
+        run_config=tune.RunConfig(
+            name=_safe_name(exp.name),
+            storage_path=str(results_dir / "ray"),
+            callbacks=[callback, JsonLoggerCallback()],
+            failure_config=tune.FailureConfig(max_failures=exp.resources.max_failures),
+            verbose=0,
+        ),
+    )
+    # Our callback prints progress; Ray's own result tables would bury it.
+    with _environ(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0", **env):
+        tuner.fit()
+
+
+def _trial_name(trial: Any) -> str:
+    return f"{_safe_name(cell_label(cell_of(trial.config)))}_{trial.trial_id}"
+
+
+def print_summary(console: Console, summary: SweepSummary) -> None:
+    """The closing table: one row per trial with its status, time and key metrics; errors below."""
+    metric_keys = ["train/loss"] + sorted(
+        {k for r in summary.records for k in r.metrics if k.startswith(("heldout/recall", "eval/avg"))}
+    )
+    table = Table(title=f"sweep {summary.experiment}")
+    for col in ("trial", "key", "status", "s", *metric_keys):
+        table.add_column(col, no_wrap=col in ("trial", "key"))
+    style = {"FINISHED": "green", "FAILED": "red", "KILLED": "red", "SKIPPED": "dim"}
+    for r in summary.records:
+        table.add_row(
+            r.label,
+            r.key,
+            f"[{style.get(r.status, 'default')}]{r.status}[/]",
+            f"{r.seconds:.0f}" if r.seconds is not None else "",
+            *(f"{r.metrics[k]:.4f}" if k in r.metrics else "" for k in metric_keys),
+        )
+    console.print(table)
+    for r in summary.records:
+        if r.error:
+            console.print(f"[red]{r.label}[/]: {r.error}")
+    console.print(
+        f"{summary.count('FINISHED')} finished, {summary.failed} failed, {summary.count('SKIPPED')} skipped "
+        f"in {summary.wall_seconds:.0f} s (sum of trial times / concurrency {summary.concurrency}: "
+        f"{summary.ideal_seconds:.0f} s); MLflow: {summary.tracking_uri}"
+        + (f", parent run {summary.parent_run_id}" if summary.parent_run_id else "")
+    )

@@ -1,0 +1,314 @@
+"""MLflow layout of a sweep (DESIGN.md, "Tracking names"), written from the driver only.
+
+One experiment per experiment file (its ``name``), one parent run per ``harness sweep`` invocation
+(tag ``harness.role=sweep``) and one child run per trial (tag ``harness.role=trial``, nested by
+``mlflow.parentRunId``, named by :func:`harness.config.cell_label`). A SQLite store tolerates one
+writer (mlflow#4123), so trials never touch MLflow: they report through Ray and the driver's
+:class:`Tracker` writes. Everything that leaves the process passes :func:`redact` first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+
+from harness.config import TrackingSettings
+
+ROLE = "harness.role"
+TRIAL_KEY = "trial_key"
+CELL = "harness.cell"
+SWEEP_KEY = "harness.sweep_key"
+ERROR = "harness.error"
+DRIVER = "harness.driver"
+PARENT = "mlflow.parentRunId"
+
+MAX_PARAM_CHARS = 6000  # MLflow's param value limit (8000 in recent versions; stay well under)
+MAX_ERROR_CHARS = 1000
+_BATCH = 900  # MLflow caps log_batch at 1000 metrics / 100 params
+_METRIC_BAD = re.compile(r"[^\w\-. :/]")
+_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|authorization|credential)", re.I)
+_SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_-]{12,}|hf_[A-Za-z0-9]{20,}|Bearer\s+\S+)")
+
+
+def redact(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Hide values under secret-looking keys and secret-looking substrings in any value."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if _SECRET_KEY.search(str(key).rsplit(".", 1)[-1]):
+            out[key] = "***"
+        elif isinstance(value, str):
+            out[key] = redact_text(value)
+        else:
+            out[key] = value
+    return out
+
+
+def metric_name(name: str) -> str:
+    """A name MLflow accepts (alphanumerics, ``_ - . : /`` and spaces): ``recall@1`` -> ``recall_at_1``."""
+    return _METRIC_BAD.sub("_", name.replace("@", "_at_"))
+
+
+def redact_text(text: str) -> str:
+    """Hide secret-looking substrings (API keys, bearer tokens) in free text such as a config dump."""
+    return _SECRET_VALUE.sub("***", text)
+
+
+def resolve_uri(uri: str) -> str:
+    """Make a relative ``sqlite:///`` path absolute (against the cwd) and create its folder.
+
+    Ray workers run in their own working directories, so a relative store path would point
+    somewhere else in every process that reads it.
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return uri
+    path = Path(uri[len(prefix) :])
+    if not path.is_absolute():
+        path = Path.cwd() / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return prefix + str(path)
+
+
+def default_artifact_location(uri: str) -> str | None:
+    """``<store folder>/artifacts`` for a SQLite store (git-ignored under ``results/``)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None  # a tracking server decides
+    return (Path(uri[len(prefix) :]).parent / "artifacts").as_uri()
+
+
+def describe_error(exc: BaseException | None) -> str:
+    """``Type: message`` of the exception a trial raised, unwrapped from Ray's wrappers."""
+    if exc is None:
+        return "unknown error (the trial process died without an exception; out of memory?)"
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
+@dataclass(frozen=True)
+class FinishedTrial:
+    run_id: str
+    trial_key: str
+    cell: dict[str, Any]
+    metrics: dict[str, float]
+    sweep_key: str | None
+
+
+class Tracker:
+    """The driver's MLflow writer for one experiment."""
+
+    def __init__(self, settings: TrackingSettings, experiment_name: str):
+        self.uri = resolve_uri(settings.uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_name = experiment_name
+        found = self.client.get_experiment_by_name(experiment_name)
+        if found is None:
+            location = settings.artifact_location or default_artifact_location(self.uri)
+            self.experiment_id = self.client.create_experiment(experiment_name, location)
+        else:
+            self.experiment_id = found.experiment_id
+
+    # ------------------------------------------------------------ parent run
+
+    def start_sweep(self, *, params: Mapping[str, Any], tags: Mapping[str, str], config_yaml: str) -> str:
+        """Create the parent run, log what the sweep was asked to do, return its id."""
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+            tags={ROLE: "sweep", DRIVER: _driver(), **tags},
+        )
+        run_id = run.info.run_id
+        self._log(run_id, params=params)
+        self.client.log_text(run_id, config_yaml, "experiment.yaml")
+        return run_id
+
+    def end_sweep(self, run_id: str, *, failed: int, metrics: Mapping[str, float]) -> None:
+        self._log(run_id, metrics=metrics)
+        self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+    # ------------------------------------------------------------ child runs
+
+    def start_trial(
+        self,
+        parent_id: str,
+        *,
+        name: str,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+    ) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=name,
+            tags={ROLE: "trial", PARENT: parent_id, DRIVER: _driver(), **tags},
+        )
+        self._log(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        self._log(run_id, metrics=metrics, step=step)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        self._log(run_id, tags=tags)
+
+    def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def finish_trial(self, run_id: str) -> None:
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def fail_trial(self, run_id: str, error: str) -> None:
+        self._log(run_id, tags={ERROR: error[:MAX_ERROR_CHARS]})
+        self.client.set_terminated(run_id, "FAILED")
+
+    # ------------------------------------------------------------ lookups
+
+    def _search(self, filter_string: str) -> Iterable[Any]:
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], filter_string, max_results=1000, page_token=token
+            )
+            yield from page
+            token = page.token
+            if not token:
+                return
+
+    def finished_trials(self) -> dict[str, FinishedTrial]:
+        """Every trial that FINISHED in this experiment, by ``trial_key`` (the newest wins)."""
+        out: dict[str, FinishedTrial] = {}
+        runs = self._search(f"tags.`{ROLE}` = 'trial' and attributes.status = 'FINISHED'")
+        for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+            key = run.data.tags.get(TRIAL_KEY)
+            if key:
+                cell = json.loads(run.data.tags.get(CELL, "{}"))
+                sweep_key = run.data.tags.get(SWEEP_KEY)
+                out[key] = FinishedTrial(run.info.run_id, key, cell, dict(run.data.metrics), sweep_key)
+        return out
+
+    def finished_in_sweep(self, sweep_key: str) -> list[FinishedTrial]:
+        """FINISHED trials of earlier invocations of the same search (same ``sweep_key``)."""
+        return [t for t in self.finished_trials().values() if t.sweep_key == sweep_key]
+
+    def close_stale_runs(self) -> list[str]:
+        """Mark RUNNING runs whose driver process is gone as KILLED; return their names.
+
+        A driver killed with SIGKILL cannot end its runs. Runs started by a live driver, or by a
+        driver on another host (whose liveness we cannot see), are left alone.
+        """
+        host = socket.gethostname()
+        stale: list[str] = []
+        for run in self._search("attributes.status = 'RUNNING'"):
+            name, _, pid = run.data.tags.get(DRIVER, "").rpartition(":")
+            if name == host and pid.isdigit() and not _pid_alive(int(pid)):
+                self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+                stale.append(run.info.run_name or run.info.run_id)
+        return stale
+
+    # ------------------------------------------------------------ plumbing
+
+    def _log(
+        self,
+        run_id: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, float] | None = None,
+        tags: Mapping[str, str] | None = None,
+        step: int = 0,
+    ) -> None:
+        now = int(time.time() * 1000)
+        p = [Param(k, _param_value(v)) for k, v in redact(params or {}).items()]
+        m = [Metric(metric_name(k), float(v), now, step) for k, v in (metrics or {}).items() if _is_number(v)]
+        t = [RunTag(k, str(v)) for k, v in redact(tags or {}).items()]
+        for i in range(0, len(p), 100):
+            self.client.log_batch(run_id, params=p[i : i + 100], synchronous=True)
+        for i in range(0, len(m), _BATCH):
+            self.client.log_batch(run_id, metrics=m[i : i + _BATCH], synchronous=True)
+        if t:
+            self.client.log_batch(run_id, tags=t, synchronous=True)
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 1] + "…"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _driver() -> str:
+    """``host:pid`` of this process, so a later sweep can tell a dead driver's runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------- the MLflow UI
+
+
+def ui_command(uri: str, port: int, host: str = "127.0.0.1") -> list[str]:
+    """``mlflow ui`` for one store, small: one worker, no job-execution processes (3.3 GB -> 0.5 GB)."""
+    import sys
+
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+            "--host", host, "--port", str(port), "--workers", "1"]  # fmt: skip
+
+
+def start_ui(uri: str, port: int, host: str = "127.0.0.1", timeout: float = 60.0) -> subprocess.Popen[bytes]:
+    """Start the MLflow UI and return once ``/health`` answers (the caller stops the process)."""
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(ui_command(resolve_uri(uri), port, host), env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow ui exited with code {proc.returncode} (is port {port} taken?)")
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError(f"mlflow ui did not answer on http://{host}:{port} within {timeout:.0f} s")
+
+
+def serve_ui(exp_path_or_uri: str | os.PathLike[str], port: int = 5000, host: str = "127.0.0.1") -> None:
+    """``harness ui``: serve the store of an experiment file (or a tracking URI) until Ctrl-C."""
+    target = str(exp_path_or_uri)
+    if target.endswith((".yaml", ".yml")) or Path(target).is_file():
+        from harness.config import load_experiment
+
+        target = load_experiment(target).tracking.uri
+    proc = start_ui(target, port, host)
+    print(f"MLflow UI for {resolve_uri(target)}: http://{host}:{port}  (Ctrl-C to stop)", flush=True)
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -1,0 +1,199 @@
+"""One trial of a sweep, as a Ray Tune function trainable.
+
+A trial receives its grid cell (or Optuna sample) as the Tune config and the base experiment plus
+the shared corpus through ``tune.with_parameters`` (so the corpus sits once in Ray's object store
+and no trial reads or builds it). It trains, scores, and reports everything through
+``tune.report``: one result per logged training step (so MLflow shows curves while the sweep runs)
+and a final result with the scores, the tags and a tar of the artifacts. The driver turns those
+results into MLflow calls; a trial never writes to the tracking store and needs no shared disk.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from synth.corpus import Corpus
+
+from harness.config import Experiment, apply_cell, cell_label, trial_key
+
+# Reserved result keys (everything else in a result is a metric).
+KIND = "harness/kind"  # "step" (a training step) or "final"
+STEP = "harness/step"
+TAGS = "harness/tags"
+ARTIFACTS = "harness/artifacts"  # tar bytes, popped by the driver before Ray stores the result
+INLINE_ARTIFACT_LIMIT = 256 * 2**20  # bigger artifacts stay on the worker; a tag says where
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One trial's identity, computed the same way on the driver and in the trial."""
+
+    cell: dict[str, Any]
+    exp: Experiment
+    label: str
+    key: str
+
+
+def trial_spec(base: Experiment, cell: Mapping[str, Any], corpus_sha256: str) -> TrialSpec:
+    exp = apply_cell(base, cell)
+    return TrialSpec(dict(cell), exp, cell_label(cell), trial_key(exp, corpus_sha256))
+
+
+def cell_of(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The cell inside a Tune config: grid sweeps pass ``{"cell": {...}}``, Optuna a flat sample."""
+    return dict(config["cell"]) if "cell" in config else dict(config)
+
+
+@dataclass
+class TrialContext:
+    """What a trial function gets besides the experiment and the corpus."""
+
+    label: str
+    key: str
+    workdir: Path  # this trial's folder on the node it runs on
+    report: Callable[[int, Mapping[str, float]], None]  # stream metrics of one training step
+
+
+@dataclass
+class TrialOutput:
+    metrics: dict[str, float]  # final scores: heldout/*, eval/*
+    artifacts: dict[str, Path] = field(default_factory=dict)  # artifact folder -> local file/folder
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+TrialFn = Callable[[Experiment, Corpus, TrialContext], TrialOutput]
+
+
+def train_and_evaluate(exp: Experiment, corpus: Corpus, ctx: TrialContext) -> TrialOutput:
+    """The real trial: LoRA training with a held-out score, then the mteb suite."""
+    from harness.train import train_one
+
+    name = f"{exp.name}/{ctx.label}-{ctx.key}"  # unique per trial: mteb caches results by model name
+    result = train_one(exp, corpus, output_dir=ctx.workdir, on_metrics=ctx.report, progress=False, name=name)
+    out = TrialOutput(
+        metrics=dict(result.heldout),
+        artifacts={"model": Path(result.model_dir)},
+        tags={"harness.level_order": ",".join(str(level) for level in result.level_order)},
+    )
+    if exp.eval.enabled:
+        from harness.embedder import Embedder
+        from harness.evaluation.run import evaluate_embedder
+
+        embedder = Embedder.load(result.model_dir)
+        evaluated = evaluate_embedder(
+            embedder, exp.eval, output_dir=ctx.workdir / "mteb", name=name
+        )
+        out.metrics.update(
+            {k if k.startswith("eval/") else f"eval/{k}": v for k, v in evaluated.metrics.items()}
+        )
+        out.artifacts["mteb"] = Path(evaluated.result_dir)
+    return out
+
+
+def run_trial(
+    config: dict[str, Any],
+    *,
+    base: Experiment,
+    corpus: Corpus,
+    models_dir: str,
+    trial_fn: TrialFn | None = None,
+) -> None:
+    """The Tune trainable (bind the keywords with ``tune.with_parameters``)."""
+    from ray import tune
+
+    spec = trial_spec(base, cell_of(config), corpus.sha256)
+    workdir = Path(models_dir) / spec.exp.name / f"{spec.label}-{spec.key}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    sample = _system_sampler() if spec.exp.tracking.system_metrics else dict
+
+    def report(step: int, metrics: Mapping[str, float]) -> None:
+        tune.report({KIND: "step", STEP: int(step), **metrics, **sample()})
+
+    started = time.time()
+    output = (trial_fn or train_and_evaluate)(
+        spec.exp, corpus, TrialContext(spec.label, spec.key, workdir, report)
+    )
+    ended = time.time()
+    bundle, left_out = pack_artifacts(output.artifacts, INLINE_ARTIFACT_LIMIT)
+    host = socket.gethostname()
+    tags = {
+        **output.tags,
+        **{f"{name}_dir": f"{host}:{path}" for name, path in output.artifacts.items() if name in left_out},
+        "harness.host": host,
+        "harness.node_id": _node_id(),
+    }
+    tune.report(
+        {
+            KIND: "final",
+            **output.metrics,
+            "trial/seconds": ended - started,
+            "trial/started_at": started,
+            "trial/ended_at": ended,
+            TAGS: tags,
+            ARTIFACTS: bundle,
+        }
+    )
+
+
+def pack_artifacts(artifacts: Mapping[str, Path], limit: int) -> tuple[bytes, set[str]]:
+    """A tar of the artifacts that fit in ``limit`` bytes (smallest first) and the names left out."""
+    sizes = {name: _size(Path(path)) for name, path in artifacts.items()}
+    buffer = io.BytesIO()
+    left_out: set[str] = set()
+    total = 0
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name in sorted(artifacts, key=sizes.__getitem__):
+            if total + sizes[name] > limit:
+                left_out.add(name)
+                continue
+            total += sizes[name]
+            tar.add(str(artifacts[name]), arcname=name)
+    return buffer.getvalue(), left_out
+
+
+def unpack_artifacts(bundle: bytes, into: Path) -> list[Path]:
+    """Extract a bundle made by :func:`pack_artifacts`; return the top-level entries."""
+    with tarfile.open(fileobj=io.BytesIO(bundle), mode="r") as tar:
+        tar.extractall(into, filter="data")
+    return sorted(into.iterdir())
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _system_sampler() -> Callable[[], dict[str, float]]:
+    """CPU, memory and (when torch uses CUDA) GPU memory of this trial, as ``system/*`` metrics."""
+    import psutil
+
+    proc = psutil.Process()
+    proc.cpu_percent()  # the first call only starts the measurement
+
+    def sample() -> dict[str, float]:
+        out = {
+            "system/cpu_percent": proc.cpu_percent(),
+            "system/memory_rss_gb": proc.memory_info().rss / 2**30,
+            "system/node_memory_percent": psutil.virtual_memory().percent,
+        }
+        torch = sys.modules.get("torch")  # only when the trial uses torch; never import it here
+        if torch is not None and torch.cuda.is_available():
+            out["system/gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return out
+
+    return sample

@@ -1,0 +1,151 @@
+"""The sweep on one real local Ray instance (shared by the module) and real SQLite MLflow stores."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.request
+
+import pytest
+import sweep_standins
+from mlflow import MlflowClient
+from sweep_util import runs, worker_pythonpath, write_experiment
+
+from harness.config import TrackingSettings
+from harness.sweep import SweepError, _check_reachable, run_sweep
+from harness.tracking import Tracker, metric_name, redact, start_ui
+from synth.corpus import read_manifest
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """One Ray start for the module (~3-8 s here); run_sweep reuses a connection it finds."""
+    ray = pytest.importorskip("ray")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PYTHONPATH", worker_pythonpath())
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+    mp.undo()
+
+
+def test_grid_layout_failure_and_resume(ray_instance, tmp_path, tiny_corpus_dir):
+    exp = write_experiment(tmp_path, tiny_corpus_dir, "grid", grid={"pooling": ["eos", "mean", "ata"]})
+    summary = run_sweep(exp, [], trial_fn=sweep_standins.quick, results_dir=tmp_path / "results")
+
+    # one cell failed, the others finished, and the exit code says so
+    assert {r.label: r.status for r in summary.records} == {"eos": "FINISHED", "mean": "FAILED", "ata": "FINISHED"}
+    assert summary.exit_code == 1 and summary.failed == 1
+
+    client = MlflowClient(summary.tracking_uri)
+    (parent,) = runs(tmp_path, "grid", "sweep")
+    assert parent.info.status == "FAILED"  # the sweep had a failure
+    assert parent.data.params["experiment_file"] == "grid.yaml"
+    assert json.loads(parent.data.params["grid"]) == {"model.pooling": ["eos", "mean", "ata"]}
+    assert "experiment.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    children = {r.info.run_name: r for r in runs(tmp_path, "grid", "trial")}
+    assert set(children) == {"eos", "mean", "ata"}
+    for run in children.values():
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["corpus_sha256"] == read_manifest(tiny_corpus_dir)["samples_sha256"]
+        assert run.data.tags["git_sha"]
+        assert json.loads(run.data.tags["harness.cell"]) == {"model.pooling": run.info.run_name}
+        assert run.data.params["model.pooling"] == run.info.run_name
+        assert run.data.params["train.steps"] == "3"
+        history = client.get_metric_history(run.info.run_id, "train/loss")
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3]
+        assert "system/memory_rss_gb" in run.data.metrics
+
+    failed = children["mean"]
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["harness.error"] == "RuntimeError: mean pooling refused on purpose"
+
+    done = children["ata"]
+    assert done.info.status == "FINISHED"
+    assert done.data.metrics["heldout/recall_at_1"] == 0.5  # MLflow refuses '@' in names
+    assert done.data.metrics["trial/seconds"] >= 0
+    assert done.data.tags["harness.level_order"] == "4,3,2,1"
+    assert done.data.tags["harness.node_id"]
+    artifacts = {a.path for a in client.list_artifacts(done.info.run_id)}
+    assert {"config.yaml", "model"} <= artifacts
+    assert [a.path for a in client.list_artifacts(done.info.run_id, "model")] == ["model/adapter_config.json"]
+
+    # a rerun skips what finished and retries what failed
+    again = run_sweep(exp, [], trial_fn=sweep_standins.quick, results_dir=tmp_path / "results")
+    assert {r.label: r.status for r in again.records} == {"eos": "SKIPPED", "ata": "SKIPPED", "mean": "FAILED"}
+    assert len(runs(tmp_path, "grid", "sweep")) == 2
+    assert len(runs(tmp_path, "grid", "trial")) == 4
+
+
+def test_search_runs_optuna_samples_and_resumes(ray_instance, tmp_path, tiny_corpus_dir):
+    search = {
+        "params": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
+        "metric": "eval/avg",
+        "num_samples": 3,
+        "max_concurrent": 2,
+    }
+    exp = write_experiment(tmp_path, tiny_corpus_dir, "search", search=search)
+    summary = run_sweep(exp, [], trial_fn=sweep_standins.quick, results_dir=tmp_path / "results")
+    assert summary.exit_code == 0 and summary.count("FINISHED") == 3
+
+    children = runs(tmp_path, "search", "trial")
+    lrs = sorted(float(r.data.params["train.lr"]) for r in children)
+    assert len(set(lrs)) == 3 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
+    assert all(r.info.status == "FINISHED" and "eval/avg" in r.data.metrics for r in children)
+
+    # the same search again: its budget is spent, nothing runs
+    again = run_sweep(exp, [], trial_fn=sweep_standins.quick, results_dir=tmp_path / "results")
+    assert again.parent_run_id is None and len(runs(tmp_path, "search", "trial")) == 3
+
+
+def test_real_trial_trains_and_reports(ray_instance, tmp_path, tiny_corpus_dir, smollm2_dir):
+    """One real trial: LoRA training of the packaged SmolLM2 for two steps, held-out score."""
+    pytest.importorskip("harness.train")
+    exp = write_experiment(
+        tmp_path,
+        tiny_corpus_dir,
+        "real",
+        model={"name": "packaged:smollm2-135m-instruct", "lora": {"r": 4}, "max_query_length": 16, "max_doc_length": 16},
+        train={"steps": 2, "batch_size": 2, "warmup_steps": 0, "heldout_size": 4},
+        eval={"enabled": False},
+        resources={"cpus_per_trial": 2},
+    )
+    summary = run_sweep(exp, [], results_dir=tmp_path / "results")
+    assert summary.exit_code == 0, [r.error for r in summary.records]
+    (run,) = runs(tmp_path, "real", "trial")
+    client = MlflowClient(summary.tracking_uri)
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2
+    assert any(k.startswith("heldout/") for k in run.data.metrics)
+    assert "model" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_unreachable_cluster_fails_fast():
+    start = time.monotonic()
+    with pytest.raises(SweepError, match="cannot reach the Ray cluster at 127.0.0.1:9"):
+        _check_reachable("127.0.0.1:9", timeout=2)
+    assert time.monotonic() - start < 5
+
+
+def test_names_and_secrets():
+    assert metric_name("heldout/recall@1") == "heldout/recall_at_1"
+    assert metric_name("eval/STS Benchmark") == "eval/STS Benchmark"
+    clean = redact({"synth.api_key": "abc", "x.note": "key sk-abcdefghijklmnop12", "a": 1})
+    assert clean == {"synth.api_key": "***", "x.note": "key ***", "a": 1}
+
+
+def test_ui_serves_the_store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    Tracker(TrackingSettings(uri=uri), "ui-check")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = start_ui(uri, port)
+    try:
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=ui-check"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert json.load(r)["experiment"]["name"] == "ui-check"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -1,0 +1,86 @@
+"""Kill the sweep driver (SIGKILL, no chance to clean up) after its first trial finished; the rerun
+skips that trial, marks the dead driver's RUNNING runs KILLED and runs only what is missing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import sweep_standins
+from sweep_util import runs, worker_pythonpath, write_experiment
+
+DRIVER = """
+import sys
+from pathlib import Path
+import sweep_standins
+from harness.sweep import run_sweep
+summary = run_sweep(Path(sys.argv[1]), sys.argv[2:], trial_fn=sweep_standins.kill_me, results_dir=Path(sys.argv[1]).parent / "r")
+sys.exit(summary.exit_code)
+"""
+
+
+def _driver(exp, block) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": worker_pythonpath(),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "SWEEP_TEST_BLOCK": str(block),
+    }
+    # its own process group, so the kill takes the driver's local Ray with it, like a lost machine
+    return subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(exp)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _trials(tmp_path) -> dict[str, str]:
+    try:
+        return {r.info.run_name: r.info.status for r in runs(tmp_path, "killed", "trial")}
+    except Exception:  # the store or the experiment does not exist yet
+        return {}
+
+
+def test_rerun_after_driver_kill_skips_finished(tmp_path, tiny_corpus_dir):
+    exp = write_experiment(
+        tmp_path,
+        tiny_corpus_dir,
+        "killed",
+        grid={"seed": [0, sweep_standins.SLOW_SEED]},
+        resources={"cpus_per_trial": 1, "max_concurrent_trials": 1},
+    )
+    block = tmp_path / "block"
+    block.touch()
+    first = _driver(exp, block)
+    try:
+        # read the store only once the driver has created it (two processes migrating one new
+        # SQLite file collide); the plan is printed after that
+        for line in first.stdout:
+            if line.startswith("plan "):
+                break
+        deadline = time.monotonic() + 240
+        while _trials(tmp_path) != {"s0": "FINISHED", "s1": "RUNNING"}:
+            assert first.poll() is None, first.communicate()[0]
+            assert time.monotonic() < deadline, f"timed out; trials: {_trials(tmp_path)}"
+            time.sleep(0.5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # gone already: the assertion above says why
+            os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
+
+    block.unlink()
+    second = _driver(exp, block)
+    out, _ = second.communicate(timeout=240)
+    assert second.returncode == 0, out
+    assert "skip s0" in out and "marked KILLED s1" in out, out
+    parents = runs(tmp_path, "killed", "sweep")
+    assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED"]
+    trials = sorted((r.info.run_name, r.info.status) for r in runs(tmp_path, "killed", "trial"))
+    assert trials == [("s0", "FINISHED"), ("s1", "FINISHED"), ("s1", "KILLED")]
