@@ -1,0 +1,257 @@
+"""The ablation table as numbers: variants x metrics, mean and std over seeds, differences to a
+baseline row and a paired bootstrap interval for each difference.
+
+Rows are the combinations of the row axes (``tables.rows``, default every grid axis but the seed);
+the other axes (usually only the seed) are replicates, and a row's statistics are over its runs.
+Each row is compared with the baseline on the main metric (``eval/avg``, else the held-out
+recall@1): the difference of the means, and a paired bootstrap over (replicate, task) pairs, so a
+row is compared with the baseline trained with the same seed, on the same task.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from harness.config import AXIS_ALIASES, ConfigError
+from harness.tables.collect import CellRuns, Collected, TrialRun
+
+# mteb task types as categories: the paper's table order (harness/evaluation/scores.py CATEGORIES,
+# not imported because that module loads mteb), then mteb's other text task types.
+CATEGORY_ORDER = (
+    "Retrieval", "Reranking", "Clustering", "PairClassification", "Classification", "STS", "Summarization",
+    "BitextMining", "MultilabelClassification", "Regression", "InstructionRetrieval", "InstructionReranking",
+)  # fmt: skip
+AVG = "eval/avg"
+# The sweep sanitizes metric names for MLflow (harness/tracking.py: "@" -> "_at_"); accept both.
+HELDOUT = ("heldout/recall_at_1", "heldout/recall@1")
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+SHORT_AXIS = {dotted: short for short, dotted in AXIS_ALIASES.items()}
+
+
+@dataclass(frozen=True)
+class Column:
+    metric: str  # the MLflow metric
+    title: str
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Paired bootstrap interval of ``mean(row - baseline)`` over (replicate, task) pairs."""
+
+    diff: float
+    low: float
+    high: float
+    pairs: int
+    replicates: int
+    tasks: int
+
+    @property
+    def significant(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+@dataclass
+class Row:
+    values: tuple[Any, ...]  # one per row axis
+    cells: list[CellRuns]
+    mean: dict[str, float] = field(default_factory=dict)
+    std: dict[str, float] = field(default_factory=dict)  # only with two or more values
+    count: dict[str, int] = field(default_factory=dict)
+    delta: dict[str, float] = field(default_factory=dict)  # mean minus the baseline's mean
+    test: PairedTest | None = None
+
+    @property
+    def runs(self) -> list[TrialRun]:
+        return [c.run for c in self.cells if c.run is not None]
+
+    @property
+    def label(self) -> str:
+        return " / ".join(str(v) for v in self.values) or "all runs"
+
+
+@dataclass
+class AblationTable:
+    experiment: str
+    row_axes: list[str]
+    replicate_axes: list[str]
+    columns: list[Column]
+    rows: list[Row]
+    baseline: int  # index into rows
+    baseline_from_file: bool
+    main: Column | None  # the metric of the differences, the test and the bar chart
+    collected: Collected
+
+    @property
+    def missing(self) -> list[CellRuns]:
+        return [c for c in self.collected.cells if c.run is None]
+
+
+def axis_title(axis: str) -> str:
+    return SHORT_AXIS.get(axis, axis)
+
+
+def build_table(collected: Collected, where: str) -> AblationTable:
+    """Aggregate the collected runs; ``where`` names the file (or experiment) in errors."""
+    grid = collected.grid
+    row_axes = _row_axes(grid, collected.settings.rows, where)
+    replicate_axes = [a for a in grid if a not in row_axes]
+    rows = _rows(collected.cells, grid, row_axes)
+    runs = [r for row in rows for r in row.runs]
+    columns = _columns(runs)
+    main = next((c for c in columns if c.metric == AVG), None) or next(
+        (c for c in columns if c.metric in HELDOUT), columns[0] if columns else None
+    )
+    baseline = _baseline(rows, row_axes, collected.settings.baseline, where)
+    for row in rows:
+        for col in columns:
+            values = [r.metrics[col.metric] for r in row.runs if col.metric in r.metrics]
+            row.count[col.metric] = len(values)
+            if values:
+                row.mean[col.metric] = statistics.fmean(values)
+            if len(values) > 1:
+                row.std[col.metric] = statistics.stdev(values)
+    base = rows[baseline]
+    for i, row in enumerate(rows):
+        row.delta = {m: row.mean[m] - base.mean[m] for m in row.mean if m in base.mean}
+        if i != baseline and main is not None:
+            row.test = paired_test(row, base, main.metric, replicate_axes)
+    return AblationTable(
+        experiment=collected.experiment,
+        row_axes=row_axes,
+        replicate_axes=replicate_axes,
+        columns=columns,
+        rows=rows,
+        baseline=baseline,
+        baseline_from_file=collected.settings.baseline is not None,
+        main=main,
+        collected=collected,
+    )
+
+
+def _row_axes(grid: Mapping[str, list[Any]], rows: Sequence[str] | None, where: str) -> list[str]:
+    if rows is None:
+        return [a for a in grid if a != AXIS_ALIASES["seed"]]
+    axes = [AXIS_ALIASES.get(r, r) for r in rows]
+    unknown = [r for r, a in zip(rows, axes) if a not in grid]
+    if unknown:
+        raise ConfigError(
+            f"{where}: tables.rows: {unknown} are not grid axes (the grid has {list(grid)})"
+        )
+    return axes
+
+
+def _key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _rows(
+    cells: Sequence[CellRuns], grid: Mapping[str, list[Any]], row_axes: Sequence[str]
+) -> list[Row]:
+    """One row per combination of the row axes' values, in the grid's declared order."""
+    rows: dict[tuple[str, ...], Row] = {}
+    order = {axis: {_key(v): i for i, v in enumerate(grid[axis])} for axis in row_axes}
+    for cell in cells:
+        values = tuple(cell.cell[a] for a in row_axes)
+        key = tuple(_key(v) for v in values)
+        rows.setdefault(key, Row(values, [])).cells.append(cell)
+    return [
+        rows[k] for k in sorted(rows, key=lambda k: tuple(order[a][v] for a, v in zip(row_axes, k)))
+    ]
+
+
+def _columns(runs: Sequence[TrialRun]) -> list[Column]:
+    """Categories present (in the paper's order), the average, the held-out metric."""
+    seen = {m for r in runs for m in r.metrics}
+    columns = [Column(f"eval/{c}", c) for c in CATEGORY_ORDER if f"eval/{c}" in seen]
+    if AVG in seen:
+        columns.append(Column(AVG, "Avg"))
+    heldout = next((m for m in HELDOUT if m in seen), None)
+    if heldout is not None:
+        columns.append(Column(heldout, "Held-out R@1"))
+    return columns
+
+
+def task_scores(run: TrialRun) -> dict[str, float]:
+    """``eval/<Task>`` main scores of a run: every ``eval/*`` that is neither a category nor the average."""
+    categories = {f"eval/{c}" for c in CATEGORY_ORDER}
+    return {
+        m: v
+        for m, v in run.metrics.items()
+        if m.startswith("eval/") and m != AVG and m not in categories
+    }
+
+
+def _baseline(
+    rows: Sequence[Row], row_axes: Sequence[str], wanted: Mapping[str, Any] | None, where: str
+) -> int:
+    if not wanted:
+        return 0
+    named = {AXIS_ALIASES.get(k, k): v for k, v in wanted.items()}
+    unknown = [k for k in named if k not in row_axes]
+    if unknown:
+        raise ConfigError(
+            f"{where}: tables.baseline: {unknown} are not row axes of the table "
+            f"(rows vary {[axis_title(a) for a in row_axes]})"
+        )
+    hits = [
+        i
+        for i, row in enumerate(rows)
+        if all(_key(row.values[row_axes.index(a)]) == _key(v) for a, v in named.items())
+    ]
+    if len(hits) != 1:
+        labels = [row.label for row in rows]
+        raise ConfigError(
+            f"{where}: tables.baseline {dict(wanted)} matches {len(hits)} of the rows {labels}; "
+            f"name one value for each of {[axis_title(a) for a in row_axes]}"
+        )
+    return hits[0]
+
+
+def paired_test(
+    row: Row, base: Row, metric: str, replicate_axes: Sequence[str]
+) -> PairedTest | None:
+    """Paired bootstrap against the baseline; ``None`` with fewer than two shared replicates.
+
+    With ``eval/avg`` as the metric, a pair is one task under one replicate (seed), so the
+    interval reflects both seed noise and task spread; otherwise one value per replicate.
+    """
+
+    def paired(r: Row) -> dict[tuple[str, str], float]:
+        out: dict[tuple[str, str], float] = {}
+        for cell in r.cells:
+            if cell.run is None:
+                continue
+            rep = _key([cell.cell[a] for a in replicate_axes])
+            scores = task_scores(cell.run) if metric == AVG else {}
+            if not scores and metric in cell.run.metrics:
+                scores = {metric: cell.run.metrics[metric]}
+            out.update({(rep, task): v for task, v in scores.items()})
+        return out
+
+    ours, theirs = paired(row), paired(base)
+    shared = sorted(set(ours) & set(theirs))
+    replicates = {rep for rep, _ in shared}
+    if len(replicates) < 2:
+        return None
+    diffs = np.array([ours[k] - theirs[k] for k in shared])
+    low, high = bootstrap_interval(diffs)
+    return PairedTest(
+        float(diffs.mean()), low, high, len(shared), len(replicates), len({t for _, t in shared})
+    )
+
+
+def bootstrap_interval(diffs: np.ndarray) -> tuple[float, float]:
+    """Percentile interval of the mean over resampled pairs (fixed RNG seed: same file every run)."""
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    idx = rng.integers(0, len(diffs), size=(BOOTSTRAP_RESAMPLES, len(diffs)))
+    means = diffs[idx].mean(axis=1)
+    tail = (1 - CONFIDENCE) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))

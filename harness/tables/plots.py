@@ -1,0 +1,99 @@
+"""The two figures of an ablation: training loss per variant, and the main score per variant.
+
+Figures are drawn on matplotlib's Agg canvas without pyplot (no global state, no display needed),
+at a fixed size and dpi, and saved without the ``Software`` PNG text chunk, so the same runs always
+give the same bytes.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from harness.tables.ablation import AblationTable
+from harness.tables.render import SCALE
+
+FIGSIZE = (6.4, 4.0)
+DPI = 150
+PNG_METADATA: dict[str, str | None] = {"Software": None}
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, format="png", dpi=DPI, metadata=PNG_METADATA)
+    return path
+
+
+def mean_curve(
+    histories: Sequence[Sequence[tuple[int, float]]],
+) -> tuple[list[int], list[float], list[float]]:
+    """Steps, mean and std over the runs that logged each step (runs may stop at different steps)."""
+    by_step: dict[int, list[float]] = {}
+    for history in histories:
+        for step, value in history:
+            by_step.setdefault(step, []).append(value)
+    steps = sorted(by_step)
+    means = [statistics.fmean(by_step[s]) for s in steps]
+    stds = [statistics.stdev(by_step[s]) if len(by_step[s]) > 1 else 0.0 for s in steps]
+    return steps, means, stds
+
+
+def loss_plot(
+    table: AblationTable, losses: Mapping[str, list[tuple[int, float]]], path: Path
+) -> Path | None:
+    """Mean ``train/loss`` over seeds per variant, a band of ± one std; ``None`` without any loss."""
+    curves = [
+        (row.label, [losses[r.run_id] for r in row.runs if losses.get(r.run_id)])
+        for row in table.rows
+    ]
+    curves = [(label, hs) for label, hs in curves if hs]
+    if not curves:
+        return None
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    for label, histories in curves:
+        steps, means, stds = mean_curve(histories)
+        (line,) = ax.plot(steps, means, label=f"{label} (n={len(histories)})", linewidth=1.5)
+        if len(histories) > 1:
+            low = [m - s for m, s in zip(means, stds)]
+            high = [m + s for m, s in zip(means, stds)]
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (InfoNCE)")
+    ax.set_title(f"{table.experiment}: training loss, mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def score_plot(table: AblationTable, path: Path) -> Path | None:
+    """Bars of the main metric (Avg, else held-out R@1) per variant with ± std error bars."""
+    main = table.main
+    if main is None:
+        return None
+    rows = [row for row in table.rows if main.metric in row.mean]
+    if not rows:
+        return None
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    base = table.rows[table.baseline]
+    x = list(range(len(rows)))
+    heights = [SCALE * row.mean[main.metric] for row in rows]
+    errors = [SCALE * row.std.get(main.metric, 0.0) for row in rows]
+    colors = ["0.6" if row is base else "C0" for row in rows]
+    ax.bar(x, heights, yerr=errors, capsize=4, color=colors)
+    ax.set_xticks(
+        x, [f"{row.label}\n(n={row.count[main.metric]})" for row in rows], fontsize="small"
+    )
+    ax.set_ylabel(f"{main.title} (x100; the axis does not start at 0)")
+    ax.set_title(f"{table.experiment}: {main.title}, mean ± std over seeds (grey: baseline)")
+    ax.grid(axis="y", alpha=0.3)
+    low = min(h - e for h, e in zip(heights, errors))
+    high = max(h + e for h, e in zip(heights, errors))
+    pad = max(high - low, 1.0) * 0.15
+    ax.set_ylim(max(0.0, low - pad), high + pad)  # differences are small: do not start at 0
+    return _save(fig, path)

@@ -1,0 +1,314 @@
+"""The ablation table as Markdown, CSV and LaTeX (booktabs), with the same footnotes in each.
+
+Markdown and LaTeX print scores x100 with two decimals, as the paper does; the CSV keeps MLflow's
+raw values at full precision for anyone who wants to recompute. Nothing here reads a clock or the
+environment, so the same runs always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable
+
+from harness.tables.ablation import (
+    AVG,
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    CONFIDENCE,
+    HELDOUT,
+    AblationTable,
+    Row,
+    axis_title,
+)
+from harness.tables.collect import CellRuns
+
+SCALE = 100.0
+DAGGER = "†"
+
+
+def fmt(value: float) -> str:
+    return f"{SCALE * value:.2f}"
+
+
+def fmt_delta(value: float) -> str:
+    return f"{SCALE * value:+.2f}"
+
+
+def _best(table: AblationTable) -> dict[str, str]:
+    """Per column, the best mean as printed (ties are all bold); none when only one row has it."""
+    best: dict[str, str] = {}
+    for col in table.columns:
+        means = [row.mean[col.metric] for row in table.rows if col.metric in row.mean]
+        if len(means) > 1:
+            best[col.metric] = fmt(max(means))
+    return best
+
+
+def _cell(row: Row, metric: str, best: dict[str, str], bold: Callable[[str], str], pm: str) -> str:
+    if metric not in row.mean:
+        return "–"
+    mean = fmt(row.mean[metric])
+    shown = bold(mean) if best.get(metric) == mean else mean
+    return f"{shown} {pm} {fmt(row.std[metric])}" if metric in row.std else shown
+
+
+def _delta(table: AblationTable, i: int, dagger: str) -> str:
+    row, main = table.rows[i], table.main
+    if i == table.baseline:
+        return "baseline"
+    if main is None or main.metric not in row.delta:
+        return "–"
+    marker = dagger if row.test is not None and row.test.significant else ""
+    return fmt_delta(row.delta[main.metric]) + marker
+
+
+def _header(table: AblationTable) -> list[str]:
+    main = [f"Δ {table.main.title}"] if table.main is not None else []
+    return [axis_title(a) for a in table.row_axes] + ["n"] + [c.title for c in table.columns] + main
+
+
+def _label_cells(row: Row) -> list[str]:
+    return [str(v) for v in row.values] or ["all runs"]
+
+
+def notes(table: AblationTable) -> list[str]:
+    """The footnotes, as plain text (each renderer escapes them its own way)."""
+    out: list[str] = []
+    coll = table.collected
+    seed_values = [", ".join(str(v) for v in coll.grid[a]) for a in table.replicate_axes]
+    over = "; ".join(
+        f"{axis_title(a)} in {{{v}}}" for a, v in zip(table.replicate_axes, seed_values)
+    )
+    metrics = {c.metric for c in table.columns}
+    meaning = (
+        ["the mteb category means (eval/<Category>)"]
+        if any(m not in (AVG, *HELDOUT) for m in metrics)
+        else []
+    )
+    if AVG in metrics:
+        meaning.append("Avg = the mean over all tasks (eval/avg)")
+    if metrics & set(HELDOUT):
+        meaning.append(
+            "Held-out R@1 = recall@1 on the corpus rows held out of training (heldout/recall@1)"
+        )
+    out.append(
+        "Scores x100. Each cell: mean ± sample standard deviation over the n runs of the row"
+        + (f" ({over})" if over else "")
+        + f". Bold: the best mean of its column. Columns: {'; '.join(meaning)}."
+    )
+    if table.main is not None:
+        base = table.rows[table.baseline]
+        how = (
+            "tables.baseline"
+            if table.baseline_from_file
+            else "the first row; set tables.baseline to choose"
+        )
+        out.append(
+            f"Δ {table.main.title}: the row's mean minus the baseline's ({base.label}; {how})."
+        )
+        tested = [(row, row.test) for row in table.rows if row.test is not None]
+        if tested:
+            by_task = table.main.metric == AVG
+            unit, pairs = ("task", "same seed, same task") if by_task else ("value", "same seed")
+            intervals = "; ".join(
+                f"{row.label} {fmt_delta(t.diff)} [{fmt_delta(t.low)}, {fmt_delta(t.high)}]"
+                f" ({t.replicates} seeds x {t.tasks} {unit}{'s' if t.tasks > 1 else ''})"
+                for row, t in tested
+            )
+            out.append(
+                f"{DAGGER}: the {CONFIDENCE:.0%} paired bootstrap interval of the mean difference to the "
+                f"baseline excludes 0 (pairs: {pairs}; {BOOTSTRAP_RESAMPLES} resamples, "
+                f"RNG seed {BOOTSTRAP_SEED}). Intervals: {intervals}."
+            )
+        elif len(table.rows) > 1:
+            out.append("No significance test: it needs at least 2 seeds shared with the baseline.")
+    missing = table.missing
+    total = len(coll.cells)
+    if missing:
+        out.append(
+            f"Missing: {len(missing)} of {total} grid cells have no FINISHED run and are not in the means: "
+            + "; ".join(_why(c) for c in missing)
+            + "."
+        )
+    else:
+        out.append(f"All {total} grid cells have a FINISHED run.")
+    gaps = [
+        f"{c.label} ({col.title})"
+        for row in table.rows
+        for c in row.cells
+        for col in table.columns
+        if c.run is not None and col.metric not in c.run.metrics
+    ]
+    if gaps:
+        out.append(
+            "Runs without a column's metric (left out of that column): " + "; ".join(gaps) + "."
+        )
+    out.append(_source(table))
+    return out
+
+
+def _why(cell: CellRuns) -> str:
+    run = cell.latest
+    if run is None:
+        return f"{cell.label} (never run)"
+    error = (run.error or "").strip().splitlines()
+    detail = f": {error[0][:160]}" if error else ""
+    return f"{cell.label} ({run.status}{detail})"
+
+
+def _source(table: AblationTable) -> str:
+    coll = table.collected
+    used = sum(c.run is not None for c in coll.cells)
+    passed = sum(c.superseded for c in coll.cells)
+    text = (
+        f"Source: MLflow experiment {coll.experiment!r} at {coll.tracking_uri}; for each grid cell the newest "
+        f"FINISHED trial run ({used} runs"
+        + (f"; {passed} older or superseded runs passed over" if passed else "")
+        + f"). Row and column order: grid from {coll.grid_source}."
+    )
+    stale = [c.label for c in coll.cells if c.matches_file is False]
+    if stale:
+        text += f" Trained with an older configuration than the experiment's current one (trial_key differs): {', '.join(stale)}."
+    if coll.extra_runs:
+        text += f" {coll.extra_runs} FINISHED runs outside the grid are not shown."
+    return text
+
+
+# ---------------------------------------------------------------- Markdown
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def markdown(table: AblationTable) -> str:
+    best = _best(table)
+    header = _header(table)
+    n_label = len(table.row_axes) or 1
+    align = [":--"] * n_label + ["--:"] * (len(header) - n_label)
+    lines = [
+        f"# {table.experiment}: ablation",
+        "",
+        "| " + " | ".join(_md_escape(h) for h in header) + " |",
+        "|" + "|".join(align) + "|",
+    ]
+    for i, row in enumerate(table.rows):
+        cells = _label_cells(row) + [str(len(row.runs))]
+        cells += [_cell(row, c.metric, best, lambda s: f"**{s}**", "±") for c in table.columns]
+        if table.main is not None:
+            cells.append(_delta(table, i, DAGGER))
+        lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
+    lines.append("")
+    lines += [f"{i}. {_md_escape(n)}" for i, n in enumerate(notes(table), 1)]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- CSV
+
+
+def csv_text(table: AblationTable) -> str:
+    """One line per row; raw values: ``<metric>_mean/_std/_n/_delta``, then the test of the main metric."""
+    header = [axis_title(a) for a in table.row_axes] + ["runs", "baseline"]
+    for c in table.columns:
+        header += [f"{c.metric}_mean", f"{c.metric}_std", f"{c.metric}_n", f"{c.metric}_delta"]
+    header += [
+        "test_metric",
+        "test_diff",
+        "test_ci_low",
+        "test_ci_high",
+        "test_pairs",
+        "significant",
+    ]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for i, row in enumerate(table.rows):
+        line: list[object] = [_csv_value(v) for v in row.values] + [
+            len(row.runs),
+            int(i == table.baseline),
+        ]
+        for c in table.columns:
+            line += [
+                _num(row.mean.get(c.metric)),
+                _num(row.std.get(c.metric)),
+                row.count.get(c.metric, 0),
+                _num(row.delta.get(c.metric)),
+            ]
+        t = row.test
+        line += [table.main.metric if table.main else ""]
+        line += (
+            [_num(t.diff), _num(t.low), _num(t.high), t.pairs, int(t.significant)]
+            if t
+            else [""] * 5
+        )
+        writer.writerow(line)
+    return buf.getvalue()
+
+
+def _csv_value(value: object) -> object:
+    return value if isinstance(value, (str, int, float)) else json.dumps(value, default=str)
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+# ---------------------------------------------------------------- LaTeX
+
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+    "±": r"$\pm$", "Δ": r"$\Delta$", DAGGER: r"$^\dagger$", "–": "--", "<": r"$<$", ">": r"$>$",
+}  # fmt: skip
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def latex(table: AblationTable) -> str:
+    best = _best(table)
+    header = _header(table)
+    n_label = len(table.row_axes) or 1
+    lines = [
+        f"% Generated by `harness tables` from the MLflow experiment {table.experiment!r}; do not edit.",
+        "% Needs \\usepackage{booktabs}.",
+        "\\begin{table}[t]",
+        "\\centering",
+        "\\small",
+        "\\begin{tabular}{" + "l" * n_label + "r" * (len(header) - n_label) + "}",
+        "\\toprule",
+        " & ".join(latex_escape(h) for h in header) + " \\\\",
+        "\\midrule",
+    ]
+    for i, row in enumerate(table.rows):
+        cells = [latex_escape(c) for c in _label_cells(row)] + [str(len(row.runs))]
+        cells += [
+            _cell(row, c.metric, best, lambda s: f"\\textbf{{{s}}}", "$\\pm$")
+            for c in table.columns
+        ]
+        if table.main is not None:
+            cells.append(latex_escape(_delta(table, i, DAGGER)))
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += [
+        "\\bottomrule",
+        "\\end{tabular}",
+        f"\\caption{{{latex_escape(table.experiment)}: ablation (scores $\\times$100, mean $\\pm$ std over seeds).}}",
+        "\\par\\smallskip",
+        "{\\footnotesize",
+    ]
+    lines += [f"{i}. {latex_escape(n)}\\par" for i, n in enumerate(notes(table), 1)]
+    lines += ["}", "\\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def render_all(table: AblationTable) -> dict[str, str]:
+    """File name -> text for the three table formats."""
+    return {
+        "ablation.md": markdown(table),
+        "ablation.csv": csv_text(table),
+        "ablation.tex": latex(table),
+    }

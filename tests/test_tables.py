@@ -1,0 +1,408 @@
+"""``harness tables`` on a real SQLite MLflow store laid out as ``harness sweep`` writes it.
+
+The store is built with the MLflow client (no training: the numbers are chosen here), with the
+sweep's tags and metric names from ``harness.tracking``, so the expected means, stds and
+differences are computed independently below from the same known scores.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from harness.config import ConfigError, apply_cell, load_experiment, trial_key
+from harness.tables import TablesError, write_tables
+from harness.tables.plots import mean_curve
+from harness.tracking import CELL, ERROR, PARENT, ROLE, TRIAL_KEY, metric_name
+
+SHA = "ab" * 32
+TASKS = {"TaskA": "Retrieval", "TaskB": "Retrieval", "TaskC": "STS"}
+POOLINGS = ["eos", "mean", "ata"]
+SEEDS = [0, 1, 2]
+HELDOUT = metric_name("heldout/recall@1")
+# eos differs from mean by +-noise that averages to 0 (no significant difference); ata is better
+# than mean by 3 points on every (seed, task) pair (significant).
+EOS_OFFSETS = {0: [0.05, -0.05, 0.04], 1: [-0.04, 0.03, -0.03]}
+EXPERIMENT_YAML = """
+name: abl
+corpus: {{path: corpora/none}}
+train: {{steps: 4}}
+grid: {{pooling: [eos, mean, ata], seed: [0, 1, 2]}}
+tables: {{baseline: {{pooling: mean}}}}
+tracking: {{uri: "{uri}"}}
+"""
+
+
+def task_scores(pooling: str, seed: int) -> dict[str, float]:
+    base = {t: 0.40 + 0.1 * i + 0.01 * seed for i, t in enumerate(TASKS)}
+    if pooling == "ata":
+        return {t: v + 0.03 + 0.001 * (seed + i) for i, (t, v) in enumerate(base.items())}
+    if pooling == "eos":
+        return {t: v + EOS_OFFSETS[seed][i] for i, (t, v) in enumerate(base.items())}
+    return base
+
+
+def heldout(pooling: str, seed: int) -> float:
+    return {"eos": 0.60, "mean": 0.62, "ata": 0.70}[pooling] + 0.02 * seed
+
+
+def run_metrics(pooling: str, seed: int) -> dict[str, float]:
+    """What a trial logs: tasks, category means, the average over tasks, the held-out score."""
+    scores = task_scores(pooling, seed)
+    out = {f"eval/{t}": v for t, v in scores.items()}
+    for cat in sorted(set(TASKS.values())):
+        out[f"eval/{cat}"] = statistics.mean(v for t, v in scores.items() if TASKS[t] == cat)
+    out["eval/avg"] = statistics.mean(scores.values())
+    out[HELDOUT] = heldout(pooling, seed)
+    return out
+
+
+class Store:
+    """Writes runs the way ``harness/tracking.py`` lays them out, with explicit start times."""
+
+    def __init__(self, root: Path):
+        self.uri = f"sqlite:///{root / 'mlflow.db'}"
+        self.root = root
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.clock = 1_700_000_000_000
+
+    def tick(self) -> int:
+        self.clock += 1000
+        return self.clock
+
+    def experiment(self, name: str) -> str:
+        return self.client.create_experiment(name, (self.root / "artifacts").as_uri())
+
+    def parent(self, exp_id: str, grid: dict, config_yaml: str | None) -> str:
+        run = self.client.create_run(
+            exp_id, start_time=self.tick(), run_name="sweep-1", tags={ROLE: "sweep"}
+        )
+        self.client.log_param(run.info.run_id, "grid", json.dumps(grid))
+        if config_yaml is not None:
+            self.client.log_text(run.info.run_id, config_yaml, "experiment.yaml")
+        self.client.set_terminated(run.info.run_id, "FAILED", end_time=self.tick())
+        return run.info.run_id
+
+    def trial(
+        self, exp_id: str, parent: str | None, cell: dict, key: str, status: str,
+        metrics: dict[str, float], loss: list[float], error: str | None = None,
+    ) -> str:  # fmt: skip
+        label = (
+            "-".join(str(v) for k, v in cell.items() if k != "train.seed")
+            + f"-s{cell['train.seed']}"
+        )
+        tags = {
+            ROLE: "trial",
+            CELL: json.dumps(cell, sort_keys=True),
+            TRIAL_KEY: key,
+            "corpus_sha256": SHA,
+        }
+        if parent:
+            tags[PARENT] = parent
+        if error:
+            tags[ERROR] = error
+        run_id = self.client.create_run(
+            exp_id, start_time=self.tick(), run_name=label, tags=tags
+        ).info.run_id
+        history = [Metric("train/loss", v, self.clock, step) for step, v in enumerate(loss)]
+        finals = [Metric(k, v, self.clock, len(loss)) for k, v in metrics.items()]
+        self.client.log_batch(run_id, metrics=history + finals, synchronous=True)
+        self.client.set_terminated(run_id, status, end_time=self.tick())
+        return run_id
+
+
+def loss_curve(pooling: str, seed: int) -> list[float]:
+    return [2.0 - 0.2 * step - 0.05 * POOLINGS.index(pooling) + 0.01 * seed for step in range(5)]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("tables")
+    s = Store(root)
+    path = root / "abl.yaml"
+    path.write_text(EXPERIMENT_YAML.format(uri=s.uri), encoding="utf-8")
+    exp = load_experiment(path)
+    exp_id = s.experiment("abl")
+
+    def key(cell: dict) -> str:
+        return trial_key(apply_cell(exp, cell), SHA)
+
+    # An earlier sweep: mean-s0 with other numbers (rerun later, the newest must win).
+    old_parent = s.parent(exp_id, exp.grid, None)
+    cell = {"model.pooling": "mean", "train.seed": 0}
+    s.trial(
+        exp_id,
+        old_parent,
+        cell,
+        key(cell),
+        "FINISHED",
+        {**run_metrics("mean", 0), "eval/avg": 0.1},
+        [9.0],
+    )
+
+    parent = s.parent(
+        exp_id, exp.grid, yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)
+    )
+    for pooling in POOLINGS:
+        for seed in SEEDS:
+            cell = {"model.pooling": pooling, "train.seed": seed}
+            if (pooling, seed) == ("eos", 2):
+                continue  # never ran: the table must say so
+            if (pooling, seed) == ("ata", 2):
+                s.trial(
+                    exp_id,
+                    parent,
+                    cell,
+                    key(cell),
+                    "FAILED",
+                    {},
+                    [2.5],
+                    "RuntimeError: CUDA out of memory\ntraceback",
+                )
+                continue
+            s.trial(
+                exp_id,
+                parent,
+                cell,
+                key(cell),
+                "FINISHED",
+                run_metrics(pooling, seed),
+                loss_curve(pooling, seed),
+            )
+    # A newer run of mean-s1 trained with another configuration: the file's configuration wins.
+    cell = {"model.pooling": "mean", "train.seed": 1}
+    s.trial(
+        exp_id,
+        parent,
+        cell,
+        "0ther0config0key",
+        "FINISHED",
+        {**run_metrics("mean", 1), "eval/avg": 0.9},
+        [9.0],
+    )
+
+    # A second experiment without any parent run and without eval: rows from the runs' cells,
+    # sorted; the held-out score is the main metric.
+    bare_id = s.experiment("bare")
+    for strategy in ("reverse", "curriculum"):
+        for seed in (1, 0):
+            cell = {"train.strategy": strategy, "train.seed": seed}
+            value = (0.5 if strategy == "curriculum" else 0.4) + 0.01 * seed
+            s.trial(
+                bare_id,
+                None,
+                cell,
+                f"k-{strategy}-{seed}",
+                "FINISHED",
+                {HELDOUT: value},
+                [1.0, 0.5],
+            )
+    return {"store": s, "exp": exp, "parent": parent, "root": root}
+
+
+@pytest.fixture(scope="module")
+def written(store: dict):
+    out = store["root"] / "out"
+    result = write_tables(store["exp"], output_dir=out)
+    return result, out
+
+
+def read_csv(path: Path) -> dict[str, dict[str, str]]:
+    return {
+        row["pooling"]: row for row in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8")))
+    }
+
+
+def expected(pooling: str) -> list[dict[str, float]]:
+    """The metrics of the runs the table must use: every FINISHED seed of the variant."""
+    seeds = {"eos": [0, 1], "mean": [0, 1, 2], "ata": [0, 1]}[pooling]
+    return [run_metrics(pooling, s) for s in seeds]
+
+
+COLUMNS = ["eval/Retrieval", "eval/STS", "eval/avg", HELDOUT]
+
+
+def test_numbers_match_independent_computation(written) -> None:
+    _, out = written
+    rows = read_csv(out / "ablation.csv")
+    assert list(rows) == POOLINGS  # the grid's declared order
+    base = {c: statistics.mean(m[c] for m in expected("mean")) for c in COLUMNS}
+    for pooling in POOLINGS:
+        runs = expected(pooling)
+        row = rows[pooling]
+        assert int(row["runs"]) == len(runs)
+        for c in COLUMNS:
+            values = [m[c] for m in runs]
+            assert float(row[f"{c}_mean"]) == pytest.approx(statistics.mean(values), abs=1e-12)
+            assert float(row[f"{c}_std"]) == pytest.approx(statistics.stdev(values), abs=1e-12)
+            assert float(row[f"{c}_delta"]) == pytest.approx(
+                statistics.mean(values) - base[c], abs=1e-12
+            )
+    assert rows["mean"]["baseline"] == "1" and rows["mean"]["significant"] == ""
+    assert rows["ata"]["significant"] == "1"  # +3 points on every pair
+    assert rows["eos"]["significant"] == "0"  # +-noise around 0
+    # the paired test's mean difference is the mean over (seed, task) pairs shared with the baseline
+    ata_diffs = [
+        a - m
+        for s in (0, 1)
+        for a, m in zip(task_scores("ata", s).values(), task_scores("mean", s).values())
+    ]
+    assert float(rows["ata"]["test_diff"]) == pytest.approx(statistics.mean(ata_diffs), abs=1e-12)
+    assert float(rows["ata"]["test_ci_low"]) > 0 > float(rows["eos"]["test_ci_low"])
+    assert int(rows["ata"]["test_pairs"]) == 6
+
+
+def test_markdown_bold_markers_and_footnotes(written) -> None:
+    _, out = written
+    md = (out / "ablation.md").read_text(encoding="utf-8")
+    lines = {
+        line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")
+    }
+    assert lines["pooling"] == "| pooling | n | Retrieval | STS | Avg | Held-out R@1 | Δ Avg |"
+    for c in COLUMNS:  # the best mean of each column, and only it, is bold
+        means = {p: statistics.mean(m[c] for m in expected(p)) for p in POOLINGS}
+        best = max(means, key=means.__getitem__)
+        assert f"**{100 * means[best]:.2f}**" in lines[best]
+        for p in POOLINGS:
+            if p != best:
+                assert f"**{100 * means[p]:.2f}**" not in lines[p]
+    std = statistics.stdev(m["eval/STS"] for m in expected("mean"))
+    assert f"± {100 * std:.2f}" in lines["mean"]
+    delta = statistics.mean(m["eval/avg"] for m in expected("ata")) - statistics.mean(
+        m["eval/avg"] for m in expected("mean")
+    )
+    assert lines["ata"].endswith(f"| {100 * delta:+.2f}† |")
+    eos = statistics.mean(m["eval/avg"] for m in expected("eos")) - statistics.mean(
+        m["eval/avg"] for m in expected("mean")
+    )
+    assert lines["eos"].endswith(f"| {100 * eos:+.2f} |")  # no marker
+    assert lines["mean"].endswith("| baseline |")
+    assert "Missing: 2 of 9 grid cells have no FINISHED run" in md
+    assert "eos-s2 (never run)" in md
+    assert "ata-s2 (FAILED: RuntimeError: CUDA out of memory)" in md
+    assert "seed in {0, 1, 2}" in md
+    assert "†: the 95% paired bootstrap interval" in md
+    assert "2 older or superseded runs passed over" in md
+    tex = (out / "ablation.tex").read_text(encoding="utf-8")
+    assert "\\toprule" in tex and "\\bottomrule" in tex and "$^\\dagger$" in tex
+    assert (
+        f"\\textbf{{{100 * max(statistics.mean(m['eval/avg'] for m in expected(p)) for p in POOLINGS):.2f}}}"
+        in tex
+    )
+
+
+def test_rerun_is_byte_identical_and_logged_to_the_parent(written, store: dict) -> None:
+    result, out = written
+    names = sorted(p.name for p in result.files)
+    assert names == sorted(
+        [
+            "ablation.md",
+            "ablation.csv",
+            "ablation.tex",
+            "long.parquet",
+            "long.csv",
+            "loss.png",
+            "scores.png",
+        ]
+    )
+    first = {p.name: p.read_bytes() for p in result.files}
+    assert b"Matplotlib" not in first["loss.png"]  # no version text chunk
+    again = write_tables(store["exp"], output_dir=out)
+    assert {p.name: p.read_bytes() for p in again.files} == first
+    logged = store["store"].client.list_artifacts(store["parent"], "tables")
+    assert {Path(a.path).name for a in logged} == set(names)
+    assert result.parent_run_id == store["parent"]
+
+
+def test_long_format(written) -> None:
+    _, out = written
+    df = pl.read_parquet(out / "long.parquet")
+    assert df.columns == [
+        "experiment",
+        "run_id",
+        "run_name",
+        "trial_key",
+        "pooling",
+        "seed",
+        "metric",
+        "kind",
+        "name",
+        "value",
+    ]
+    assert df.height == 7 * 7  # 7 FINISHED cells x (3 tasks + 2 categories + avg + held-out)
+    assert df.filter(pl.col("kind") == "task").height == 7 * 3
+    value = df.filter(
+        (pl.col("pooling") == "ata") & (pl.col("seed") == 1) & (pl.col("metric") == "eval/TaskC")
+    )
+    assert value["value"].to_list() == [pytest.approx(task_scores("ata", 1)["TaskC"])]
+    assert pl.read_csv(out / "long.csv").equals(df)
+
+
+def test_experiment_name_without_file(written, store: dict) -> None:
+    _, out = written
+    other = store["root"] / "by-name"
+    result = write_tables(
+        None,
+        experiment_name="abl",
+        tracking_uri=store["store"].uri,
+        output_dir=other,
+        log_to_mlflow=False,
+    )
+    # grid order, baseline and configuration come from the experiment.yaml the sweep logged
+    for name in ("ablation.csv", "long.csv", "long.parquet"):
+        assert (other / name).read_bytes() == (out / name).read_bytes(), name
+    assert "the newest sweep's experiment.yaml" in (other / "ablation.md").read_text(
+        encoding="utf-8"
+    )
+    assert result.parent_run_id is None
+
+
+def test_runs_without_parent_or_eval(store: dict) -> None:
+    out = store["root"] / "bare"
+    result = write_tables(
+        None, experiment_name="bare", tracking_uri=store["store"].uri, output_dir=out
+    )
+    rows = list(csv.DictReader(io.StringIO((out / "ablation.csv").read_text(encoding="utf-8"))))
+    assert [r["strategy"] for r in rows] == ["curriculum", "reverse"]  # sorted: no declared order
+    assert float(rows[1][f"{HELDOUT}_mean"]) == pytest.approx(statistics.mean([0.40, 0.41]))
+    assert float(rows[1][f"{HELDOUT}_delta"]) == pytest.approx(-0.1)
+    assert rows[1]["test_metric"] == HELDOUT and rows[1]["test_pairs"] == "2"
+    md = (out / "ablation.md").read_text(encoding="utf-8")
+    assert "| strategy | n | Held-out R@1 | Δ Held-out R@1 |" in md
+    assert "set tables.baseline to choose" in md and "the runs' cells (sorted)" in md
+    assert {p.name for p in result.files} >= {"loss.png", "scores.png"}
+
+
+def test_bad_inputs_name_the_problem(store: dict, tmp_path: Path) -> None:
+    uri = store["store"].uri
+    with pytest.raises(TablesError, match="no MLflow experiment named 'nope'"):
+        write_tables(None, experiment_name="nope", tracking_uri=uri, output_dir=tmp_path)
+    with pytest.raises(TablesError, match="no MLflow store"):
+        write_tables(
+            None,
+            experiment_name="abl",
+            tracking_uri=f"sqlite:///{tmp_path}/missing.db",
+            output_dir=tmp_path,
+        )
+    exp = store["exp"].model_copy(deep=True)
+    exp.tables.baseline = {"pooling": "cls"}
+    with pytest.raises(ConfigError, match=r"tables\.baseline .* matches 0 of the rows"):
+        write_tables(exp, output_dir=tmp_path)
+    exp.tables.baseline, exp.tables.rows = None, ["strategy"]
+    with pytest.raises(ConfigError, match=r"tables\.rows: \['strategy'\] are not grid axes"):
+        write_tables(exp, output_dir=tmp_path)
+
+
+def test_mean_curve_over_runs_of_different_length() -> None:
+    steps, means, stds = mean_curve([[(0, 2.0), (1, 1.0)], [(0, 4.0)]])
+    assert steps == [0, 1] and means == [3.0, 1.0]
+    assert stds == [pytest.approx(statistics.stdev([2.0, 4.0])), 0.0]
