@@ -27,6 +27,7 @@ from harness.config import (
     ConfigError,
     Experiment,
     TablesSettings,
+    TrackingSettings,
     apply_cell,
     cell_label,
     trial_key,
@@ -99,11 +100,10 @@ def collect(
     from mlflow import MlflowClient
 
     name = exp.name if exp is not None else experiment_name
-    uri = tracking_uri or (exp.tracking.uri if exp is not None else None)
-    if not name or not uri:
-        raise ValueError(
-            "write_tables needs an experiment file, or an experiment name and a tracking URI"
-        )
+    if not name:
+        raise ValueError("write_tables needs an experiment file or an experiment name")
+    # without a file, the default store of experiment files (sqlite:///results/mlflow.db)
+    uri = tracking_uri or (exp.tracking if exp is not None else TrackingSettings()).uri
     given, uri = uri, _readable_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(name)
