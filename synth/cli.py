@@ -1,0 +1,136 @@
+"""The ``synth`` command line: build a corpus (mine, generate) and audit its negative levels.
+
+Thin by design: each command parses its options, calls one function of its module, and turns the
+errors a user can fix (bad config, bad data, bad corpus) into one red line and exit code 2.
+Modules are imported inside the commands so ``synth --help`` does not load torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+app = typer.Typer(
+    name="synth",
+    help="Build the shared training corpus (mine or generate) and audit its graded negatives.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+USAGE_ERROR = 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from synth.corpus import CorpusError
+    from synth.llm import EndpointError
+    from synth.mine import MineError
+    from synth.packaged import PackagedModelError
+    from synth.server import ServerError
+    from synth.sources import SourceError
+    from synth.synth_config import SynthConfigError
+    from synth.templates import PromptError
+
+    return (CorpusError, MineError, SourceError, PackagedModelError,
+            SynthConfigError, EndpointError, ServerError, PromptError)
+
+
+def _run(fn: Callable[[], None]) -> None:
+    """Run a command; a user-fixable error becomes one red line (no traceback) and exit code 2."""
+    try:
+        fn()
+    except _user_errors() as e:
+        for line in str(e).splitlines() or [type(e).__name__]:
+            err.print(f"[red]error:[/red] {escape(line)}", soft_wrap=True)
+        raise typer.Exit(USAGE_ERROR) from None
+
+
+@app.command()
+def mine(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Corpus folder to write.")],
+    config: Annotated[
+        Path | None, typer.Argument(help="Mining YAML (see synth/data/mine-shared.yaml).")
+    ] = None,
+    source: Annotated[
+        list[str] | None,
+        typer.Option("--source", "-s", help="Instead of CONFIG: a .jsonl, a folder, a BEIR folder or hf:NAME (repeatable)."),
+    ] = None,
+    task_kind: Annotated[str, typer.Option(help="With --source: retrieval, symmetric or asymmetric.")] = "retrieval",
+    instruction: Annotated[str | None, typer.Option(help="With --source: the rows' instruction.")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Base folder for relative source paths in CONFIG.")] = None,
+    model: Annotated[str | None, typer.Option(help="Embedding model (default packaged:all-minilm-l6-v2).")] = None,
+    relative_margin: Annotated[float | None, typer.Option(help="Skip candidates within this margin of the positive.")] = None,
+    max_rows: Annotated[int | None, typer.Option(help="Sample at most this many pairs per source.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling pairs and picking within bands.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Encoder batch size.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Mine a graded corpus (4 negative levels by similarity rank) from (query, positive) pairs."""
+
+    def go() -> None:
+        from synth.mine import MineError, config_from_sources, load_config
+        from synth.mine import mine as run_mine
+
+        overrides = {
+            "model": model, "relative_margin": relative_margin, "max_rows": max_rows, "seed": seed,
+            "batch_size": batch_size, "data_root": str(data_root.resolve()) if data_root else None,
+        }
+        if (config is None) == (not source):
+            raise MineError("give a mining CONFIG file or --source (one or more), not both")
+        if config is not None:
+            cfg = load_config(config, overrides)
+        else:
+            cfg = config_from_sources(source or [], task_kind=task_kind, instruction=instruction, **overrides)
+        run_mine(cfg, out, progress=not quiet)
+
+    _run(go)
+
+
+@app.command()
+def generate(
+    config: Annotated[Path, typer.Argument(help="Synthesis YAML (see synth/data/local-smollm2.yaml).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Corpus folder (overrides `output`).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Synthesize a graded corpus (MGH) over an OpenAI-compatible endpoint; rerun to resume."""
+
+    def go() -> None:
+        from synth.generate import generate as run_generate
+        from synth.generate import summary_lines
+        from synth.synth_config import load_synth_config
+
+        result = run_generate(load_synth_config(config, output=out), progress=not quiet)
+        for line in summary_lines(result):
+            Console().print(line, soft_wrap=True)
+        if not result.complete:
+            raise typer.Exit(1)
+
+    _run(go)
+
+
+@app.command()
+def audit(
+    corpus: Annotated[Path, typer.Argument(help="Corpus folder (samples.parquet + manifest.json).")],
+    model: Annotated[str, typer.Option(help="Embedding model for the audit.")] = "packaged:all-minilm-l6-v2",
+    max_rows: Annotated[int | None, typer.Option(help="Audit a seeded sample of this many rows.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Encoder batch size.")] = 64,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Check that negatives get easier from level 1 to 4; write audit.json and audit.md next to it."""
+
+    def go() -> None:
+        from synth.audit import audit_corpus, print_report
+
+        report = audit_corpus(corpus, model=model, max_rows=max_rows, batch_size=batch_size, progress=not quiet)
+        print_report(report, Console())
+
+    _run(go)
+
+
+if __name__ == "__main__":
+    app()

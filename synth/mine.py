@@ -1,0 +1,383 @@
+"""``synth mine``: a graded corpus mined from existing (query, positive[, negative]) pairs.
+
+For every pair, four negatives are drawn from a candidate pool by how similar an embedding model
+finds them to the query: level 1 from the nearest candidates (hardest), level 4 from far down the
+ranking (easy, but still the same domain, since the pool is the data set's own texts). This gives a
+real graded corpus offline, and mined vs synthesized levels is itself an ablation axis.
+
+How it decides, per source (sources never share a pool):
+
+- The pool is every positive and every given negative of the source (a data set's own negative is
+  a candidate like any other, so it lands at the level its similarity earns), plus the whole
+  document collection for BEIR folders.
+- Candidates that can never be a negative of a pair: the query's own positives (all of them, for
+  queries with several) and the query text itself.
+- Likely false negatives are skipped: candidates whose similarity to the query is at or above the
+  pair's positive score minus ``relative_margin`` times its magnitude (as ``relative_margin`` in
+  ``sentence_transformers.util.mine_hard_negatives``).
+- The remaining candidates are ranked by similarity to the query (rank 1 = nearest); level ``i``
+  takes one candidate drawn uniformly from its band of ranks, e.g. ranks 1-10 for level 1. A band
+  past the end of a small pool leaves that level empty (null).
+
+Every unique text is encoded once; scores come from chunked matrix products. Given the same
+config (and seed) the corpus, and so its sha256, is the same.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from rich.console import Console
+
+from synth.corpus import LEVELS, Corpus, RowBuilder, write_corpus
+from synth.embed import DEFAULT_ENCODER, encode, load_encoder
+from synth.sources import Columns, Pair, PairSet, SourceError, read_hub, read_local
+
+DEFAULT_BANDS = ((1, 10), (11, 30), (31, 100), (101, 300))
+DEFAULT_INSTRUCTIONS = {
+    "retrieval": "Given a query, retrieve relevant passages that answer the query",
+    "symmetric": "Retrieve semantically similar text",
+    "asymmetric": "Given a text, retrieve texts related to it",
+}
+HUB_PREFIX = "hf:"
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+_ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+class MineError(ValueError):
+    """A mining config is invalid; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ColumnsConfig(_Strict):
+    """Field names in JSON Lines files and Hub data sets (BEIR folders have fixed names)."""
+
+    query: str = "query"
+    positive: str = "positive"
+    negative: str | None = "negative"
+
+
+class SourceConfig(_Strict):
+    path: str | None = None  # a .jsonl file, a folder with <split>.jsonl, or a BEIR folder
+    hf: str | None = None  # a Hugging Face data set id
+    subset: str | None = None  # the Hub data set's configuration name
+    split: str = "train"
+    name: str | None = None  # the rows' `source` and `subtask`; default: folder name or Hub id
+    task_kind: Literal["retrieval", "symmetric", "asymmetric"] = "retrieval"
+    instruction: str | None = None  # default: one per task kind (DEFAULT_INSTRUCTIONS)
+    columns: ColumnsConfig = ColumnsConfig()
+    max_rows: int | None = Field(None, ge=1)  # a seeded sample of the pairs (pair files: the pool too)
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> SourceConfig:
+        if (self.path is None) == (self.hf is None):
+            raise ValueError("give exactly one of 'path' (local files) or 'hf' (a Hub data set)")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or (Path(self.path).name if self.path else str(self.hf))
+
+    @property
+    def resolved_instruction(self) -> str:
+        return self.instruction if self.instruction is not None else DEFAULT_INSTRUCTIONS[self.task_kind]
+
+
+class MineConfig(_Strict):
+    sources: list[SourceConfig] = Field(min_length=1)
+    name: str | None = None  # corpus name in the manifest; default: the output folder's name
+    # Base folder for relative source paths; may use ${VAR} or ${VAR:-default}. Default: the
+    # config file's folder (the current directory for --source flags).
+    data_root: str | None = None
+    model: str = DEFAULT_ENCODER
+    bands: list[tuple[int, int]] = Field(default_factory=lambda: list(DEFAULT_BANDS))
+    relative_margin: float = Field(0.05, ge=0, lt=1)
+    seed: int = 0
+    batch_size: int = Field(64, ge=1)
+    # Truncate texts for the encoder (tokens). all-MiniLM-L6-v2 was trained on 128 tokens; its
+    # folder says 256. Long documents (BEIR abstracts) encode about twice as fast at 128.
+    max_seq_length: int | None = Field(None, ge=8)
+
+    @field_validator("bands")
+    @classmethod
+    def _ordered_bands(cls, bands: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        if len(bands) != len(LEVELS):
+            raise ValueError(f"need {len(LEVELS)} bands of ranks [first, last], one per level")
+        previous = 0
+        for level, (first, last) in enumerate(bands, 1):
+            if not previous < first <= last:
+                raise ValueError(
+                    f"level {level} band [{first}, {last}] must start after rank {previous} "
+                    "and end at or after its start (bands go from nearest to farthest, no overlap)"
+                )
+            previous = last
+        return bands
+
+
+def _expand(value: str, where: str) -> str:
+    """``${VAR}`` / ``${VAR:-default}`` from the environment; an unset VAR without default is an error."""
+
+    def sub(match: re.Match[str]) -> str:
+        var, default = match.group(1), match.group(2)
+        if var in os.environ:
+            return os.environ[var]
+        if default is None:
+            raise MineError(f"{where}: environment variable {var} is not set")
+        return default
+
+    return os.path.expanduser(_ENV.sub(sub, value))
+
+
+def _format_validation(error: ValidationError, where: str) -> str:
+    lines = []
+    for e in error.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"{where}: {field}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def build_config(
+    raw: Mapping[str, Any], *, where: str, base_dir: Path, overrides: Mapping[str, Any] | None = None
+) -> MineConfig:
+    """Validate a raw mapping (plus CLI overrides) and make every source path absolute.
+
+    ``max_rows`` in ``overrides`` applies to every source; other keys replace top-level fields.
+    """
+    raw = dict(raw)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    max_rows = overrides.pop("max_rows", None)
+    raw.update(overrides)
+    if max_rows is not None and isinstance(raw.get("sources"), list):
+        raw["sources"] = [{**s, "max_rows": max_rows} if isinstance(s, dict) else s for s in raw["sources"]]
+    try:
+        config = MineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise MineError(_format_validation(e, where)) from None
+    root = base_dir
+    if config.data_root is not None:
+        root = base_dir / _expand(config.data_root, f"{where}: data_root")
+        if not root.is_dir():
+            raise MineError(
+                f"{where}: data_root {config.data_root!r} is {root}, which is not a folder "
+                "(set the environment variable it names, or pass --data-root)"
+            )
+    for i, source in enumerate(config.sources):
+        if source.path is not None:
+            source.path = str((root / _expand(source.path, f"{where}: sources.{i}.path")).resolve())
+    config.data_root = str(root.resolve())
+    return config
+
+
+def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> MineConfig:
+    """Read a mining YAML file; relative source paths are relative to ``data_root`` or the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MineError(f"{path}: mining config not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise MineError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise MineError(f"{path}: expected a mapping at the top level")
+    return build_config(raw, where=str(path), base_dir=path.resolve().parent, overrides=overrides)
+
+
+def config_from_sources(
+    sources: Sequence[str], *, task_kind: str = "retrieval", instruction: str | None = None, **overrides: Any
+) -> MineConfig:
+    """The config for ``synth mine --source A --source B``: local paths or ``hf:NAME``."""
+    raw_sources = [
+        {"hf": s[len(HUB_PREFIX):]} if s.startswith(HUB_PREFIX) else {"path": s} for s in sources
+    ]
+    for s in raw_sources:
+        s.update(task_kind=task_kind, instruction=instruction)
+    return build_config({"sources": raw_sources}, where="--source", base_dir=Path.cwd(), overrides=overrides)
+
+
+def read_source(source: SourceConfig) -> PairSet:
+    columns = Columns(**source.columns.model_dump())
+    if source.hf is not None:
+        return read_hub(source.hf, source.subset, source.split, columns)
+    return read_local(Path(str(source.path)), source.split, columns)
+
+
+def select_pairs(pairs: Sequence[Pair], max_rows: int | None, seed: int) -> list[Pair]:
+    """Drop repeated (query, positive) pairs and pairs whose positive is the query; then sample."""
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for p in pairs:
+        if p.query != p.positive and (p.query, p.positive) not in seen:
+            seen.add((p.query, p.positive))
+            unique.append(p)
+    if max_rows is None or len(unique) <= max_rows:
+        return unique
+    keep = sorted(random.Random(seed).sample(range(len(unique)), max_rows))
+    return [unique[i] for i in keep]
+
+
+def pick_negatives(
+    query_emb: torch.Tensor,
+    pool_emb: torch.Tensor,
+    positive_scores: torch.Tensor,
+    excluded: Sequence[Sequence[int]],
+    *,
+    bands: Sequence[tuple[int, int]],
+    relative_margin: float,
+    uniforms: torch.Tensor,
+    max_cells: int = 1 << 25,
+) -> tuple[torch.Tensor, int]:
+    """Pool indices of one negative per band for each query row (-1 where a band is empty).
+
+    ``query_emb`` (R, D) and ``pool_emb`` (P, D) are normalized; ``positive_scores`` (R,) is each
+    row's query-positive cosine; ``excluded[r]`` lists pool indices never allowed for row r;
+    ``uniforms`` (R, len(bands)) in [0, 1) picks within each band (seeded by the caller, so the
+    result does not depend on the chunking). Also returns how many candidates were skipped as
+    likely false negatives. Rows are scored in chunks of at most ``max_cells`` scores.
+    """
+    rows, pool = query_emb.shape[0], pool_emb.shape[0]
+    k = min(bands[-1][1], pool)
+    choice = torch.full((rows, len(bands)), -1, dtype=torch.long)
+    skipped = 0
+    step = max(1, max_cells // max(pool, 1))
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        scores = query_emb[start:stop] @ pool_emb.T
+        blocked = torch.zeros_like(scores, dtype=torch.bool)
+        r = [i - start for i in range(start, stop) for _ in excluded[i]]
+        c = [j for i in range(start, stop) for j in excluded[i]]
+        blocked[r, c] = True
+        pos = positive_scores[start:stop, None]
+        too_close = (scores >= pos - relative_margin * pos.abs()) & ~blocked
+        skipped += int(too_close.sum())
+        scores.masked_fill_(blocked | too_close, float("-inf"))
+        top = scores.topk(k, dim=1)
+        valid = torch.isfinite(top.values).sum(dim=1)
+        for level, (first, last) in enumerate(bands):
+            available = (valid - (first - 1)).clamp(0, last - first + 1)
+            offset = (uniforms[start:stop, level] * available).long()
+            rank = (first - 1 + offset).clamp(max=k - 1)
+            picked = top.indices.gather(1, rank[:, None]).squeeze(1)
+            choice[start:stop, level] = torch.where(available > 0, picked, -1)
+    return choice, skipped
+
+
+def _unique(texts: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(texts))
+
+
+def mine_source(
+    source: SourceConfig,
+    config: MineConfig,
+    model: SentenceTransformer,
+    builder: RowBuilder,
+    generator: torch.Generator,
+    *,
+    console: Console,
+    progress: bool,
+) -> dict[str, Any]:
+    """Mine one source into ``builder``; return its statistics for the manifest."""
+    started = time.perf_counter()
+    pair_set = read_source(source)
+    pairs = select_pairs(pair_set.pairs, source.max_rows, config.seed)
+    pool = _unique([*(p.positive for p in pairs), *(p.negative for p in pairs if p.negative), *pair_set.documents])
+    texts = _unique([*(p.query for p in pairs), *pool])
+    console.print(
+        f"[bold]{source.label}[/bold]: {len(pairs):,} pairs, {len(pool):,} candidates, "
+        f"{len(texts):,} texts to embed"
+    )
+    emb = encode(
+        model, texts, batch_size=config.batch_size, description=f"embedding {source.label}",
+        progress=progress,
+    )
+    embedded = time.perf_counter()
+    index = {t: i for i, t in enumerate(texts)}
+    pool_index = {t: i for i, t in enumerate(pool)}
+    positives: dict[str, list[int]] = {}
+    for p in pairs:
+        positives.setdefault(p.query, []).append(pool_index[p.positive])
+    excluded = [
+        positives[p.query] + ([pool_index[p.query]] if p.query in pool_index else []) for p in pairs
+    ]
+    query_emb = emb[[index[p.query] for p in pairs]]
+    positive_scores = (query_emb * emb[[index[p.positive] for p in pairs]]).sum(dim=1)
+    pool_emb = emb[[index[t] for t in pool]]
+    uniforms = torch.rand(len(pairs), len(LEVELS), generator=generator)
+    choice, skipped = pick_negatives(
+        query_emb, pool_emb, positive_scores, excluded,
+        bands=config.bands, relative_margin=config.relative_margin, uniforms=uniforms,
+    )
+    for pair, picks in zip(pairs, choice.tolist()):
+        builder.add(
+            source=source.label,
+            task_kind=source.task_kind,
+            subtask=source.label,
+            instruction=source.resolved_instruction,
+            query=pair.query,
+            positive=pair.positive,
+            negatives=[pool[j] if j >= 0 else None for j in picks],
+        )
+    done = time.perf_counter()
+    filled = (choice >= 0).sum(dim=0).tolist()
+    console.print(
+        f"  mined in {done - embedded:.1f} s; negatives per level {filled}; "
+        f"{skipped:,} candidates skipped as likely false negatives"
+    )
+    return {
+        "name": source.label,
+        "origin": pair_set.origin,
+        "split": source.split,
+        "task_kind": source.task_kind,
+        "instruction": source.resolved_instruction,
+        "pairs": len(pairs),
+        "candidates": len(pool),
+        "negatives_per_level": dict(zip((f"neg_{lv}" for lv in LEVELS), filled)),
+        "skipped_false_negatives": skipped,
+        "texts_embedded": len(texts),
+        "seconds": {"read_and_embed": round(embedded - started, 2), "mine": round(done - embedded, 2)},
+    }
+
+
+def mine(config: MineConfig, out: str | os.PathLike[str], *, progress: bool = True) -> Corpus:
+    """Mine every source of ``config`` into one corpus at ``out``; return the written corpus."""
+    console = Console(stderr=True, quiet=not progress)
+    started = time.perf_counter()
+    model = load_encoder(config.model, config.max_seq_length)
+    loaded = time.perf_counter()
+    builder = RowBuilder()
+    generator = torch.Generator().manual_seed(config.seed)
+    try:
+        sources = [
+            mine_source(s, config, model, builder, generator, console=console, progress=progress)
+            for s in config.sources
+        ]
+    except SourceError as e:
+        raise MineError(str(e)) from None
+    out = Path(out)
+    build = {
+        "kind": "mine",
+        "model": config.model,
+        "max_seq_length": model.max_seq_length,
+        "bands": {f"level_{lv}": list(b) for lv, b in zip(LEVELS, config.bands)},
+        "relative_margin": config.relative_margin,
+        "seed": config.seed,
+        "sources": sources,
+        "load_model_seconds": round(loaded - started, 2),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    corpus = write_corpus(builder.frame(), out, name=config.name or out.name, build=build)
+    console.print(f"wrote {len(corpus):,} rows to {out} in {build['seconds']:.1f} s")
+    return corpus
