@@ -89,6 +89,7 @@ class TrainSettings(_Strict):
     gradient_checkpointing: bool = False
     seed: int = 0
     heldout_size: int = Field(256, ge=0)  # rows kept out of training for the cheap held-out metric
+    heldout_before: bool = False  # also score the untrained model (logged as heldout_base/*)
     log_every: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

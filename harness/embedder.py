@@ -1,0 +1,240 @@
+"""The embedding model: backbone (+ LoRA) + instruction template + pooling, with save/load in one call.
+
+Inputs are built so that every pooling gives the same vector whatever the padding side or batch:
+explicit ``position_ids`` (counted over real tokens only), an EOS appended to decoder inputs
+(``eos`` pooling reads it), and a ``pool_mask`` that leaves out padding and, for queries, the
+instruction prefix (``skip_instruction``; found through the tokenizer's character offsets, so no
+token-boundary guessing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from harness import __version__
+from harness.config import ModelSettings
+from harness.models import (
+    Backbone,
+    apply_lora,
+    autocast_dtype,
+    enable_gradient_checkpointing,
+    load_backbone,
+    pick_device,
+)
+from harness.pooling import AttentionCapture, pool
+
+log = logging.getLogger(__name__)
+META_FILE = "embedder.json"
+ADAPTER_DIR = "adapter"
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    pool_mask: Tensor
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.position_ids, self.pool_mask)))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)  # type: ignore[return-value]
+
+
+@dataclass
+class Encoded:
+    """One tokenized text before padding."""
+
+    ids: list[int]
+    pooled: list[bool]
+
+
+class Embedder(nn.Module):
+    def __init__(self, backbone: Backbone, settings: ModelSettings, device: torch.device, *, name: str | None = None, revision: str = "base"):
+        super().__init__()
+        self.model = backbone.model
+        self.tokenizer = backbone.tokenizer
+        self.is_causal = backbone.is_causal
+        self.settings = settings
+        self.device = device
+        self.name = name or f"{Path(settings.name.replace('packaged:', '')).name}-{settings.pooling}"
+        self.revision = revision
+        self._autocast = autocast_dtype(settings, device)
+        self._capture = AttentionCapture(self.model) if settings.pooling == "ata" else None
+        self._eos_id = self.tokenizer.eos_token_id if self.is_causal else None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_settings(cls, settings: ModelSettings, device: torch.device | str | None = None, *, lora: bool = False, gradient_checkpointing: bool = False, name: str | None = None, revision: str = "base") -> Embedder:
+        """An embedder of the base model; with ``lora`` the LoRA adapters are added (trainable)."""
+        dev = torch.device(device) if device is not None else pick_device("auto")
+        backbone = load_backbone(settings, dev)
+        if lora and settings.lora.enabled:
+            model = apply_lora(backbone.model, settings.lora)
+            backbone = Backbone(model=model, tokenizer=backbone.tokenizer, is_causal=backbone.is_causal, path=backbone.path)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(backbone.model)
+        emb = cls(backbone, settings, dev, name=name, revision=revision)
+        if not lora:
+            emb.eval()
+        return emb
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], device: torch.device | str | None = None) -> Embedder:
+        """Reload a model saved by :meth:`save`: base model, LoRA adapter, pooling and template."""
+        path = Path(path)
+        meta_file = path / META_FILE
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{path}: not a saved harness model (no {META_FILE})")
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        settings = ModelSettings.model_validate(meta["settings"])
+        dev = torch.device(device) if device is not None else pick_device("auto")
+        backbone = load_backbone(settings, dev)
+        model = backbone.model
+        if (path / ADAPTER_DIR).is_dir():
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, path / ADAPTER_DIR).to(dev)
+        emb = cls(
+            Backbone(model=model, tokenizer=backbone.tokenizer, is_causal=backbone.is_causal, path=backbone.path),
+            settings,
+            dev,
+            name=meta.get("name"),
+            revision=meta.get("revision", "base"),
+        )
+        return emb.eval()
+
+    def save(self, path: str | os.PathLike[str], **extra: Any) -> Path:
+        """Write the adapter (if any) and ``embedder.json`` (everything needed to reload)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if hasattr(self.model, "peft_config"):
+            self.model.save_pretrained(path / ADAPTER_DIR)
+        meta = {
+            "name": self.name,
+            "revision": self.revision,
+            "settings": self.settings.model_dump(mode="json"),
+            "harness_version": __version__,
+            **extra,
+        }
+        (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        return path
+
+    # ------------------------------------------------------------------ inputs
+
+    def format_query(self, text: str, instruction: str | None) -> tuple[str, int]:
+        """The text fed to the model and the length of its instruction prefix in characters."""
+        if not instruction:
+            return text, 0
+        prefix = self.settings.query_template.split("{query}")[0].format(instruction=instruction)
+        return prefix + text, len(prefix)
+
+    def tokenize_one(self, text: str, instruction: str | None, max_length: int) -> Encoded:
+        full, prefix_chars = self.format_query(text, instruction)
+        budget = max_length - (1 if self._eos_id is not None else 0)
+        enc = self.tokenizer(full, truncation=True, max_length=budget, return_offsets_mapping=True, add_special_tokens=True)
+        ids = list(enc["input_ids"])
+        skip = self.settings.skip_instruction and prefix_chars > 0
+        # a token is the query's if it covers any query character ("ĠA" starts on the prefix's space)
+        pooled = [not (skip and end <= prefix_chars) for _, end in enc["offset_mapping"]]
+        if self._eos_id is not None and (not ids or ids[-1] != self._eos_id):
+            ids.append(self._eos_id)
+            pooled.append(True)
+        if not any(pooled):  # a query truncated inside its instruction: pool what there is
+            pooled = [True] * len(ids)
+        return Encoded(ids, pooled)
+
+    def collate(self, items: Sequence[Encoded]) -> Batch:
+        """Pad to the longest item on the configured side; positions count real tokens only."""
+        length = max(len(it.ids) for it in items)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), length), dtype=torch.long)
+        pmask = torch.zeros((len(items), length), dtype=torch.bool)
+        left = self.settings.padding_side == "left"
+        for row, it in enumerate(items):
+            n = len(it.ids)
+            sl = slice(length - n, length) if left else slice(0, n)
+            ids[row, sl] = torch.tensor(it.ids)
+            mask[row, sl] = 1
+            pmask[row, sl] = torch.tensor(it.pooled)
+        positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+        return Batch(ids, mask, positions, pmask)
+
+    def tokenize(self, texts: Sequence[str], instruction: str | None | Sequence[str | None] = None, *, max_length: int | None = None) -> Batch:
+        instructions = [instruction] * len(texts) if instruction is None or isinstance(instruction, str) else list(instruction)
+        if max_length is None:
+            max_length = self.settings.max_query_length if any(instructions) else self.settings.max_doc_length
+        return self.collate([self.tokenize_one(t, i, max_length) for t, i in zip(texts, instructions)])
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, batch: Batch) -> Tensor:
+        """Embeddings (B, D) in float32, not normalized."""
+        batch = batch.to(self.device)
+        amp = torch.autocast(self.device.type, dtype=self._autocast) if self._autocast else nullcontext()
+        cap = self._capture.capture(batch.attention_mask) if self._capture else nullcontext()
+        with amp, cap:
+            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        received = self._capture.received if self._capture else None
+        return pool(hidden.float(), batch.attention_mask, batch.pool_mask, self.settings.pooling, received)
+
+    def ata_weights(self, batch: Batch) -> Tensor:
+        """The normalized ATA weights of a batch (for analysis and tests)."""
+        from harness.pooling import ata_weights
+
+        if self._capture is None:
+            raise ValueError("ata_weights needs an embedder with ata pooling")
+        with torch.inference_mode():
+            self.forward(batch)
+        assert self._capture.received is not None
+        return ata_weights(self._capture.received, batch.pool_mask.to(self.device))
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], *, instruction: str | None = None, batch_size: int = 32, max_length: int | None = None, show_progress: bool = False) -> Tensor:
+        """Embed ``texts`` (length-sorted batches to cut padding); (N, D) float32 on the CPU."""
+        if not len(texts):
+            return torch.empty((0, self.dimension))
+        if max_length is None:
+            max_length = self.settings.max_query_length if instruction else self.settings.max_doc_length
+        items = [self.tokenize_one(t, instruction, max_length) for t in texts]
+        order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
+        out: Tensor | None = None
+        was_training = self.training
+        self.eval()
+        batches = range(0, len(order), batch_size)
+        if show_progress:
+            from rich.progress import track
+
+            batches = track(batches, description=f"encoding {len(texts)} texts", transient=True)
+        for start in batches:
+            idx = order[start : start + batch_size]
+            emb = self.forward(self.collate([items[i] for i in idx])).cpu()
+            if out is None:
+                out = torch.empty((len(texts), emb.shape[1]), dtype=torch.float32)
+            out[idx] = emb
+        self.train(was_training)
+        assert out is not None
+        return out
+
+    @property
+    def dimension(self) -> int:
+        cfg = self.model.config if hasattr(self.model, "config") else self.model.get_base_model().config
+        return int(cfg.hidden_size)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]

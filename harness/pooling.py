@@ -1,0 +1,197 @@
+"""Poolings: ``eos`` (last real token), ``mean`` (over pooled tokens), ``ata`` (anchor-token-aware).
+
+ATA (Negative Matters, ACL 2025) weights each last-layer hidden state by the attention that token
+*receives* in the last layer ("attention weights arranged along the key dimension"). The paper gives
+no closed formula in what we could read, so the choices made here are explicit:
+
+    received[b, j] = sum_h  sum_{i real, i may attend to j}  softmax_j(q_i . k_j * scale)[b, h, i, j]
+    weight[b, j]   = received[b, j] * pooled[b, j] / sum_j' received[b, j'] * pooled[b, j']
+
+- heads are summed (a mean gives the same normalized weights);
+- the query rows i are the real (non-padding) tokens, all of them, instruction included: the
+  instruction is context every token reads, only its *own* hidden states are left out of the pool
+  when ``skip_instruction`` is on (``pooled`` mask);
+- for causal models i ranges over i >= j (what the model actually attends), for encoders over all i;
+- gradients flow through the weights (LoRA on q/k can learn where to look); the attention rows are
+  recomputed in chunks under activation checkpointing, so the extra memory is one chunk of
+  ``B x H x chunk x L`` instead of the full map, and no other layer changes implementation.
+
+How the probabilities are obtained: the last attention module gets its own copy of the model config
+whose ``_attn_implementation`` is a registered wrapper. The wrapper runs the model's real attention
+kernel (sdpa / flash / eager) unchanged and, while an :class:`AttentionCapture` is active, also
+computes the received attention from the same post-rotary query and key tensors. Every other layer
+keeps its fused kernel and nothing materializes attention maps of the whole model.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+POOLINGS = ("eos", "mean", "ata")
+_WRAPPER = "harness_ata"
+_QUERY_CHUNK = 256
+
+
+def pool(
+    hidden: Tensor,
+    attention_mask: Tensor,
+    pool_mask: Tensor,
+    method: str,
+    received: Tensor | None = None,
+) -> Tensor:
+    """Pool ``hidden`` (B, L, D) into (B, D).
+
+    ``attention_mask`` marks real tokens; ``pool_mask`` the real tokens that may be pooled (the
+    instruction excluded); ``received`` (B, L) is the attention each token receives (``ata`` only).
+    """
+    if method == "eos":
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+    if method == "mean":
+        weights = pool_mask.to(hidden.dtype)
+    elif method == "ata":
+        if received is None:
+            raise ValueError("ata pooling needs the received attention of the last layer")
+        weights = received.to(hidden.dtype) * pool_mask.to(hidden.dtype)
+    else:
+        raise ValueError(f"unknown pooling {method!r}; expected one of {POOLINGS}")
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+    return torch.einsum("bl,bld->bd", weights, hidden)
+
+
+def ata_weights(received: Tensor, pool_mask: Tensor) -> Tensor:
+    """Normalized ATA weights (B, L): non-negative, zero off ``pool_mask``, summing to 1."""
+    w = received.float() * pool_mask.float()
+    return w / w.sum(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index of the last real token of each row, for left or right padding."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.bool() * (positions + 1)).argmax(dim=1)
+
+
+def received_attention(
+    query: Tensor, key: Tensor, scaling: float, token_mask: Tensor, causal: bool, chunk: int = _QUERY_CHUNK
+) -> Tensor:
+    """Attention each key position receives: (B, L), summed over heads and real query rows.
+
+    ``query`` (B, H, L, d) and ``key`` (B, H_kv, L, d) are the layer's post-rotary projections.
+    """
+    b, h, length, _ = query.shape
+    if key.shape[1] != h:  # grouped-query attention: share each kv head across its query heads
+        key = key.repeat_interleave(h // key.shape[1], dim=1)
+    real = token_mask.bool()
+    key_ok = real[:, None, None, :]  # (B,1,1,L)
+    positions = torch.arange(length, device=query.device)
+
+    def rows(q: Tensor, start: int) -> Tensor:
+        scores = torch.matmul(q.float(), key.float().transpose(-1, -2)) * scaling  # (B,H,c,L)
+        allowed = key_ok
+        if causal:
+            qpos = positions[: q.shape[2]] + start
+            allowed = allowed & (positions[None, :] <= qpos[:, None])[None, None]
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = scores.softmax(dim=-1)
+        q_real = real[:, start : start + q.shape[2]].float()  # padding query rows give nothing
+        return torch.einsum("bhcl,bc->bl", probs, q_real)
+
+    total = query.new_zeros((b, length), dtype=torch.float32)
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+    for s in range(0, length, chunk):
+        q = query[:, :, s : s + chunk]
+        total = total + (checkpoint(rows, q, s, use_reentrant=False) if grad else rows(q, s))
+    return total
+
+
+class AttentionCapture:
+    """Collects the last layer's received attention during a forward pass (see module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        self.module = _last_attention_module(model)
+        self.token_mask: Tensor | None = None
+        self.received: Tensor | None = None
+        base = getattr(self.module.config, "_attn_implementation", None) or "sdpa"
+        if base == _WRAPPER:  # already installed (e.g. a second capture on the same model)
+            base = self.module._harness_ata_base
+        self.module._harness_ata_base = base
+        self.module._harness_ata_capture = self
+        config = copy.copy(self.module.config)
+        config._attn_implementation = _WRAPPER
+        self.module.config = config
+        _register_wrapper()
+
+    @contextmanager
+    def capture(self, token_mask: Tensor) -> Iterator[AttentionCapture]:
+        self.token_mask, self.received = token_mask, None
+        try:
+            yield self
+        finally:
+            self.token_mask = None
+
+    def _on_attention(self, module: nn.Module, query: Tensor, key: Tensor, scaling: float) -> None:
+        if self.token_mask is None:
+            return
+        self.received = received_attention(query, key, scaling, self.token_mask, bool(getattr(module, "is_causal", True)))
+
+
+def _last_attention_module(model: nn.Module) -> nn.Module:
+    """The self-attention module of the last layer (anything with q/k projections and a config)."""
+    found = [
+        m
+        for m in model.modules()
+        if hasattr(m, "config") and hasattr(m, "is_causal") and _has_qk(m)
+    ]
+    if not found:
+        raise ValueError(
+            f"ata pooling: no attention module using transformers' attention interface found in "
+            f"{type(model).__name__}; use eos or mean pooling for this architecture"
+        )
+    return found[-1]
+
+
+def _has_qk(m: nn.Module) -> bool:
+    return (hasattr(m, "q_proj") and hasattr(m, "k_proj")) or (hasattr(m, "query") and hasattr(m, "key"))
+
+
+def _ata_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any, **kwargs: Any):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    base_name = module._harness_ata_base
+    base: Callable[..., Any] = (
+        ALL_ATTENTION_FUNCTIONS[base_name] if base_name in ALL_ATTENTION_FUNCTIONS else _eager_of(module)
+    )
+    out = base(module, query, key, value, attention_mask, **kwargs)
+    scaling = kwargs.get("scaling")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    module._harness_ata_capture._on_attention(module, query, key, scaling)
+    return out
+
+
+def _eager_of(module: nn.Module) -> Callable[..., Any]:
+    import sys
+
+    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if fn is None:
+        raise ValueError(f"ata pooling: no eager attention for {type(module).__name__}")
+    return fn
+
+
+_registered = False
+
+
+def _register_wrapper() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_WRAPPER, _ata_attention)
+    _registered = True

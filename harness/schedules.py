@@ -1,0 +1,159 @@
+"""Negative schedules: which difficulty level of hard negative each training example uses, and when.
+
+A schedule turns (corpus rows, strategy, steps, batch size, seed) into the exact ordered stream of
+training examples; the same inputs always give the same stream.
+
+- ``curriculum``: levels 4, 3, 2, 1 (easy to hard) in four equal phases of the training steps;
+- ``reverse``: levels 1, 2, 3, 4 (hard to easy);
+- ``random``: a random level per example;
+- ``level-K``: level K throughout;
+- ``all``: all four negatives for every example.
+
+Level 1 is the hardest negative (closest to the query). A row that lacks the scheduled level (e.g.
+retrieval data with one negative in ``neg_1``) uses its nearest available level, so such rows keep
+their own negative. With ``negatives_per_query`` k > 1 the k available levels nearest to the
+scheduled one are used (ties go to the easier level).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from synth.corpus import LEVELS, NEG_COLUMNS
+
+PHASED = {"curriculum": (4, 3, 2, 1), "reverse": (1, 2, 3, 4)}
+
+
+@dataclass(frozen=True)
+class Example:
+    instruction: str
+    query: str
+    positive: str
+    negatives: tuple[str, ...]
+    levels: tuple[int, ...]  # the level of each negative
+    row_id: str
+
+
+@dataclass(frozen=True)
+class Phase:
+    start: int  # first step (0-based, inclusive)
+    end: int  # last step + 1
+    level: int | str  # a level, or "random" / "all"
+
+
+@dataclass
+class Schedule:
+    strategy: str
+    batches: list[list[Example]]
+    phases: list[Phase] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[Example]]:
+        return iter(self.batches)
+
+    def level_order(self) -> list[int | str]:
+        """The phase levels in the order training used them (logged with every trial)."""
+        return [p.level for p in self.phases]
+
+    def step_level(self, step: int) -> int | str:
+        for p in self.phases:
+            if p.start <= step < p.end:
+                return p.level
+        raise IndexError(step)
+
+    def used_levels(self) -> list[tuple[int, ...]]:
+        """Levels actually drawn per step (after fallbacks), for tests and audits."""
+        return [tuple(lv for ex in batch for lv in ex.levels) for batch in self.batches]
+
+
+def phase_level(strategy: str, step: int, steps: int) -> int | str:
+    """The scheduled level at ``step`` (0-based) of ``steps``."""
+    if strategy in PHASED:
+        return PHASED[strategy][min(3, step * 4 // steps)]
+    if strategy.startswith("level-"):
+        return int(strategy.split("-", 1)[1])
+    if strategy in ("random", "all"):
+        return strategy
+    raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def phases(strategy: str, steps: int) -> list[Phase]:
+    out: list[Phase] = []
+    for step in range(steps):
+        level = phase_level(strategy, step, steps)
+        if out and out[-1].level == level:
+            out[-1] = Phase(out[-1].start, step + 1, level)
+        else:
+            out.append(Phase(step, step + 1, level))
+    return out
+
+
+def nearest_levels(target: int, available: Sequence[int], k: int) -> tuple[int, ...]:
+    """The ``k`` available levels closest to ``target`` (ties: the easier, higher level first)."""
+    return tuple(sorted(available, key=lambda lv: (abs(lv - target), -lv))[:k])
+
+
+def build_schedule(
+    frame: pl.DataFrame,
+    strategy: str,
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    negatives_per_query: int = 1,
+) -> Schedule:
+    """The exact training stream. Rows are drawn epoch by epoch from a seeded permutation."""
+    if frame.height < batch_size:
+        raise ValueError(f"the corpus has {frame.height} training rows, fewer than batch_size={batch_size}")
+    rng = random.Random(seed)
+    rows = frame.select("id", "instruction", "query", "positive", *NEG_COLUMNS).rows()
+    plan = phases(strategy, steps)
+    k = len(LEVELS) if strategy == "all" else negatives_per_query
+
+    order: list[int] = []
+    batches: list[list[Example]] = []
+    for step in range(steps):
+        if len(order) < batch_size:  # new epoch: reshuffle (leftovers go first)
+            perm = list(range(len(rows)))
+            rng.shuffle(perm)
+            leftover = set(order)
+            order = order + [i for i in perm if i not in leftover]
+        idx, order = order[:batch_size], order[batch_size:]
+        level = phase_level(strategy, step, steps)
+        batch = []
+        for i in idx:
+            row_id, instruction, query, positive, *negs = rows[i]
+            available = [lv for lv, text in zip(LEVELS, negs) if text is not None]
+            target = rng.randint(1, 4) if level == "random" else (1 if level == "all" else level)
+            chosen = nearest_levels(target, available, k) if k else ()
+            if level == "all":
+                chosen = tuple(available)
+            batch.append(
+                Example(
+                    instruction=instruction,
+                    query=query,
+                    positive=positive,
+                    negatives=tuple(negs[lv - 1] for lv in chosen),
+                    levels=chosen,
+                    row_id=row_id,
+                )
+            )
+        batches.append(batch)
+    return Schedule(strategy=strategy, batches=batches, phases=plan)
+
+
+def split_heldout(frame: pl.DataFrame, size: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Deterministic held-out slice, the same for every trial on a corpus: the ``size`` rows with the
+    smallest ids (ids are content hashes, so this is a fixed pseudo-random sample)."""
+    if size <= 0:
+        return frame, frame.clear()
+    if size >= frame.height:
+        raise ValueError(f"heldout_size={size} leaves no training rows (corpus has {frame.height})")
+    ordered = frame.sort("id")
+    return ordered.slice(size), ordered.head(size)

@@ -1,0 +1,221 @@
+"""The training loop of one trial: LoRA + InfoNCE over a negative schedule, then the held-out metric.
+
+No Ray, no MLflow here: metrics go to ``on_metrics(step, metrics)``; the caller decides where they
+end up (a single MLflow run for ``harness train``, the Ray driver for a sweep).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.config import Experiment
+from harness.embedder import Embedder, Encoded
+from harness.heldout import heldout_metrics
+from harness.loss import duplicate_mask, info_nce
+from harness.models import pick_device
+from harness.schedules import Example, Schedule, build_schedule, split_heldout
+from synth.corpus import Corpus
+
+log = logging.getLogger(__name__)
+MetricsCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    heldout: dict[str, float]
+    steps: int
+    seconds: float
+    level_order: list[int | str]
+    heldout_before: dict[str, float] = field(default_factory=dict)
+    final_loss: float = math.nan
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    """Linear warm-up, then linear decay to zero."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+class _RngState:
+    """CPU/CUDA RNG state, so GradCache's second pass sees the same dropout masks as the first."""
+
+    def __init__(self, device: torch.device):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.device = device
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+class StepRunner:
+    """One optimization step's forward/backward, plain or GradCache-chunked."""
+
+    def __init__(self, embedder: Embedder, temperature: float, chunk: int | None):
+        self.embedder = embedder
+        self.temperature = temperature
+        self.chunk = chunk
+
+    def tokenize(self, batch: Sequence[Example]) -> tuple[list[Encoded], list[Encoded], list[str]]:
+        s = self.embedder.settings
+        queries = [self.embedder.tokenize_one(ex.query, ex.instruction or None, s.max_query_length) for ex in batch]
+        doc_texts = [ex.positive for ex in batch] + [n for ex in batch for n in ex.negatives]
+        docs = [self.embedder.tokenize_one(t, None, s.max_doc_length) for t in doc_texts]
+        return queries, docs, doc_texts
+
+    def __call__(self, batch: Sequence[Example]) -> float:
+        queries, docs, doc_texts = self.tokenize(batch)
+        exclude = duplicate_mask([ex.positive for ex in batch], doc_texts)
+        if self.chunk is None or self.chunk >= len(queries) + len(docs):
+            q = self.embedder(self.embedder.collate(queries))
+            d = self.embedder(self.embedder.collate(docs))
+            loss = info_nce(q, d, self.temperature, exclude)
+            loss.backward()
+            return float(loss)
+        return self._grad_cache(queries, docs, exclude)
+
+    def _grad_cache(self, queries: list[Encoded], docs: list[Encoded], exclude: torch.Tensor) -> float:
+        """GradCache (Gao et al. 2021): embed without graph, take the loss gradient w.r.t. the
+        embeddings, then re-embed chunk by chunk with the graph and back-propagate those gradients.
+        Same gradients as the full batch, memory of one chunk."""
+        chunks = [queries[i : i + self.chunk] for i in range(0, len(queries), self.chunk)]
+        n_q = len(chunks)
+        chunks += [docs[i : i + self.chunk] for i in range(0, len(docs), self.chunk)]
+        states, reps = [], []
+        with torch.no_grad():
+            for items in chunks:
+                states.append(_RngState(self.embedder.device))
+                reps.append(self.embedder(self.embedder.collate(items)))
+        reps = [r.detach().requires_grad_() for r in reps]
+        loss = info_nce(torch.cat(reps[:n_q]), torch.cat(reps[n_q:]), self.temperature, exclude)
+        loss.backward()
+        for items, state, rep in zip(chunks, states, reps):
+            state.restore()
+            out = self.embedder(self.embedder.collate(items))
+            out.backward(rep.grad)
+        return float(loss)
+
+
+def train_one(
+    exp: Experiment,
+    corpus: Corpus,
+    *,
+    output_dir: Path,
+    on_metrics: MetricsCallback | None = None,
+    progress: bool = True,
+    name: str | None = None,
+    revision: str = "base",
+) -> TrainResult:
+    """Train one configuration on ``corpus``; save the model under ``output_dir/model``."""
+    t = exp.train
+    seed_everything(t.seed)
+    device = pick_device(t.device)
+    train_frame, heldout = split_heldout(corpus.frame, t.heldout_size)
+    schedule = build_schedule(
+        train_frame, t.strategy, steps=t.steps, batch_size=t.batch_size, seed=t.seed, negatives_per_query=t.negatives_per_query
+    )
+    embedder = Embedder.from_settings(
+        exp.model, device, lora=True, gradient_checkpointing=t.gradient_checkpointing, name=name, revision=revision
+    )
+    before: dict[str, float] = {}
+    if t.heldout_before and heldout.height:
+        before = {k.replace("heldout/", "heldout_base/"): v for k, v in heldout_metrics(embedder, heldout, batch_size=t.batch_size).items()}
+        if on_metrics:
+            on_metrics(0, before)
+    started = time.perf_counter()
+    final_loss = _optimize(embedder, schedule, exp, on_metrics, progress)
+    seconds = time.perf_counter() - started
+    embedder.eval()
+    after = heldout_metrics(embedder, heldout, batch_size=t.batch_size) if heldout.height else {}
+    if on_metrics and after:
+        on_metrics(t.steps, after)
+    model_dir = embedder.save(
+        Path(output_dir) / "model",
+        corpus_sha256=corpus.sha256,
+        level_order=schedule.level_order(),
+        steps=t.steps,
+    )
+    return TrainResult(
+        model_dir=model_dir,
+        heldout=after,
+        steps=t.steps,
+        seconds=seconds,
+        level_order=schedule.level_order(),
+        heldout_before=before,
+        final_loss=final_loss,
+    )
+
+
+def _optimize(embedder: Embedder, schedule: Schedule, exp: Experiment, on_metrics: MetricsCallback | None, progress: bool) -> float:
+    t = exp.train
+    params = embedder.trainable_parameters()
+    if not params:
+        raise ValueError("nothing to train: no trainable parameters (check model.lora)")
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(min(t.warmup_steps, t.steps - 1), t.steps))
+    runner = StepRunner(embedder, t.temperature, t.grad_cache_chunk)
+    embedder.train()
+    bar = _progress_bar() if progress else None
+    loss = math.nan
+    with bar or nullcontext():
+        task = bar.add_task("training", total=len(schedule), loss=math.nan, rate=0.0) if bar else None
+        for step, batch in enumerate(schedule, start=1):
+            tick = time.perf_counter()
+            loss = runner(batch)
+            if t.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training diverged at step {step}: loss {loss} (lower train.lr or raise train.temperature)")
+            rate = len(batch) / (time.perf_counter() - tick)
+            if bar is not None:
+                bar.update(task, advance=1, loss=loss, rate=rate)
+            if on_metrics and (step % t.log_every == 0 or step == len(schedule)):
+                level = schedule.step_level(step - 1)
+                metrics = {"train/loss": loss, "train/lr": lr, "train/examples_per_s": rate}
+                if isinstance(level, int):
+                    metrics["train/level"] = float(level)
+                on_metrics(step, metrics)
+    return loss
+
+
+def _progress_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[rate]:.1f} ex/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )

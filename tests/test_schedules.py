@@ -1,0 +1,136 @@
+"""Negative schedules: the level sequence of every strategy, determinism, fallbacks; InfoNCE."""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+import pytest
+import torch
+
+from harness.loss import duplicate_mask, info_nce
+from harness.schedules import build_schedule, nearest_levels, phase_level, split_heldout
+from synth.corpus import RowBuilder
+
+
+def _frame(n: int = 40, levels: tuple[int, ...] = (1, 2, 3, 4)) -> pl.DataFrame:
+    b = RowBuilder()
+    for i in range(n):
+        b.add(
+            source="test",
+            task_kind="asymmetric",
+            subtask="short-long",
+            instruction="find it",
+            query=f"q{i}",
+            positive=f"p{i}",
+            negatives=[f"n{i}-{lv}" if lv in levels else None for lv in (1, 2, 3, 4)],
+        )
+    return b.frame()
+
+
+def _levels_per_step(schedule) -> list[set[int]]:
+    return [set(levels) for levels in schedule.used_levels()]
+
+
+def test_curriculum_goes_easy_to_hard_in_equal_phases():
+    s = build_schedule(_frame(), "curriculum", steps=8, batch_size=4, seed=0)
+    assert _levels_per_step(s) == [{4}, {4}, {3}, {3}, {2}, {2}, {1}, {1}]
+    assert s.level_order() == [4, 3, 2, 1]
+    assert [(p.start, p.end) for p in s.phases] == [(0, 2), (2, 4), (4, 6), (6, 8)]
+
+
+def test_reverse_goes_hard_to_easy():
+    s = build_schedule(_frame(), "reverse", steps=8, batch_size=4, seed=0)
+    assert _levels_per_step(s) == [{1}, {1}, {2}, {2}, {3}, {3}, {4}, {4}]
+
+
+@pytest.mark.parametrize("level", [1, 2, 3, 4])
+def test_single_level(level):
+    s = build_schedule(_frame(), f"level-{level}", steps=5, batch_size=4, seed=0)
+    assert _levels_per_step(s) == [{level}] * 5
+    assert all(ex.negatives == (f"{ex.positive.replace('p', 'n')}-{level}",) for b in s for ex in b)
+
+
+def test_all_uses_four_negatives_per_example():
+    s = build_schedule(_frame(), "all", steps=3, batch_size=4, seed=0)
+    assert all(ex.levels == (1, 2, 3, 4) for b in s for ex in b)
+
+
+def test_random_draws_every_level_and_is_seeded():
+    s = build_schedule(_frame(), "random", steps=20, batch_size=8, seed=1)
+    drawn = [lv for levels in s.used_levels() for lv in levels]
+    assert set(drawn) == {1, 2, 3, 4}
+    counts = [drawn.count(lv) for lv in (1, 2, 3, 4)]
+    assert min(counts) > len(drawn) / 8  # roughly uniform
+    again = build_schedule(_frame(), "random", steps=20, batch_size=8, seed=1)
+    assert again.batches == s.batches
+    other = build_schedule(_frame(), "random", steps=20, batch_size=8, seed=2)
+    assert other.batches != s.batches
+
+
+def test_curriculum_phases_with_uneven_steps():
+    steps = 10
+    assert [phase_level("curriculum", i, steps) for i in range(steps)] == [4, 4, 4, 3, 3, 2, 2, 2, 1, 1]
+
+
+def test_same_inputs_same_stream_and_epochs_cover_rows():
+    a = build_schedule(_frame(12), "curriculum", steps=6, batch_size=4, seed=3)
+    b = build_schedule(_frame(12), "curriculum", steps=6, batch_size=4, seed=3)
+    assert a.batches == b.batches
+    ids = [ex.row_id for batch in a.batches[:3] for ex in batch]
+    assert len(set(ids)) == 12, "one epoch visits every row once"
+    for batch in a.batches:
+        assert len({ex.row_id for ex in batch}) == len(batch), "no row twice in a batch"
+
+
+def test_rows_without_the_scheduled_level_keep_their_own_negative():
+    retrieval = _frame(8, levels=(1,))  # a retrieval data set with one negative
+    s = build_schedule(retrieval, "curriculum", steps=4, batch_size=4, seed=0)
+    assert _levels_per_step(s) == [{1}] * 4
+    no_negs = _frame(8, levels=())
+    s = build_schedule(no_negs, "level-2", steps=2, batch_size=4, seed=0)
+    assert all(ex.negatives == () for b in s for ex in b)
+
+
+def test_extra_negatives_come_from_the_nearest_levels():
+    assert nearest_levels(4, [1, 2, 3, 4], 2) == (4, 3)
+    assert nearest_levels(2, [1, 2, 3, 4], 3) == (2, 3, 1)
+    s = build_schedule(_frame(), "curriculum", steps=4, batch_size=4, seed=0, negatives_per_query=2)
+    assert s.used_levels()[0][:2] == (4, 3)
+    assert s.used_levels()[-1][:2] == (1, 2)
+
+
+def test_heldout_is_fixed_and_disjoint():
+    f = _frame(30)
+    train, held = split_heldout(f, 5)
+    assert held.height == 5 and train.height == 25
+    assert not set(held["id"]) & set(train["id"])
+    assert split_heldout(f.sample(fraction=1.0, shuffle=True, seed=1), 5)[1]["id"].to_list() == held["id"].to_list()
+    with pytest.raises(ValueError, match="no training rows"):
+        split_heldout(f, 30)
+
+
+def test_too_small_corpus_is_a_clear_error():
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        build_schedule(_frame(3), "curriculum", steps=2, batch_size=4, seed=0)
+
+
+def test_info_nce_matches_a_hand_computation():
+    torch.manual_seed(0)
+    q, d = torch.randn(3, 5), torch.randn(6, 5)
+    t = 0.05
+    loss = info_nce(q, d, t)
+    qn, dn = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(d, dim=-1)
+    expected = 0.0
+    for i in range(3):
+        logits = [float(qn[i] @ dn[j]) / t for j in range(6)]
+        expected += -logits[i] + math.log(sum(math.exp(x) for x in logits))
+    assert abs(float(loss) - expected / 3) < 1e-4
+
+
+def test_identical_texts_are_not_negatives():
+    mask = duplicate_mask(["a", "b"], ["a", "b", "a", "c"])
+    assert mask.tolist() == [[False, False, True, False], [False, False, False, False]]
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    d = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])
+    assert info_nce(q, d, 0.1, mask) < info_nce(q, d, 0.1)
