@@ -1,0 +1,54 @@
+"""`harness eval MODEL_OR_RUN`: a saved model folder, or an MLflow run (real SQLite store)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.config import ModelSettings
+from harness.evaluation.command import ModelNotFoundError, eval_command
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    from harness.embedder import Embedder
+
+    embedder = Embedder.from_settings(ModelSettings(name="packaged:all-minilm-l6-v2", pooling="mean"), "cpu", name="test/saved-minilm")
+    return embedder.save(tmp_path_factory.mktemp("model") / "model")
+
+
+@pytest.fixture(scope="module")
+def biosses(tmp_path_factory, shared_data: Path) -> str:
+    """30 real BIOSSES pairs in a folder named BIOSSES (so mteb's task metadata applies)."""
+    folder = tmp_path_factory.mktemp("tasks") / "BIOSSES"
+    folder.mkdir()
+    lines = (shared_data / "BIOSSES" / "test.tsv").read_text(encoding="utf-8").splitlines()[:31]
+    (folder / "test.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(folder)
+
+
+def test_saved_model_folder(saved_model: Path, biosses: str, tmp_path: Path, capsys) -> None:
+    result = eval_command(str(saved_model), None, [biosses], output_dir=str(tmp_path), no_instructions=True)
+    assert result.result_dir.parts[-4:-2] == ("test__saved-minilm", "base")  # the saved model's own name
+    assert "| BIOSSES | STS | cosine_spearman |" in capsys.readouterr().out
+
+
+def test_mlflow_run_resolves_to_its_model_and_gets_the_scores(saved_model: Path, biosses: str, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("eval-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(exp_id).info.run_id
+    client.log_artifacts(run_id, str(saved_model), "model")  # as the sweep driver logs a trial's model
+    client.set_terminated(run_id)
+
+    result = eval_command(run_id, None, [biosses], output_dir=str(tmp_path / "eval"), tracking_uri=uri, no_instructions=True)
+    logged = client.get_run(run_id).data.metrics
+    assert logged["eval/BIOSSES"] == pytest.approx(result.metrics["eval/BIOSSES"])
+    assert {"eval/STS", "eval/avg"} <= logged.keys()
+    assert "mteb" in {f.path for f in client.list_artifacts(run_id)}
+
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        eval_command("0" * 32, None, [biosses], tracking_uri=uri)
