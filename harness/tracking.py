@@ -145,16 +145,19 @@ class Tracker:
 
     def start_trial(
         self,
-        parent_id: str,
+        parent_id: str | None,
         *,
         name: str,
         params: Mapping[str, Any],
         tags: Mapping[str, str],
+        role: str = "trial",
     ) -> str:
+        """A child run of ``parent_id``; with no parent, a stand-alone run (``harness train``)."""
+        nesting = {PARENT: parent_id} if parent_id else {}
         run = self.client.create_run(
             self.experiment_id,
             run_name=name,
-            tags={ROLE: "trial", PARENT: parent_id, DRIVER: _driver(), **tags},
+            tags={ROLE: role, **nesting, DRIVER: _driver(), **tags},
         )
         self._log(run.info.run_id, params=params)
         return run.info.run_id

@@ -1,0 +1,211 @@
+"""The ``harness`` command line: thin wrappers over the library functions.
+
+    harness sweep EXPERIMENT.yaml      run the grid as Ray Tune trials, tracked in MLflow
+    harness ui EXPERIMENT.yaml         the MLflow UI on 127.0.0.1
+    harness tables EXPERIMENT.yaml     ablation tables and plots from MLflow into results/<name>/
+    harness train EXPERIMENT.yaml      one configuration (the base settings or one grid cell), no Ray
+    harness eval MODEL_OR_RUN          mteb evaluation of a saved model or an MLflow run's model
+    harness check EXPERIMENT.yaml      validate a file and print the resolved trials
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Ablation harness for LLM text embeddings (Negative Matters): train, sweep, evaluate, tabulate.",
+)
+console = Console(stderr=True)
+
+ExperimentArg = Annotated[Path, typer.Argument(help="Experiment YAML file.", show_default=False)]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a field: --set train.lr=1e-4 (repeatable).", show_default=False),
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show library logs.")]
+
+
+def _quiet(verbose: bool) -> None:
+    """Logs are quiet by default: our own progress bars and summaries say what happens."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from harness.config import ConfigError
+    from harness.models import ModelLoadError
+    from synth.corpus import CorpusError
+    from synth.packaged import PackagedModelError
+
+    return (ConfigError, CorpusError, ModelLoadError, PackagedModelError, FileNotFoundError)
+
+
+@app.command()
+def sweep(
+    experiment: ExperimentArg,
+    set_: SetOpt = None,
+    address: Annotated[Optional[str], typer.Option(help="Join a Ray cluster (HOST:PORT); default: a local Ray instance.")] = None,
+    resume: Annotated[bool, typer.Option(help="Skip trials that already FINISHED in MLflow (same trial_key).")] = True,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run the experiment's grid (or search) as Ray Tune trials, tracked in MLflow."""
+    _quiet(verbose)
+    from harness.sweep import SweepError, run_sweep
+
+    try:
+        summary = run_sweep(experiment, set_ or [], address=address, resume=resume)
+    except (*_known_errors(), SweepError) as e:
+        _fail(str(e))
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command()
+def train(
+    experiment: ExperimentArg,
+    cell: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Pick one grid cell: --cell strategy=curriculum,pooling=ata (default: the file's base settings)."),
+    ] = None,
+    set_: SetOpt = None,
+    output: Annotated[Optional[Path], typer.Option(help="Output folder (default results/runs/<name>/<cell>).")] = None,
+    track: Annotated[bool, typer.Option(help="Log a run to MLflow.")] = True,
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Run the eval suite after training.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train one configuration without Ray: progress bar, held-out score, MLflow run, saved model."""
+    _quiet(verbose)
+    from harness.single import train_single
+
+    try:
+        result = train_single(experiment, set_ or [], cell or [], output=output, track=track, evaluate=evaluate, console=console)
+    except _known_errors() as e:
+        _fail(str(e))
+    console.print(f"saved model: [bold]{result.model_dir}[/]  (reload with harness.embedder.Embedder.load)")
+
+
+@app.command()
+def tables(
+    experiment: Annotated[Optional[Path], typer.Argument(help="Experiment YAML (grid order, rows, baseline, store).", show_default=False)] = None,
+    experiment_name: Annotated[Optional[str], typer.Option("--experiment", help="MLflow experiment name, when no file is at hand.")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (overrides the file's).")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Output folder (default results/<name>).")] = None,
+    log: Annotated[bool, typer.Option(help="Also log the tables and plots to the latest sweep run.")] = True,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Regenerate the ablation tables (Markdown, CSV, LaTeX), plots and long export from MLflow."""
+    _quiet(verbose)
+    from harness.config import load_experiment
+    from harness.tables import TablesError, write_tables
+
+    if experiment is None and experiment_name is None:
+        _fail("give an experiment file or --experiment NAME")
+    try:
+        exp = load_experiment(experiment, set_ or []) if experiment else None
+        result = write_tables(exp, experiment_name=experiment_name, tracking_uri=tracking_uri, output_dir=output, log_to_mlflow=log)
+    except (*_known_errors(), TablesError) as e:
+        _fail(str(e))
+    for f in result.files:
+        typer.echo(str(f))
+
+
+@app.command()
+def ui(
+    target: Annotated[str, typer.Argument(help="Experiment YAML file or an MLflow tracking URI.")] = "sqlite:///results/mlflow.db",
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+    host: Annotated[str, typer.Option(help="Bind address (loopback unless you mean it).")] = "127.0.0.1",
+    verbose: VerboseOpt = False,
+) -> None:
+    """Start the MLflow UI for the experiment's store and print its URL (Ctrl-C stops it)."""
+    _quiet(verbose)
+    from harness.tracking import serve_ui
+
+    try:
+        serve_ui(target, port=port, host=host)
+    except _known_errors() as e:
+        _fail(str(e))
+
+
+@app.command("eval")
+def eval_(
+    model_or_run: Annotated[str, typer.Argument(help="A folder saved by `harness train`, an MLflow run id, or a base model (Hub id, folder, packaged:...).")],
+    suite: Annotated[Optional[str], typer.Option(help="Named suite (see harness/data/suites.yaml), e.g. local-sts, mteb-en.")] = None,
+    task: Annotated[Optional[list[str]], typer.Option("--task", help="mteb task name or local folder (repeatable).")] = None,
+    data_dir: Annotated[Optional[str], typer.Option(help="Where ${NM_SHARED_DATA} points (default: $NM_SHARED_DATA or shared/data beside the checkout).")] = None,
+    output: Annotated[str, typer.Option(help="Folder for results and mteb's files.")] = "results/eval",
+    pooling: Annotated[str, typer.Option(help="Pooling for an untrained base model: eos, mean or ata.")] = "mean",
+    batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 32,
+    max_docs: Annotated[Optional[int], typer.Option(help="Cap local retrieval corpora (relevant docs always kept).")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store of the run (for a run id).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Recompute results mteb has cached.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Evaluate a model with mteb: per-task main scores, category means and the average."""
+    _quiet(verbose)
+    from harness.evaluation.command import ModelNotFoundError, eval_command
+
+    if pooling not in ("eos", "mean", "ata"):
+        _fail(f"--pooling {pooling!r}: expected eos, mean or ata")
+    if not suite and not task:
+        _fail("give --suite NAME or at least one --task")
+    try:
+        eval_command(
+            model_or_run, suite, task or [], data_dir=data_dir, output_dir=output, pooling=pooling,  # type: ignore[arg-type]
+            batch_size=batch_size, max_docs=max_docs, tracking_uri=tracking_uri, overwrite=overwrite,
+        )
+    except (*_known_errors(), ModelNotFoundError, ValueError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def check(experiment: ExperimentArg, set_: SetOpt = None) -> None:
+    """Validate an experiment file (nothing is loaded or run) and list its trials."""
+    from harness.config import apply_cell, cell_label, grid_cells, load_experiment
+
+    try:
+        exp = load_experiment(experiment, set_ or [])
+        cells = grid_cells(exp)
+        for c in cells:
+            apply_cell(exp, c)  # every cell must validate too
+    except _known_errors() as e:
+        _fail(str(e))
+    typer.echo(f"{experiment}: valid; experiment {exp.name!r}, {len(cells)} trial(s)")
+    for c in cells:
+        typer.echo(f"  {cell_label(c)}")
+
+
+def main() -> None:  # pragma: no cover - console entry point alias
+    app(prog_name="harness")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

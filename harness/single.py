@@ -1,0 +1,71 @@
+"""``harness train``: one configuration, no Ray, tracked as one stand-alone MLflow run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from harness.config import apply_cell, cell_label, load_experiment, parse_cell, trial_key, trial_params
+from harness.sweep import git_sha, load_corpus
+from harness.tracking import CELL, TRIAL_KEY, Tracker, describe_error
+from harness.train import TrainResult, train_one
+
+
+def train_single(
+    experiment: Path,
+    overrides: Sequence[str] = (),
+    cell_items: Sequence[str] = (),
+    *,
+    output: Path | None = None,
+    track: bool = True,
+    evaluate: bool = False,
+    console: Console | None = None,
+) -> TrainResult:
+    """Train the file's base settings (or one grid cell), score it, optionally evaluate it."""
+    console = console or Console(stderr=True)
+    base = load_experiment(experiment, overrides)
+    cell = parse_cell(cell_items, base)
+    if base.grid and not cell:
+        console.print(f"[dim]training the base settings; pick a grid cell with --cell (grid: {', '.join(base.grid)})[/]")
+    exp = apply_cell(base, cell)
+    label = cell_label(cell) if cell else "train"
+    corpus = load_corpus(exp, console)
+    key = trial_key(exp, corpus.sha256)
+    out = output or Path("results") / "runs" / exp.name / f"{label}-{key}"
+
+    tracker = run_id = None
+    if track:
+        tracker = Tracker(exp.tracking, exp.name)
+        tags = {TRIAL_KEY: key, "corpus_sha256": corpus.sha256, "git_sha": git_sha(), CELL: json.dumps(cell, sort_keys=True, default=str)}
+        run_id = tracker.start_trial(None, name=label, params=trial_params(exp), tags=tags, role="train")
+        tracker.log_text(run_id, yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False), "config.yaml")
+        console.print(f"MLflow run {run_id} in experiment {exp.name!r} ({tracker.uri})")
+
+    def on_metrics(step: int, metrics: dict[str, float]) -> None:
+        if tracker is not None:
+            tracker.log_metrics(run_id, metrics, step=step)
+
+    try:
+        result = train_one(exp, corpus, output_dir=out, on_metrics=on_metrics, progress=True, name=f"{exp.name}/{label}-{key}", revision=key)
+        console.print("held-out: " + ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in sorted(result.heldout.items())))
+        if evaluate and exp.eval.enabled:
+            from harness.embedder import Embedder
+            from harness.evaluation.run import evaluate_embedder
+
+            evaluated = evaluate_embedder(Embedder.load(result.model_dir), exp.eval, output_dir=out / "mteb", name=f"{exp.name}/{label}-{key}")
+            if tracker is not None:
+                tracker.log_metrics(run_id, evaluated.metrics, step=exp.train.steps)
+                tracker.log_artifacts(run_id, Path(evaluated.result_dir), "mteb")
+        if tracker is not None:
+            tracker.set_tags(run_id, {"model_dir": str(Path(result.model_dir).resolve()), "harness.level_order": ",".join(map(str, result.level_order))})
+            tracker.log_artifacts(run_id, Path(result.model_dir), "model")
+            tracker.finish_trial(run_id)
+    except BaseException as e:
+        if tracker is not None:
+            tracker.fail_trial(run_id, describe_error(e))
+        raise
+    return result
