@@ -1,0 +1,92 @@
+"""Experiment files: extends, overrides, validation errors that name file and field, grid cells."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.config import (
+    ConfigError,
+    apply_cell,
+    cell_label,
+    grid_cells,
+    load_experiment,
+    parse_cell,
+    trial_key,
+    trial_params,
+)
+
+
+def _write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return p
+
+
+def test_extends_merges_and_rebases_paths(tmp_path):
+    _write(tmp_path, "base/base.yaml", "name: base\ncorpus: {path: ../corpora/c}\ntrain: {lr: 2e-4, steps: 10}\nmodel: {lora: {r: 16}}\n")
+    exp_file = _write(tmp_path, "exp.yaml", "extends: base/base.yaml\nname: e\ntrain: {batch_size: 8}\nmodel: {lora: {alpha: 8}}\n")
+    exp = load_experiment(exp_file)
+    assert exp.name == "e"
+    assert (exp.train.lr, exp.train.steps, exp.train.batch_size) == (2e-4, 10, 8)
+    assert (exp.model.lora.r, exp.model.lora.alpha) == (16, 8)
+    assert exp.resolve_path(exp.corpus.path).resolve() == (tmp_path / "corpora" / "c").resolve()
+
+
+def test_overrides_and_yaml_floats(tmp_path):
+    f = _write(tmp_path, "e.yaml", "name: e\ncorpus: {path: c}\n")
+    exp = load_experiment(f, ["train.lr=1e-4", "pooling=mean", "grid.seed=[1, 2]"])
+    assert exp.train.lr == 1e-4 and exp.model.pooling == "mean"
+    assert exp.grid == {"train.seed": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    "text, fragments",
+    [
+        ("name: x\ncorpus: {path: c}\ntrain: {stratgy: curriculum}\n", ["train.stratgy", "unknown key"]),
+        ("name: x\ncorpus: {path: c}\ntrain: {lr: fast}\n", ["train.lr", "'fast'"]),
+        ("name: x\ncorpus: {path: c}\nmodel: {pooling: max}\n", ["model.pooling", "'max'"]),
+        ("name: x\ncorpus: {path: c}\ntrain: {strategy: level-5}\n", ["train.strategy"]),
+        ("name: x\n", ["corpus", "required"]),
+        ("name: x\ncorpus: {path: c}\ngrid: {poolng: [eos]}\n", ["grid", "poolng"]),
+        ("name: x\ncorpus: {path: c\n", ["broken YAML at line"]),
+        ("- a\n- b\n", ["top level must be a mapping"]),
+        ("extends: missing.yaml\nname: x\n", ["missing.yaml", "not found"]),
+    ],
+)
+def test_errors_name_the_file_and_the_field(tmp_path, text, fragments):
+    f = _write(tmp_path, "bad.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        load_experiment(f)
+    msg = str(e.value)
+    assert "bad.yaml" in msg or "missing.yaml" in msg
+    for fragment in fragments:
+        assert fragment in msg
+
+
+def test_extends_cycle_is_an_error(tmp_path):
+    _write(tmp_path, "a.yaml", "extends: b.yaml\nname: a\n")
+    _write(tmp_path, "b.yaml", "extends: a.yaml\nname: b\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_experiment(tmp_path / "a.yaml")
+
+
+def test_grid_cells_labels_and_trial_keys(tmp_path):
+    f = _write(tmp_path, "e.yaml", "name: e\ncorpus: {path: c}\ngrid: {strategy: [curriculum, reverse], pooling: [ata, mean], seed: [1, 2]}\n")
+    exp = load_experiment(f)
+    cells = grid_cells(exp)
+    assert len(cells) == 8
+    assert cell_label(cells[0]) == "curriculum-ata-s1"
+    trial = apply_cell(exp, cells[0])
+    assert (trial.train.strategy, trial.model.pooling, trial.train.seed) == ("curriculum", "ata", 1)
+    keys = {trial_key(apply_cell(exp, c), "sha") for c in cells}
+    assert len(keys) == 8, "every cell has its own key"
+    assert trial_key(trial, "sha") == trial_key(apply_cell(load_experiment(f), cells[0]), "sha"), "stable"
+    assert trial_key(trial, "sha") != trial_key(trial, "other-corpus")
+    params = trial_params(trial)
+    assert params["train.strategy"] == "curriculum" and params["model.lora.r"] == 16
+    assert parse_cell(["strategy=reverse,pooling=mean"], exp) == {"train.strategy": "reverse", "model.pooling": "mean"}
+    with pytest.raises(ConfigError, match="not in the grid"):
+        parse_cell(["strategy=random"], exp)

@@ -1,0 +1,121 @@
+"""The training loop on the real packaged SmolLM2: a few LoRA steps, save/load, GradCache, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+
+from harness.config import validate
+from harness.embedder import Embedder
+from harness.schedules import build_schedule
+from harness.train import StepRunner, train_one
+from synth.corpus import read_corpus
+
+TINY = {
+    "model": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "max_query_length": 24, "max_doc_length": 24, "dtype": "float32"},
+    "train": {"steps": 2, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "heldout_size": 8, "device": "cpu", "temperature": 0.05},
+}
+
+
+def _exp(corpus_dir: Path, **over):
+    data = {"name": "t", "corpus": {"path": str(corpus_dir)}, **json.loads(json.dumps(TINY))}
+    for section, values in over.items():
+        data.setdefault(section, {}).update(values)
+    return validate(data)
+
+
+def test_train_one_saves_a_model_that_reloads_identically(tiny_corpus_dir, tmp_path):
+    corpus = read_corpus(tiny_corpus_dir)
+    exp = _exp(tiny_corpus_dir, model={"pooling": "ata"}, train={"strategy": "curriculum"})
+    seen: list[tuple[int, dict]] = []
+    result = train_one(exp, corpus, output_dir=tmp_path, on_metrics=lambda s, m: seen.append((s, m)), progress=False, name="t/ata", revision="k1")
+    steps = [s for s, m in seen if "train/loss" in m]
+    assert steps == [1, 2]
+    assert all(m["train/loss"] > 0 and m["train/examples_per_s"] > 0 for s, m in seen if "train/loss" in m)
+    assert set(result.heldout) >= {"heldout/recall@1", "heldout/acc_level_1", "heldout/acc_all"}
+    assert result.level_order == [4, 3]  # 2 steps: the first two curriculum phases
+    meta = json.loads((result.model_dir / "embedder.json").read_text())
+    assert meta["settings"]["pooling"] == "ata" and meta["corpus_sha256"] == corpus.sha256
+    assert (result.model_dir / "adapter").is_dir()
+
+    reloaded = Embedder.load(result.model_dir, "cpu")
+    assert (reloaded.name, reloaded.revision) == ("t/ata", "k1")
+    base = Embedder.from_settings(exp.model, "cpu")
+    texts = ["A dog runs in the park.", "Two people are talking."]
+    a = reloaded.encode(texts, instruction="Retrieve similar text")
+    b = base.encode(texts, instruction="Retrieve similar text")
+    assert not torch.allclose(a, b), "the adapter changed nothing"
+    again = Embedder.load(result.model_dir, "cpu").encode(texts, instruction="Retrieve similar text")
+    assert torch.allclose(a, again, atol=1e-6)
+
+
+def test_grad_cache_gives_the_same_gradients(tiny_corpus_dir):
+    corpus = read_corpus(tiny_corpus_dir)
+    exp = _exp(tiny_corpus_dir, model={"pooling": "ata"})
+    batch = build_schedule(corpus.frame, "all", steps=1, batch_size=4, seed=0).batches[0]
+    torch.manual_seed(0)
+    emb = Embedder.from_settings(exp.model, "cpu", lora=True)
+    for p in emb.trainable_parameters():  # LoRA B starts at zero: make the gradients non-trivial
+        torch.nn.init.normal_(p, std=0.02)
+    emb.train()
+
+    def grads(chunk):
+        emb.zero_grad(set_to_none=True)
+        loss = StepRunner(emb, 0.05, chunk)(batch)
+        return loss, [p.grad.clone() for p in emb.trainable_parameters()]
+
+    loss_full, g_full = grads(None)
+    loss_chunked, g_chunked = grads(3)
+    assert abs(loss_full - loss_chunked) < 1e-5
+    for a, b in zip(g_full, g_chunked):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-3)
+
+
+def test_harness_train_cli_logs_an_mlflow_run(tiny_corpus_dir, tmp_path):
+    exp = {"name": "cli-train", "corpus": {"path": str(tiny_corpus_dir)}, **TINY, "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}
+    exp["train"] = {**exp["train"], "steps": 1}
+    exp["model"] = {**exp["model"], "pooling": "mean"}
+    exp["grid"] = {"strategy": ["curriculum", "level-2"]}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    out = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "train", str(path), "--cell", "strategy=level-2", "--output", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("cli-train").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "level-2"
+    assert run.data.params["train.strategy"] == "level-2"
+    assert {"trial_key", "corpus_sha256", "git_sha"} <= set(run.data.tags)
+    assert "train/loss" in run.data.metrics and "heldout/acc_all" in run.data.metrics
+    assert (tmp_path / "run" / "model" / "embedder.json").is_file()
+
+
+def test_bad_experiment_files_fail_before_any_model_loads(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ncorpus: {path: c}\nmodel: {pooling: max}\ntrain: {stratgy: curriculum}\n")
+    out = subprocess.run([sys.executable, "-m", "harness.cli", "train", str(bad)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert str(bad) in out.stderr and "model.pooling" in out.stderr and "train.stratgy" in out.stderr
+    assert "Traceback" not in out.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\ncorpus: {path: c\n")
+    out = subprocess.run([sys.executable, "-m", "harness.cli", "check", str(broken)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "broken YAML at line" in out.stderr
+
+
+@pytest.mark.parametrize("name", ["smoke", "pooling", "strategy", "main", "retrieval_only"])
+def test_shipped_experiment_files_validate(name):
+    from harness.config import apply_cell, grid_cells, load_experiment
+
+    exp = load_experiment(Path(__file__).parents[1] / "experiments" / f"{name}.yaml")
+    for cell in grid_cells(exp):
+        apply_cell(exp, cell)
