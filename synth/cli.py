@@ -104,7 +104,11 @@ def generate(
         from synth.generate import summary_lines
         from synth.synth_config import load_synth_config
 
-        result = run_generate(load_synth_config(config, output=out), progress=not quiet)
+        try:
+            result = run_generate(load_synth_config(config, output=out), progress=not quiet)
+        except KeyboardInterrupt:
+            err.print("interrupted: every finished answer is journaled; run the same command to resume")
+            raise typer.Exit(130) from None
         for line in summary_lines(result):
             Console().print(line, soft_wrap=True)
         if not result.complete:

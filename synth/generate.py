@@ -1,0 +1,456 @@
+"""``synth generate``: MGH synthesis (multi-granularity hard negatives) over an OpenAI-compatible API.
+
+Stage 1 brainstorms task descriptions for each subtask (asymmetric: short-long, long-short,
+short-short, long-long; symmetric: sts). Stage 2 asks, for tasks sampled from those with a seed,
+for one example each: a query, a positive and 4 negatives graded by similarity to the query
+(level 1 hard, levels 2-3 medium, level 4 easy: the paper's one hard, two medium, one easy).
+
+Everything a rerun needs is in the journal (``<output>/work/journal.jsonl``): every answer, stage 1
+included, is appended as it arrives under a key hashed from (stage, model, prompt version, subtask,
+task, sample index, seed). A rerun after a kill skips what is there, and the stage-2 plan depends
+only on the journaled stage-1 answers and the seed, so it ends with the same corpus. The corpus
+(``samples.parquet``, ``manifest.json``, ``rejects.jsonl``) is rebuilt from the journal at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from synth.answers import (
+    DUPLICATE_POSITIVE,
+    DUPLICATE_QUERY,
+    EXAMPLE_SCHEMA,
+    TASKS_SCHEMA,
+    Rejected,
+    parse_example,
+    parse_tasks,
+)
+from synth.corpus import SYNTH_SUBTASKS, Corpus, RowBuilder, write_corpus
+from synth.journal import Journal
+from synth.llm import ChatClient, EndpointError, Usage
+from synth.server import local_server
+from synth.synth_config import SynthConfig, SynthConfigError
+from synth.templates import PromptSet
+
+Stage = Literal["brainstorm", "generate"]
+JOURNAL_FILE = "journal.jsonl"
+REJECTS_FILE = "rejects.jsonl"
+
+
+@dataclass(frozen=True)
+class Request:
+    stage: Stage
+    subtask: str
+    index: int
+    task: str | None
+    prompt: str  # the template version
+    key: str
+    messages: list[dict[str, str]] = field(compare=False, hash=False)
+
+    @property
+    def seed(self) -> int:
+        """Per-request sampling seed for endpoints that honour one (derived from the key)."""
+        return int(self.key[:8], 16)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where requests go, resolved from the config, the environment or the local server."""
+
+    base_url: str | None
+    model: str
+    model_id: str  # what the request keys and the manifest name (a packaged name, not a cache path)
+    api_key: str
+    extra_body: dict[str, Any]
+
+
+@dataclass
+class RunState:
+    """What this invocation did; live counters for the progress bar and totals for the manifest."""
+
+    usage: Usage
+    rejects: Counter[str] = field(default_factory=Counter)
+    answered: int = 0
+    failed: int = 0
+    last_error: str | None = None
+    retries: int = 0
+    stopped: str | None = None
+    deadline: float | None = None  # time.monotonic() after which no new request starts
+
+
+def request_key(stage: Stage, model_id: str, prompt: str, subtask: str, task: str | None, index: int, seed: int) -> str:
+    payload = json.dumps([stage, model_id, prompt, subtask, task, index, seed], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+
+
+def subtasks_of(config: SynthConfig) -> list[str]:
+    return [s for s in SYNTH_SUBTASKS if config.tasks.examples.get(s, 0) > 0]
+
+
+def task_kind(subtask: str) -> str:
+    return "symmetric" if subtask == "sts" else "asymmetric"
+
+
+def brainstorm_plan(config: SynthConfig, prompts: PromptSet, model_id: str) -> list[Request]:
+    return [
+        Request(
+            stage="brainstorm", subtask=subtask, index=i, task=None, prompt=prompts.brainstorm,
+            key=request_key("brainstorm", model_id, prompts.brainstorm, subtask, None, i, config.tasks.seed),
+            messages=prompts.brainstorm_messages(subtask),
+        )
+        for subtask in subtasks_of(config)
+        for i in range(config.tasks.brainstorm_requests)
+    ]
+
+
+def task_pools(config: SynthConfig, stage1: list[Request], journal: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """Unique task descriptions per subtask: the given ones, then the brainstormed ones in plan
+    order (not arrival order, so the pool is the same whatever order answers came in)."""
+    pools: dict[str, list[str]] = {s: list(dict.fromkeys(config.tasks.given.get(s, []))) for s in subtasks_of(config)}
+    for request in stage1:
+        record = journal.get(request.key)
+        if record is None:
+            continue
+        try:
+            tasks = parse_tasks(record["content"], config.validation, truncated=record.get("finish_reason") == "length")
+        except Rejected:
+            continue
+        seen = {t.casefold() for t in pools[request.subtask]}
+        pools[request.subtask] += [t for t in tasks if t.casefold() not in seen and not seen.add(t.casefold())]
+    return pools
+
+
+def generate_plan(config: SynthConfig, prompts: PromptSet, model_id: str, pools: dict[str, list[str]]) -> list[Request]:
+    """Stage-2 requests: tasks drawn with replacement from each pool by a per-subtask seeded RNG,
+    interleaved across subtasks so a run stopped by its budget still covers every subtask."""
+    plan = []
+    for subtask, pool in pools.items():
+        if not pool:
+            continue
+        rng = random.Random(f"{config.tasks.seed}/{subtask}")
+        for i in range(config.tasks.examples[subtask]):
+            task = rng.choice(pool)
+            plan.append(Request(
+                stage="generate", subtask=subtask, index=i, task=task, prompt=prompts.generate,
+                key=request_key("generate", model_id, prompts.generate, subtask, task, i, config.tasks.seed),
+                messages=prompts.generate_messages(subtask, task),
+            ))
+    return sorted(plan, key=lambda r: (r.index, SYNTH_SUBTASKS.index(r.subtask)))
+
+
+def response_format(config: SynthConfig, stage: Stage) -> dict[str, Any] | None:
+    mode = config.endpoint.response_format
+    if mode == "json_schema":
+        return TASKS_SCHEMA if stage == "brainstorm" else EXAMPLE_SCHEMA
+    if mode == "json_object":
+        return {"type": "json_object"}
+    return None
+
+
+def check_answer(config: SynthConfig, stage: Stage, record: dict[str, Any]) -> Rejected | None:
+    truncated = record.get("finish_reason") == "length"
+    try:
+        if stage == "brainstorm":
+            parse_tasks(record["content"], config.validation, truncated=truncated)
+        else:
+            parse_example(record["content"], config.validation, truncated=truncated)
+    except Rejected as e:
+        return e
+    return None
+
+
+@contextmanager
+def open_endpoint(config: SynthConfig) -> Iterator[Endpoint]:
+    """The configured endpoint, or a local server started now and stopped when the block exits."""
+    sampling = config.sampling
+    if config.server is not None:
+        with local_server(config.server, log_dir=config.work_dir) as server:
+            yield Endpoint(
+                base_url=server.base_url, model=server.model, model_id=config.server.model,
+                api_key="local",  # transformers serve checks no key
+                extra_body={**server.sampling_body(sampling.temperature, sampling.top_p), **config.endpoint.extra_body},
+            )
+        return
+    model = config.endpoint.model
+    if not model:
+        raise SynthConfigError("endpoint.model is required unless `server` starts a local model")
+    api_key = os.environ.get(config.endpoint.api_key_env)
+    if not api_key:
+        raise SynthConfigError(
+            f"no API key: set the environment variable {config.endpoint.api_key_env} "
+            "(endpoint.api_key_env names it; the key is never read from the config file)"
+        )
+    yield Endpoint(
+        base_url=config.endpoint.base_url or os.environ.get("OPENAI_BASE_URL"),
+        model=model, model_id=model, api_key=api_key, extra_body=dict(config.endpoint.extra_body),
+    )
+
+
+class _Progress:
+    """One bar per stage with requests done/total, rejects, tokens, cost, token rate and ETA."""
+
+    def __init__(self, config: SynthConfig, state: RunState, enabled: bool, console: Console | None) -> None:
+        self._config, self._state = config, state
+        self._start_tokens = state.usage.total_tokens
+        self._t0 = time.monotonic()
+        self._bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("rejects {task.fields[rejects]}"), TextColumn("{task.fields[tokens]:,} tok"),
+            TextColumn("${task.fields[cost]:.4f}"), TextColumn("{task.fields[rate]:.1f} tok/s"),
+            TimeRemainingColumn(), console=console, disable=not enabled, transient=False,
+        )
+
+    def __enter__(self) -> _Progress:
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.__exit__(*exc)
+
+    def stage(self, name: str, total: int, done: int) -> Callable[[], None]:
+        task = self._bar.add_task(name, total=total, completed=done, **self._fields())
+
+        def advance() -> None:
+            self._bar.update(task, advance=1, **self._fields())
+
+        return advance
+
+    def _fields(self) -> dict[str, Any]:
+        usage = self._state.usage
+        elapsed = max(time.monotonic() - self._t0, 1e-6)
+        return dict(
+            rejects=sum(self._state.rejects.values()), tokens=usage.total_tokens,
+            cost=usage.cost(self._config.budget), rate=(usage.total_tokens - self._start_tokens) / elapsed,
+        )
+
+
+async def _run_requests(
+    requests: list[Request], config: SynthConfig, client: ChatClient, writer: Any,
+    state: RunState, advance: Callable[[], None],
+) -> None:
+    """Send ``requests`` with ``config.concurrency`` in flight; journal each answer at once."""
+    pending = iter(requests)
+
+    async def worker() -> None:
+        for request in pending:  # one shared iterator: each request is taken by one worker
+            if state.usage.exhausted(config.budget):
+                state.stopped = f"token budget of {config.budget.max_tokens:,} reached (raise budget.max_tokens to go on)"
+            elif state.deadline is not None and time.monotonic() > state.deadline:
+                state.stopped = f"time budget of {config.budget.max_seconds:.0f}s reached (run again to go on)"
+            if state.stopped:
+                return
+            try:
+                answer = await client.complete(
+                    request.messages,
+                    max_tokens=config.sampling.brainstorm_max_tokens if request.stage == "brainstorm" else config.sampling.generate_max_tokens,
+                    temperature=config.sampling.temperature, top_p=config.sampling.top_p,
+                    seed=request.seed, response_format=response_format(config, request.stage),
+                )
+            except EndpointError as e:
+                if e.fatal:
+                    raise
+                state.failed += 1  # not journaled: a rerun tries it again
+                state.last_error = str(e)
+                continue
+            record = {
+                "key": request.key, "stage": request.stage, "subtask": request.subtask,
+                "index": request.index, "task": request.task, "prompt": request.prompt,
+                "content": answer.content, "finish_reason": answer.finish_reason,
+                "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            writer.append(record)
+            state.answered += 1
+            rejected = check_answer(config, request.stage, record)
+            if rejected is not None:
+                state.rejects[rejected.reason] += 1
+            advance()
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(config.concurrency)]
+    try:
+        await asyncio.gather(*workers)
+    finally:
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+
+
+async def _stage(
+    name: str, plan: list[Request], config: SynthConfig, endpoint: Endpoint, journal: Journal,
+    state: RunState, progress: _Progress,
+) -> None:
+    done = journal.read()
+    todo = [r for r in plan if r.key not in done]
+    advance = progress.stage(name, total=len(plan), done=len(plan) - len(todo))
+    if not todo:
+        return
+    client = ChatClient(
+        config.endpoint, base_url=endpoint.base_url, model=endpoint.model, api_key=endpoint.api_key,
+        usage=state.usage, extra_body=endpoint.extra_body,
+    )
+    try:
+        with journal.open() as writer:
+            await _run_requests(todo, config, client, writer, state, advance)
+    finally:
+        state.retries += client.retries
+        await client.close()
+
+
+def journal_usage(records: dict[str, dict[str, Any]]) -> Usage:
+    usage = Usage()
+    for r in records.values():
+        usage.add(int(r.get("prompt_tokens") or 0), int(r.get("completion_tokens") or 0))
+    return usage
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    corpus: Corpus
+    complete: bool  # every planned request answered (no failures, no budget stop)
+
+
+def generate(config: SynthConfig, *, progress: bool = True, console: Console | None = None) -> GenerateResult:
+    """Run (or resume) both stages, then build the corpus from the journal."""
+    t0 = time.monotonic()
+    prompts = PromptSet(config.prompts.brainstorm, config.prompts.generate, config.prompts.subtasks)
+    journal = Journal(config.work_dir / JOURNAL_FILE)
+    state = RunState(usage=journal_usage(journal.read()))
+    if config.budget.max_seconds is not None:
+        state.deadline = t0 + config.budget.max_seconds
+    with open_endpoint(config) as endpoint, _Progress(config, state, progress, console) as bar:
+        stage1 = brainstorm_plan(config, prompts, endpoint.model_id)
+        asyncio.run(_stage("stage 1 brainstorm", stage1, config, endpoint, journal, state, bar))
+        stage1_done = all(r.key in journal.read() for r in stage1)
+        stage2: list[Request] = []
+        pools: dict[str, list[str]] = {}
+        if stage1_done:
+            pools = task_pools(config, stage1, journal.read())
+            stage2 = generate_plan(config, prompts, endpoint.model_id, pools)
+            if state.stopped is None:
+                asyncio.run(_stage("stage 2 examples", stage2, config, endpoint, journal, state, bar))
+        elif state.stopped is None:
+            state.stopped = "stage 1 incomplete (failed requests; run again to retry them)"
+    records = journal.read()
+    state.usage = journal_usage(records)  # the corpus' whole cost, all runs together
+    complete = stage1_done and all(r.key in records for r in stage2)
+    corpus = build_corpus(config, prompts, endpoint, stage1, stage2, pools, records, state, seconds=time.monotonic() - t0)
+    return GenerateResult(corpus=corpus, complete=complete)
+
+
+def build_corpus(
+    config: SynthConfig, prompts: PromptSet, endpoint: Endpoint, stage1: list[Request],
+    stage2: list[Request], pools: dict[str, list[str]], records: dict[str, dict[str, Any]],
+    state: RunState, *, seconds: float,
+) -> Corpus:
+    """Validate every journaled answer of the plan, dedup, write the corpus and ``rejects.jsonl``."""
+    rows, rejects = RowBuilder(), []
+    reasons: Counter[str] = Counter()
+
+    def reject(request: Request, reason: str, detail: str, raw: str) -> None:
+        reasons[f"{request.stage}/{reason}"] += 1
+        rejects.append({"key": request.key, "stage": request.stage, "subtask": request.subtask,
+                        "index": request.index, "task": request.task, "reason": reason,
+                        "detail": detail, "raw": raw})
+
+    for request in stage1:
+        record = records.get(request.key)
+        if record is not None and (error := check_answer(config, "brainstorm", record)) is not None:
+            reject(request, error.reason, error.detail, record["content"])
+    queries: set[str] = set()
+    positives: set[str] = set()
+    for request in stage2:
+        record = records.get(request.key)
+        if record is None:
+            continue
+        try:
+            example = parse_example(record["content"], config.validation, truncated=record.get("finish_reason") == "length")
+        except Rejected as e:
+            reject(request, e.reason, e.detail, record["content"])
+            continue
+        if example.query in queries:
+            reject(request, DUPLICATE_QUERY, "", record["content"])
+            continue
+        if example.positive in positives:
+            reject(request, DUPLICATE_POSITIVE, "", record["content"])
+            continue
+        queries.add(example.query)
+        positives.add(example.positive)
+        assert request.task is not None
+        rows.add(source="synthetic", task_kind=task_kind(request.subtask), subtask=request.subtask,
+                 instruction=request.task, query=example.query, positive=example.positive,
+                 negatives=example.negatives)
+    config.output.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(config.output / REJECTS_FILE, rejects)
+    answered2 = sum(r.key in records for r in stage2)
+    times = sorted(r["time"] for r in records.values() if "time" in r)
+    build = {
+        "kind": "synthesis",
+        "method": "MGH (two stages: brainstorm tasks, then query/positive/4 graded negatives)",
+        "endpoint": {"base_url": endpoint.base_url, "model": endpoint.model_id,
+                     "response_format": config.endpoint.response_format},
+        "local_server": config.server.model_dump() if config.server else None,
+        "prompts": prompts.versions(),
+        "sampling": config.sampling.model_dump(),
+        "tasks": config.tasks.model_dump(),
+        "concurrency": config.concurrency,
+        "negative_levels": "neg_1 hard (most similar to the query), neg_2/neg_3 medium, neg_4 easy",
+    }
+    extra = {
+        "requests": {
+            "brainstorm": {"planned": len(stage1), "answered": sum(r.key in records for r in stage1)},
+            "generate": {"planned": len(stage2), "answered": answered2},
+            "failed_this_run": state.failed, "last_error": state.last_error,
+            "retries_this_run": state.retries,
+        },
+        "task_pool_sizes": {subtask: len(pool) for subtask, pool in pools.items()},
+        "rejects": dict(sorted(reasons.items())),
+        "acceptance_rate": round(len(rows.rows) / answered2, 4) if answered2 else None,
+        "timing": {"this_run_s": round(seconds, 1), "first_answer": times[0] if times else None,
+                   "last_answer": times[-1] if times else None},
+        "stopped": state.stopped,
+    }
+    return write_corpus(rows.frame(), config.output, name=config.name, build=build,
+                        usage=state.usage.report(config.budget), extra=extra)
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def summary_lines(result: GenerateResult) -> list[str]:
+    """What a user wants to see after a run: rows, tokens and cost, rejects, and whether it is done."""
+    m = result.corpus.manifest
+    usage, requests = m["usage"], m["requests"]
+    lines = [
+        f"{m['counts']['rows']} rows -> {result.corpus.path}  "
+        f"({requests['generate']['answered']}/{requests['generate']['planned']} examples answered, "
+        f"acceptance {m['acceptance_rate']})",
+        f"tokens {usage['total_tokens']:,} (in {usage['prompt_tokens']:,}, out {usage['completion_tokens']:,}), "
+        f"estimated cost ${usage['estimated_cost_usd']:.4f}",
+    ]
+    if m["rejects"]:
+        lines.append("rejects: " + ", ".join(f"{k} {v}" for k, v in m["rejects"].items()))
+    if requests["failed_this_run"]:
+        lines.append(f"{requests['failed_this_run']} request(s) failed; last error: {requests['last_error']}")
+    if not result.complete:
+        lines.append(f"incomplete: {m['stopped'] or 'some requests failed (run again to retry them)'}")
+    return lines

@@ -1,0 +1,285 @@
+"""`synth generate` (MGH synthesis): validation, journal, retries, resume after SIGKILL, and the
+real path against a local `transformers serve` with the packaged SmolLM2.
+
+The real server is started once per session (it takes ~7 s idle, much longer on a loaded CPU) and
+shared. A scripted fake server is used only where a real one cannot be made to misbehave on demand:
+exactly-malformed answers, 429 with Retry-After, 500, and deterministic answers to compare corpora.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from synth.answers import Rejected, parse_example, parse_tasks
+from synth.corpus import read_corpus
+from synth.generate import JOURNAL_FILE, REJECTS_FILE, generate
+from synth.journal import Journal
+from synth.server import local_server
+from synth.synth_config import LocalServer, SynthConfigError, Validation, load_synth_config
+from tests.synth_servers import Recorder, chat_response, forward_to, prompt_hash, serve
+
+KEY = "sk-test-never-written-7c1f"
+LIMITS = Validation()
+GOOD = {"query": "how do tides work", "positive": "Tides are caused by the moon's gravity.",
+        "negatives": ["Tides of war shaped Europe.", "Ocean currents move heat.", "Moon phases repeat.", "Bread needs yeast."]}
+
+
+def _reason(text: str, **kw: Any) -> str:
+    with pytest.raises(Rejected) as e:
+        parse_example(text, LIMITS, **kw)
+    return e.value.reason
+
+
+def _with(**changes: Any) -> str:
+    return json.dumps({**GOOD, **changes})
+
+
+def test_valid_answers_parse_inside_fences_and_chatter() -> None:
+    example = parse_example("Sure!\n```json\n" + json.dumps(GOOD) + "\n```\nHope it helps.", LIMITS)
+    assert example.negatives[0] == "Tides of war shaped Europe."  # level 1 first
+    assert parse_tasks('{"tasks": ["Given a question, find answers.", 3]}', LIMITS) == ["Given a question, find answers."]
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('{"query": "a", "positive": ', "malformed_json"),
+        ("no json here", "malformed_json"),
+        ('["a", "b"]', "not_an_object"),
+        (json.dumps({"query": "how do tides work", "negatives": GOOD["negatives"]}), "missing_field"),
+        (_with(positive=42), "wrong_type"),
+        (_with(negatives=GOOD["negatives"][:3]), "wrong_negative_count"),
+        (_with(negatives="one string"), "wrong_type"),
+        (_with(query="   "), "empty_text"),
+        (_with(positive="x" * 5000), "too_long"),
+        (_with(negatives=[GOOD["positive"], *GOOD["negatives"][1:]]), "negative_equals_positive"),
+        (_with(negatives=[*GOOD["negatives"][:3], "How do  TIDES work"]), "negative_equals_query"),
+        (_with(positive="How do tides work"), "query_equals_positive"),
+        (_with(negatives=[GOOD["negatives"][0]] * 4), "duplicate_negatives"),
+    ],
+)
+def test_bad_answers_are_rejected_with_their_reason(text: str, reason: str) -> None:
+    assert _reason(text) == reason
+
+
+def test_cut_off_answer_is_counted_as_truncated() -> None:
+    assert _reason('{"query": "how do', truncated=True) == "truncated"
+
+
+def test_journal_tolerates_a_torn_last_line(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / JOURNAL_FILE)
+    with journal.open() as w:
+        w.append({"key": "a", "content": "x"})
+    with journal.path.open("ab") as f:
+        f.write(b'{"key": "b", "cont')  # killed mid-write
+    assert set(journal.read()) == {"a"}
+    with journal.open() as w:  # the torn tail is cut before the next append
+        w.append({"key": "c", "content": "y"})
+    assert set(journal.read()) == {"a", "c"}
+    assert journal.path.read_bytes().count(b"\n") == 2
+
+
+def _config(tmp_path: Path, **overrides: Any) -> Path:
+    raw: dict[str, Any] = {
+        "name": "synth-test",
+        "output": str(tmp_path / "corpus"),
+        "endpoint": {"model": "fake-model", "api_key_env": "NM_TEST_KEY", "backoff_initial_s": 0.01,
+                     "backoff_max_s": 0.05, "timeout_s": 30, "response_format": "json_object"},
+        "concurrency": 3,
+        "sampling": {"brainstorm_max_tokens": 64, "generate_max_tokens": 64},
+        "budget": {"price_per_1m_input": 2.5, "price_per_1m_output": 10.0},
+        "tasks": {"brainstorm_requests": 2, "examples": {"short-long": 6, "sts": 6}, "seed": 1},
+    }
+    for k, v in overrides.items():
+        raw[k] = {**raw[k], **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "synth.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("name", ["local-smollm2.yaml", "openai-example.yaml"])
+def test_shipped_configs_load(name: str) -> None:
+    config = load_synth_config(Path(__file__).parents[1] / "synth" / "data" / name)
+    assert sum(config.tasks.examples.values()) >= 200
+
+
+def test_config_errors_name_the_field_and_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\noutput: y\nconcurency: 3\ntasks: {examples: {shrt-long: 2}}\n")
+    with pytest.raises(SynthConfigError) as e:
+        load_synth_config(path)
+    assert "bad.yaml: concurency" in str(e.value) and "shrt-long" in str(e.value)
+
+
+def scripted(faults: dict[str, list[int]] | None = None, delay_s: float = 0.0) -> Any:
+    """Deterministic answers from the prompt (same prompt, same answer), with HTTP faults
+    injected by prompt: ``faults[subtask-marker] = [429, 500]`` answers those statuses first.
+    ``delay_s`` per answer leaves time to kill a client mid-run."""
+    seen: Counter[str] = Counter()
+    pending = {k: list(v) for k, v in (faults or {}).items()}
+
+    def respond(body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:
+        text, h = body["messages"][0]["content"], prompt_hash(body)
+        time.sleep(delay_s)
+        for marker, statuses in pending.items():
+            if marker in text and statuses:
+                status = statuses.pop(0)
+                headers = {"Retry-After": "0.05"} if status == 429 else {}
+                return status, headers, {"error": {"message": f"injected {status}"}}
+        if text.startswith("Brainstorm"):
+            return 200, {}, chat_response(json.dumps({"tasks": [f"Given a {h} question, find passages.", "Given a claim, find evidence."]}))
+        seen[h] += 1
+        n = body["seed"] % 4  # the seed is derived from the request key: one fixed answer per request
+        if n == 0:
+            return 200, {}, chat_response('{"query": "broken')  # exactly malformed
+        if n == 1:
+            return 200, {}, chat_response(_with(negatives=[GOOD["positive"], "bread rises", "cats purr", "rain falls"]))
+        return 200, {}, chat_response(json.dumps({"query": f"query {body['seed']}", "positive": f"positive {body['seed']}",
+                                                 "negatives": [f"hard {body['seed']}", "medium one", "medium two", "easy"]}))
+
+    return respond
+
+
+def test_generate_rejects_retries_and_never_writes_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NM_TEST_KEY", KEY)
+    recorder = Recorder()
+    # Faults on the short-long prompts: a 429 with Retry-After, then a 500; both are retried.
+    with serve(scripted({"short search query of 3 to 12 words": [429, 500]}), recorder) as url:
+        config = load_synth_config(_config(tmp_path, endpoint={"base_url": url}))
+        result = generate(config, progress=False)
+    manifest = result.corpus.manifest
+    assert result.complete
+    assert manifest["requests"]["retries_this_run"] == 2
+    assert manifest["requests"]["brainstorm"] == {"planned": 4, "answered": 4}
+    assert manifest["requests"]["generate"] == {"planned": 12, "answered": 12}
+    rejects = [json.loads(l) for l in (config.output / REJECTS_FILE).open()]
+    by_reason = Counter(r["reason"] for r in rejects)
+    assert by_reason["malformed_json"] >= 1 and by_reason["negative_equals_positive"] >= 1
+    assert all(r["raw"] for r in rejects)
+    assert sum(manifest["rejects"].values()) == len(rejects)
+    assert len(result.corpus) == 12 - len(rejects)
+    frame = result.corpus.frame
+    assert set(frame["source"]) == {"synthetic"} and set(frame["task_kind"]) <= {"asymmetric", "symmetric"}
+    assert frame.filter(frame["subtask"] == "sts")["task_kind"].unique().to_list() in ([], ["symmetric"])
+    usage = manifest["usage"]
+    assert usage["requests"] == 16 and usage["total_tokens"] == 16 * 30
+    assert usage["estimated_cost_usd"] == pytest.approx((16 * 10 * 2.5 + 16 * 20 * 10.0) / 1e6)
+    assert manifest["build"]["prompts"]["generate"]["version"] == "generate_v1"
+    for path in config.output.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_budget_stops_cleanly_and_a_rerun_with_more_budget_finishes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NM_TEST_KEY", KEY)
+    with serve(scripted()) as url:
+        config = load_synth_config(_config(tmp_path, endpoint={"base_url": url}, concurrency=2,
+                                           budget={"max_tokens": 200}))
+        first = generate(config, progress=False)
+        spent = first.corpus.manifest["usage"]["total_tokens"]
+        assert not first.complete and "budget" in first.corpus.manifest["stopped"]
+        assert spent <= 200 + 2 * 30  # over by at most the requests in flight
+        again = generate(config.model_copy(update={"budget": config.budget.model_copy(update={"max_tokens": None})}), progress=False)
+    assert again.complete and again.corpus.manifest["usage"]["requests"] == 16
+
+
+def _run_killed_then_resumed(config_path: Path, journal: Path, kill_after: int) -> set[str]:
+    """Start `synth generate`, SIGKILL it once ``kill_after`` answers are journaled, run it again
+    to the end; return the keys journaled when it was killed."""
+    env = {**os.environ, "NM_TEST_KEY": KEY}
+    cmd = [sys.executable, "-m", "synth.cli", "generate", str(config_path), "--quiet"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    t0 = time.monotonic()
+    try:
+        while len(Journal(journal).read()) < kill_after:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert time.monotonic() - t0 < 240, "no answers journaled in time"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    answered_before = set(Journal(journal).read())
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return answered_before
+
+
+def _assert_nothing_twice_nothing_lost(journal: Path, recorder: Recorder, answered_before: set[str], in_flight: int) -> None:
+    lines = [json.loads(l) for l in journal.read_bytes().splitlines() if l.strip()]
+    keys = Counter(r["key"] for r in lines)
+    assert max(keys.values()) == 1, "a request was journaled twice"
+    seeds = Counter(recorder.seeds())
+    by_seed = {int(k[:8], 16): k for k in keys}
+    for seed, n in seeds.items():
+        if by_seed.get(seed) in answered_before:
+            assert n == 1, "an answered request was sent again"
+    assert sum(seeds.values()) <= len(keys) + in_flight  # only requests cut off by the kill repeat
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_same_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against deterministic (fake) answers, a killed-and-resumed run ends with the very corpus of
+    an uninterrupted one; the recorder shows that no answered request is sent again."""
+    monkeypatch.setenv("NM_TEST_KEY", KEY)
+    with serve(scripted()) as url:
+        straight = generate(load_synth_config(_config(tmp_path / "a", endpoint={"base_url": url})), progress=False)
+        recorder = Recorder()
+        with serve(scripted(), recorder) as url2:
+            config_path = _config(tmp_path / "b", endpoint={"base_url": url2}, concurrency=1)
+            journal = tmp_path / "b" / "corpus" / "work" / JOURNAL_FILE
+            answered_before = _run_killed_then_resumed(config_path, journal, kill_after=7)
+    resumed = read_corpus(tmp_path / "b" / "corpus")
+    assert 7 <= len(answered_before) < 16, "the kill should land mid-run"
+    assert resumed.sha256 == straight.corpus.sha256
+    _assert_nothing_twice_nothing_lost(journal, recorder, answered_before, in_flight=1)
+
+
+# ---- the real local server (transformers serve + packaged SmolLM2) -------------------------------
+
+
+@pytest.fixture(scope="session")
+def real_server(smollm2_dir: Path):
+    t0 = time.monotonic()
+    with local_server(LocalServer(model=str(smollm2_dir), continuous_batching=False, startup_timeout_s=300)) as server:
+        print(f"\ntransformers serve ready in {time.monotonic() - t0:.1f}s")
+        yield server
+    with pytest.raises(ProcessLookupError):  # stopped with its whole process group: no orphan
+        os.killpg(server.pid, 0)
+
+
+def _real_config(tmp_path: Path, url: str, model: str) -> Path:
+    # Given tasks and no brainstorming: the fewest requests that still cover stage 2 for real.
+    return _config(
+        tmp_path, endpoint={"base_url": url, "model": model, "response_format": "none", "timeout_s": 600},
+        concurrency=1, sampling={"brainstorm_max_tokens": 8, "generate_max_tokens": 8},
+        tasks={"brainstorm_requests": 0, "examples": {"sts": 3}, "given": {"sts": ["Retrieve sentences with the same meaning."]}},
+    )
+
+
+def test_real_server_sigkill_then_rerun_requests_nothing_twice_and_loses_nothing(tmp_path: Path, real_server: Any) -> None:
+    """`synth generate` against the real server through a recording proxy that counts what each
+    run sends: killed (SIGKILL) after its first journaled answer, then run again to the end."""
+    recorder = Recorder()
+    with serve(forward_to(real_server.base_url), recorder) as url:
+        journal = tmp_path / "corpus" / "work" / JOURNAL_FILE
+        answered_before = _run_killed_then_resumed(_real_config(tmp_path, url, real_server.model), journal, kill_after=1)
+    assert 1 <= len(answered_before) < 3, "the kill should land mid-run"
+    assert len(Journal(journal).read()) == 3
+    _assert_nothing_twice_nothing_lost(journal, recorder, answered_before, in_flight=1)
+    manifest = read_corpus(tmp_path / "corpus").manifest
+    assert manifest["requests"]["generate"] == {"planned": 3, "answered": 3}
+    assert manifest["usage"]["completion_tokens"] > 0
+    # 8 tokens cannot hold a whole example: each answer is rejected (cut off), with its raw text kept.
+    assert manifest["rejects"] == {"generate/truncated": 3}
+    assert len((tmp_path / "corpus" / REJECTS_FILE).read_text().splitlines()) == 3
