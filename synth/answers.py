@@ -95,7 +95,7 @@ class Rejected(ValueError):
         self.detail = detail
 
 
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 
 
 def extract_json(text: str, *, truncated: bool = False) -> Any:

@@ -440,12 +440,16 @@ def summary_lines(result: GenerateResult) -> list[str]:
     """What a user wants to see after a run: rows, tokens and cost, rejects, and whether it is done."""
     m = result.corpus.manifest
     usage, requests = m["usage"], m["requests"]
+    answered, planned = requests["generate"]["answered"], requests["generate"]["planned"]
     lines = [
-        f"{m['counts']['rows']} rows -> {result.corpus.path}  "
-        f"({requests['generate']['answered']}/{requests['generate']['planned']} examples answered, "
-        f"acceptance {m['acceptance_rate']})",
-        f"tokens {usage['total_tokens']:,} (in {usage['prompt_tokens']:,}, out {usage['completion_tokens']:,}), "
-        f"estimated cost ${usage['estimated_cost_usd']:.4f}",
+        (
+            f"{m['counts']['rows']} rows -> {result.corpus.path}  ({answered}/{planned} examples answered,"
+            f" acceptance {m['acceptance_rate']})"
+        ),
+        (
+            f"tokens {usage['total_tokens']:,} (in {usage['prompt_tokens']:,}, out {usage['completion_tokens']:,}),"
+            f" estimated cost ${usage['estimated_cost_usd']:.4f}"
+        ),
     ]
     if m["rejects"]:
         lines.append("rejects: " + ", ".join(f"{k} {v}" for k, v in m["rejects"].items()))

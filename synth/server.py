@@ -28,7 +28,6 @@ import httpx
 from synth.packaged import resolve
 from synth.synth_config import LocalServer
 
-
 _PR_SET_PDEATHSIG = 1
 
 
@@ -122,7 +121,8 @@ def local_server(settings: LocalServer, log_dir: Path | None = None) -> Iterator
     with open(log, "wb") as out:
         process = subprocess.Popen(
             command(settings, model_dir, port), stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=env, start_new_session=True, preexec_fn=_die_with_parent,
+            stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 (prctl needs it; no lock is taken in it)
         )
     try:
         root_url = f"http://127.0.0.1:{port}"

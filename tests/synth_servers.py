@@ -52,7 +52,7 @@ def serve(respond: Responder, recorder: Recorder | None = None) -> Iterator[str]
     """Run ``respond`` behind ``POST /v1/chat/completions`` on 127.0.0.1; yield the base URL."""
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if recorder is not None:
                 recorder.add(body)
