@@ -121,12 +121,10 @@ def test_results_are_cached_per_model_name(minilm, shared_data: Path, tmp_path: 
 def test_smollm2_with_instructions_on_both_sides_of_sts(shared_data: Path, tmp_path: Path) -> None:
     from harness.embedder import Embedder
 
-    embedder = Embedder.from_settings(
-        ModelSettings(name="packaged:smollm2-135m-instruct", pooling="mean", autocast="bf16"), "cpu"
-    )
+    embedder = Embedder.from_settings(ModelSettings(name="packaged:smollm2-135m-instruct", pooling="mean"), "cpu")
     spy = CountingEmbedder(embedder)
-    settings = EvalSettings(tasks=[str(sts_subset(shared_data, tmp_path, "BIOSSES", 30))], batch_size=16)
+    settings = EvalSettings(tasks=[str(sts_subset(shared_data, tmp_path, "BIOSSES", 10))], batch_size=16)
     result = evaluate_embedder(spy, settings, output_dir=tmp_path / "eval", progress=False)
     assert [instruction for _, instruction in spy.calls] == ["Retrieve semantically similar text."] * 2
     assert math.isfinite(result.metrics["eval/BIOSSES"]) and -1 <= result.metrics["eval/BIOSSES"] <= 1
-    assert result.result_dir.parts[-3:-1] == ("smollm2-135m-instruct-mean", "base")
+    assert result.result_dir.parts[-2:] == ("smollm2-135m-instruct-mean", "base")  # no experiment folder
