@@ -294,6 +294,8 @@ async def _stage(
     name: str, plan: list[Request], config: SynthConfig, endpoint: Endpoint, journal: Journal,
     state: RunState, progress: _Progress,
 ) -> None:
+    if not plan:
+        return
     done = journal.read()
     todo = [r for r in plan if r.key not in done]
     advance = progress.stage(name, total=len(plan), done=len(plan) - len(todo))

@@ -91,8 +91,9 @@ def _ready(root_url: str) -> bool:
         return False
 
 
-def stop(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
-    """SIGTERM the server's process group, then SIGKILL what is left after ``grace_s``."""
+def stop(process: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
+    """SIGTERM the server's process group, then SIGKILL what is left after ``grace_s`` (uvicorn
+    waits for a generation in progress, which on a CPU can take minutes)."""
     if process.poll() is not None:
         return
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
