@@ -158,15 +158,17 @@ def ui(
 @app.command("eval")
 def eval_(
     model_or_run: Annotated[str, typer.Argument(help="A folder saved by `harness train`, an MLflow run id, or a base model (Hub id, folder, packaged:...).")],
-    suite: Annotated[Optional[str], typer.Option(help="Named suite (see harness/data/suites.yaml), e.g. local-sts, mteb-en.")] = None,
-    task: Annotated[Optional[list[str]], typer.Option("--task", help="mteb task name or local folder (repeatable).")] = None,
+    suite: Annotated[Optional[str], typer.Option(help="Named suite (harness/data/suites.yaml), e.g. local-sts, mteb-en.")] = None,
+    tasks: Annotated[Optional[list[str]], typer.Option("--tasks", help="mteb task name or local folder (repeatable).")] = None,
     data_dir: Annotated[Optional[str], typer.Option(help="Where ${NM_SHARED_DATA} points (default: $NM_SHARED_DATA or shared/data beside the checkout).")] = None,
-    output: Annotated[str, typer.Option(help="Folder for results and mteb's files.")] = "results/eval",
+    output_dir: Annotated[str, typer.Option(help="Folder for results and mteb's files.")] = "results/eval",
     pooling: Annotated[str, typer.Option(help="Pooling for an untrained base model: eos, mean or ata.")] = "mean",
     batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 32,
     max_docs: Annotated[Optional[int], typer.Option(help="Cap local retrieval corpora (relevant docs always kept).")] = None,
+    no_instructions: Annotated[bool, typer.Option("--no-instructions", help="Embed every text without an instruction.")] = False,
     tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store of the run (for a run id).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Recompute results mteb has cached.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Evaluate a model with mteb: per-task main scores, category means and the average."""
@@ -175,12 +177,13 @@ def eval_(
 
     if pooling not in ("eos", "mean", "ata"):
         _fail(f"--pooling {pooling!r}: expected eos, mean or ata")
-    if not suite and not task:
-        _fail("give --suite NAME or at least one --task")
+    if not suite and not tasks:
+        _fail("give --suite NAME or at least one --tasks")
     try:
         eval_command(
-            model_or_run, suite, task or [], data_dir=data_dir, output_dir=output, pooling=pooling,  # type: ignore[arg-type]
-            batch_size=batch_size, max_docs=max_docs, tracking_uri=tracking_uri, overwrite=overwrite,
+            model_or_run, suite, tasks or [], data_dir=data_dir, output_dir=output_dir, pooling=pooling,  # type: ignore[arg-type]
+            batch_size=batch_size, max_docs=max_docs, no_instructions=no_instructions,
+            tracking_uri=tracking_uri, overwrite=overwrite, device=device,
         )
     except (*_known_errors(), ModelNotFoundError, ValueError) as e:
         _fail(str(e))

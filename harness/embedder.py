@@ -69,7 +69,10 @@ class Embedder(nn.Module):
         self.is_causal = backbone.is_causal
         self.settings = settings
         self.device = device
-        self.name = name or f"{Path(settings.name.replace('packaged:', '')).name}-{settings.pooling}"
+        # mteb caches results by name + revision: the default name carries everything that changes
+        # an untrained model's vectors (trained models get a unique name from their trial key)
+        precision = "" if settings.autocast in ("auto", "none") else f"-{settings.autocast}"
+        self.name = name or f"{Path(settings.name.replace('packaged:', '')).name}-{settings.pooling}{precision}"
         self.revision = revision
         self._autocast = autocast_dtype(settings, device)
         self._capture = AttentionCapture(self.model) if settings.pooling == "ata" else None
