@@ -47,8 +47,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a shared machine)")
     ap.add_argument("--out", type=Path, default=Path("results/bench/pooling_cost.md"))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     variants = {
         "eos": make_embedder("eos", "sdpa", args.device),
@@ -80,7 +83,7 @@ def main() -> None:
         rows.append((length, med))
         print(f"L={length}: " + ", ".join(f"{k} {v:.3f}s" for k, v in med.items()), flush=True)
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, device {args.device}"
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads), torch {torch.__version__}, device {args.device}"
     if args.device == "cuda":
         machine += f" ({torch.cuda.get_device_name()})"
     lines = [

@@ -95,7 +95,7 @@ class StepRunner:
             d = self.embedder(self.embedder.collate(docs))
             loss = info_nce(q, d, self.temperature, exclude)
             loss.backward()
-            return float(loss)
+            return float(loss.detach())
         return self._grad_cache(queries, docs, exclude)
 
     def _grad_cache(self, queries: list[Encoded], docs: list[Encoded], exclude: torch.Tensor) -> float:
@@ -113,6 +113,7 @@ class StepRunner:
         reps = [r.detach().requires_grad_() for r in reps]
         loss = info_nce(torch.cat(reps[:n_q]), torch.cat(reps[n_q:]), self.temperature, exclude)
         loss.backward()
+        loss = loss.detach()
         for items, state, rep in zip(chunks, states, reps):
             state.restore()
             out = self.embedder(self.embedder.collate(items))
