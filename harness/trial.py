@@ -88,8 +88,9 @@ def train_and_evaluate(exp: Experiment, corpus: Corpus, ctx: TrialContext) -> Tr
         from harness.evaluation.run import evaluate_embedder
 
         embedder = Embedder.load(result.model_dir)
+        # The driver prints the trial's progress; a worker's own lines would interleave with it.
         evaluated = evaluate_embedder(
-            embedder, exp.eval, output_dir=ctx.workdir / "mteb", name=name
+            embedder, exp.eval, output_dir=ctx.workdir / "mteb", name=name, progress=False
         )
         out.metrics.update(
             {k if k.startswith("eval/") else f"eval/{k}": v for k, v in evaluated.metrics.items()}
@@ -108,6 +109,10 @@ def run_trial(
 ) -> None:
     """The Tune trainable (bind the keywords with ``tune.with_parameters``)."""
     from ray import tune
+
+    from harness.logs import quiet_logs
+
+    quiet_logs()  # the driver's --verbose choice, passed down in the environment
 
     spec = trial_spec(base, cell_of(config), corpus.sha256)
     workdir = Path(models_dir) / spec.exp.name / f"{spec.label}-{spec.key}"

@@ -1,0 +1,37 @@
+"""Quiet logs by default, in the CLI process and in every Ray trial worker.
+
+Our own progress bars and summaries say what happens; library chatter (weight-loading bars,
+deprecation warnings, INFO lines) only shows with ``--verbose``. The driver exports the choice in
+``HARNESS_VERBOSE`` so that Ray workers started from it make the same one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+VERBOSE_ENV = "HARNESS_VERBOSE"
+
+
+def quiet_logs(verbose: bool | None = None) -> None:
+    """Silence library logs unless ``verbose`` (default: the ``HARNESS_VERBOSE`` environment variable)."""
+    if verbose is None:
+        verbose = os.environ.get(VERBOSE_ENV, "") == "1"
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose:
+        return
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
