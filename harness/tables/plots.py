@@ -83,17 +83,24 @@ def score_plot(table: AblationTable, path: Path) -> Path | None:
     base = table.rows[table.baseline]
     x = list(range(len(rows)))
     heights = [SCALE * row.mean[main.metric] for row in rows]
-    errors = [SCALE * row.std.get(main.metric, 0.0) for row in rows]
+    # A single run has no spread: no error bar rather than a misleading zero-width one.
+    errors = [
+        SCALE * row.std.get(main.metric, 0.0) if row.count[main.metric] > 1 else 0.0 for row in rows
+    ]
     colors = ["0.6" if row is base else "C0" for row in rows]
-    ax.bar(x, heights, yerr=errors, capsize=4, color=colors)
-    ax.set_xticks(
-        x, [f"{row.label}\n(n={row.count[main.metric]})" for row in rows], fontsize="small"
-    )
-    ax.set_ylabel(f"{main.title} (x100; the axis does not start at 0)")
+    ax.bar(x, heights, yerr=errors if any(errors) else None, capsize=4, color=colors)
+    labels = [f"{row.label.replace(' / ', chr(10))}\n(n={row.count[main.metric]})" for row in rows]
+    ax.set_xticks(x, labels, fontsize="small")
     ax.set_title(f"{table.experiment}: {main.title}, mean ± std over seeds (grey: baseline)")
     ax.grid(axis="y", alpha=0.3)
     low = min(h - e for h, e in zip(heights, errors))
     high = max(h + e for h, e in zip(heights, errors))
     pad = max(high - low, 1.0) * 0.15
-    ax.set_ylim(max(0.0, low - pad), high + pad)  # differences are small: do not start at 0
+    # Differences are often small: zoom in, but never hide a negative score below the axis.
+    bottom = low - pad if low < 0 else max(0.0, low - pad)
+    ax.set_ylim(bottom, max(high + pad, 0.0))
+    if bottom < 0:
+        ax.axhline(0.0, color="0.3", linewidth=0.8)
+    cut = " (x100; the axis does not start at 0)" if bottom > 0 else " (x100)"
+    ax.set_ylabel(main.title + cut)
     return _save(fig, path)
