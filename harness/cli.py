@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -36,37 +34,27 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show library 
 
 
 def _quiet(verbose: bool) -> None:
-    """Logs are quiet by default: our own progress bars and summaries say what happens."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    level = logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if not verbose:
-        import warnings
+    from harness.logs import quiet_logs
 
-        warnings.filterwarnings("ignore")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-        try:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.set_verbosity_error()
-            hf_logging.disable_progress_bar()
-        except ImportError:  # pragma: no cover
-            pass
+    quiet_logs(verbose)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # soft_wrap: a long path stays on one line (copyable), however narrow the terminal
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from harness.config import ConfigError
     from harness.models import ModelLoadError
+    from harness.tracking import TrackingError
     from synth.corpus import CorpusError
     from synth.packaged import PackagedModelError
 
-    return (ConfigError, CorpusError, ModelLoadError, PackagedModelError, FileNotFoundError)
+    return (
+        ConfigError, CorpusError, ModelLoadError, PackagedModelError, TrackingError, FileNotFoundError
+    )
 
 
 @app.command()
@@ -143,15 +131,16 @@ def ui(
     target: Annotated[str, typer.Argument(help="Experiment YAML file or an MLflow tracking URI.")] = "sqlite:///results/mlflow.db",
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
     host: Annotated[str, typer.Option(help="Bind address (loopback unless you mean it).")] = "127.0.0.1",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the UI to answer.")] = 180.0,
     verbose: VerboseOpt = False,
 ) -> None:
     """Start the MLflow UI for the experiment's store and print its URL (Ctrl-C stops it)."""
     _quiet(verbose)
-    from harness.tracking import serve_ui
+    from harness.tracking import UIError, serve_ui
 
     try:
-        serve_ui(target, port=port, host=host)
-    except _known_errors() as e:
+        serve_ui(target, port=port, host=host, timeout=timeout)
+    except (*_known_errors(), UIError) as e:
         _fail(str(e))
 
 
@@ -192,13 +181,11 @@ def eval_(
 @app.command()
 def check(experiment: ExperimentArg, set_: SetOpt = None) -> None:
     """Validate an experiment file (nothing is loaded or run) and list its trials."""
-    from harness.config import apply_cell, cell_label, grid_cells, load_experiment
+    from harness.config import cell_label, load_experiment, validated_cells
 
     try:
         exp = load_experiment(experiment, set_ or [])
-        cells = grid_cells(exp)
-        for c in cells:
-            apply_cell(exp, c)  # every cell must validate too
+        cells = validated_cells(exp)
     except _known_errors() as e:
         _fail(str(e))
     typer.echo(f"{experiment}: valid; experiment {exp.name!r}, {len(cells)} trial(s)")

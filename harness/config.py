@@ -259,6 +259,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(f"{path}: broken YAML{at}: {problem}") from None
+    except RecursionError:  # PyYAML composes nested blocks recursively
+        raise ConfigError(f"{path}: broken YAML: nested too deeply") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -277,8 +279,10 @@ def load_raw(path: str | os.PathLike[str], _seen: tuple[Path, ...] = ()) -> dict
     parent = data.pop("extends", None)
     if parent is None:
         return data
-    if not isinstance(parent, str):
+    if not isinstance(parent, str) or not parent.strip():
         raise ConfigError(f"{path}: extends: must be a file path (got {parent!r})")
+    if not (path.parent / parent).is_file():
+        raise ConfigError(f"{path}: extends: {path.parent / parent} not found (or not a file)")
     base = load_raw(path.parent / parent, (*_seen, resolved))
     # paths in the base file are relative to the base file: rewrite the ones we know
     base_dir = (path.parent / parent).parent
@@ -398,6 +402,15 @@ def grid_cells(exp: Experiment) -> list[dict[str, Any]]:
         return [{}]
     axes = list(exp.grid)
     return [dict(zip(axes, combo)) for combo in itertools.product(*(exp.grid[a] for a in axes))]
+
+
+def validated_cells(exp: Experiment) -> list[dict[str, Any]]:
+    """:func:`grid_cells`, each applied once: a bad grid value (an unknown strategy, a wrong type)
+    is a :class:`ConfigError` naming the file and the field before anything is built or run."""
+    cells = grid_cells(exp)
+    for cell in cells:
+        apply_cell(exp, cell)
+    return cells
 
 
 def apply_cell(exp: Experiment, cell: Mapping[str, Any]) -> Experiment:

@@ -9,8 +9,16 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from harness.config import apply_cell, cell_label, load_experiment, parse_cell, trial_key, trial_params
-from harness.sweep import git_sha, load_corpus
+from harness.config import (
+    apply_cell,
+    cell_label,
+    load_experiment,
+    parse_cell,
+    trial_key,
+    trial_params,
+    validated_cells,
+)
+from harness.sweep import check_corpus_fits, git_sha, load_corpus
 from harness.tracking import CELL, TRIAL_KEY, Tracker, describe_error
 from harness.train import TrainResult, train_one
 
@@ -28,18 +36,20 @@ def train_single(
     """Train the file's base settings (or one grid cell), score it, optionally evaluate it."""
     console = console or Console(stderr=True)
     base = load_experiment(experiment, overrides)
+    validated_cells(base)  # the whole file is checked, whichever cell runs
     cell = parse_cell(cell_items, base)
     if base.grid and not cell:
         console.print(f"[dim]training the base settings; pick a grid cell with --cell (grid: {', '.join(base.grid)})[/]")
     exp = apply_cell(base, cell)
     label = cell_label(cell) if cell else "train"
     corpus = load_corpus(exp, console)
+    check_corpus_fits(exp, corpus)
     key = trial_key(exp, corpus.sha256)
     out = output or Path("results") / "runs" / exp.name / f"{label}-{key}"
 
     tracker = run_id = None
     if track:
-        tracker = Tracker(exp.tracking, exp.name)
+        tracker = Tracker(exp.tracking, exp.name, exp.source)
         tags = {TRIAL_KEY: key, "corpus_sha256": corpus.sha256, "git_sha": git_sha(), CELL: json.dumps(cell, sort_keys=True, default=str)}
         run_id = tracker.start_trial(None, name=label, params=trial_params(exp), tags=tags, role="train")
         tracker.log_text(run_id, yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False), "config.yaml")
@@ -51,7 +61,14 @@ def train_single(
 
     try:
         result = train_one(exp, corpus, output_dir=out, on_metrics=on_metrics, progress=True, name=f"{exp.name}/{label}-{key}", revision=key)
-        console.print("held-out: " + ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in sorted(result.heldout.items())))
+        if result.heldout_before:
+            console.print("held-out before training: " + _scores(result.heldout_before))
+        console.print("held-out: " + _scores(result.heldout))
+        console.print(
+            f"trained {result.steps} steps in {result.seconds:.0f} s "
+            f"({result.seconds / max(result.steps, 1):.2f} s/step, "
+            f"{result.steps * exp.train.batch_size / max(result.seconds, 1e-9):.2f} queries/s)"
+        )
         if evaluate and exp.eval.enabled:
             from harness.embedder import Embedder
             from harness.evaluation.run import evaluate_embedder
@@ -69,3 +86,7 @@ def train_single(
             tracker.fail_trial(run_id, describe_error(e))
         raise
     return result
+
+
+def _scores(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in sorted(metrics.items()))

@@ -33,10 +33,12 @@ from rich.table import Table
 from harness.config import (
     ConfigError,
     Experiment,
+    apply_cell,
     cell_label,
     grid_cells,
     load_experiment,
     trial_params,
+    validated_cells,
 )
 from harness.trial import (
     ARTIFACTS,
@@ -51,7 +53,8 @@ from harness.trial import (
     unpack_artifacts,
 )
 from harness.tracking import CELL, SWEEP_KEY, TRIAL_KEY, Tracker, describe_error, redact_text
-from synth.corpus import Corpus, read_corpus
+from synth.cli import user_errors
+from synth.corpus import MANIFEST_FILE, Corpus, CorpusError, read_corpus
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 15.0  # one progress line per running trial at most this often
@@ -103,25 +106,53 @@ class SweepSummary:
 
 
 def load_corpus(exp: Experiment, console: Console) -> Corpus:
-    """Read and hash-check the corpus once; build it first when the file says how and it is missing."""
+    """Read and hash-check the corpus once; build it first when the file says how and it is
+    missing, or resume a synthesis that did not finish."""
     path = exp.resolve_path(exp.corpus.path)
-    if not path.exists():
-        build = exp.corpus.build
+    build = exp.corpus.build
+    resume = build is not None and build.kind == "generate" and _incomplete_synthesis(path)
+    if resume or not path.exists():
         if build is None:
             raise ConfigError(
                 f"{exp.source}: corpus.path {path} does not exist and there is no corpus.build "
                 "saying how to make it (build it with `synth mine` / `synth generate`)"
             )
         config = exp.resolve_path(build.config)
-        console.print(f"[bold]building the corpus[/] ({build.kind}, {config}) -> {path}")
+        what = "resuming the corpus build" if resume else "building the corpus"
+        console.print(f"[bold]{what}[/] ({build.kind}, {config}) -> {path}")
         _build_corpus(build.kind, config, path, exp)
     corpus = read_corpus(path)
     console.print(f"corpus {corpus.name}: {len(corpus)} rows, sha256 {corpus.sha256[:12]}")
     return corpus
 
 
+def check_corpus_fits(exp: Experiment, corpus: Corpus) -> None:
+    """Fail before any trial starts when the corpus is too small for a trial's held-out slice and
+    batch (the trial itself would only find out after Ray started it)."""
+    t, rows = exp.train, len(corpus)
+    train_rows = rows - t.heldout_size if t.heldout_size > 0 else rows
+    if train_rows < max(t.batch_size, 1) or (t.heldout_size > 0 and t.heldout_size >= rows):
+        raise ConfigError(
+            f"{exp.source}: train.heldout_size={t.heldout_size} and "
+            f"train.batch_size={t.batch_size} need more rows than corpus "
+            f"{corpus.path or corpus.name} has ({rows}); lower them or use a bigger corpus"
+        )
+
+
+def _incomplete_synthesis(path: Path) -> bool:
+    """A corpus ``synth generate`` wrote but did not finish (budget, failed requests, a kill)."""
+    manifest = path / MANIFEST_FILE
+    if not manifest.is_file():
+        return (path / "work").is_dir()  # killed before it wrote a manifest: its journal is there
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("complete") is False
+    except (OSError, ValueError):
+        return False  # read_corpus names the problem
+
+
 def _build_corpus(kind: str, config: Path, output: Path, exp: Experiment) -> None:
-    """Run ``synth mine`` / ``synth generate`` in-process, once, on the driver."""
+    """Run ``synth mine`` / ``synth generate`` in-process, once, on the driver; an unfinished
+    synthesis stops the sweep (rerun it to resume: every finished answer is journaled)."""
     try:
         if kind == "mine":
             from synth.mine import load_config, mine
@@ -131,7 +162,18 @@ def _build_corpus(kind: str, config: Path, output: Path, exp: Experiment) -> Non
             from synth.generate import generate
             from synth.synth_config import load_synth_config
 
-            generate(load_synth_config(config, output=output))
+            result = generate(load_synth_config(config, output=output))
+            if not result.complete:
+                manifest = result.corpus.manifest
+                why = manifest["stopped"] or f"last error: {manifest['requests']['last_error']}"
+                raise CorpusError(
+                    f"{exp.source}: corpus.build: the synthesis into {output} is incomplete "
+                    f"({why}); run the sweep again to resume it (finished answers are kept)"
+                )
+    except user_errors() as e:
+        if isinstance(e, CorpusError):
+            raise
+        raise CorpusError(f"{exp.source}: corpus.build ({kind}, {config}): {e}") from None
     except ImportError as e:
         raise ConfigError(
             f"{exp.source}: corpus.build kind {kind!r} needs {e.name}, which this installation "
@@ -438,9 +480,13 @@ def run_sweep(
     t0 = time.time()
     exp = load_experiment(exp_path, overrides)
     exp.source = str(Path(exp_path).resolve())  # trials run in other working directories
+    if exp.search is None:
+        validated_cells(exp)  # before the corpus is built: a typo in the grid costs nothing
     results_dir = (results_dir or Path("results")).resolve()
     corpus = load_corpus(exp, console)
-    tracker = Tracker(exp.tracking, exp.name)
+    for cell in [{}] if exp.search else grid_cells(exp):
+        check_corpus_fits(apply_cell(exp, cell), corpus)
+    tracker = Tracker(exp.tracking, exp.name, exp.source)
     for name in tracker.close_stale_runs():
         console.print(f"[yellow]marked KILLED[/] {name}: left RUNNING by a driver that is gone")
     plan = make_plan(exp, corpus.sha256, tracker, resume=resume)

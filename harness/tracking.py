@@ -15,6 +15,8 @@ import re
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -89,6 +91,30 @@ def default_artifact_location(uri: str) -> str | None:
     return (Path(uri[len(prefix) :]).parent / "artifacts").as_uri()
 
 
+class TrackingError(RuntimeError):
+    """The tracking server cannot be reached; the message names the URI (and the file)."""
+
+
+def check_reachable(uri: str, where: str | None = None, timeout: float = 5.0) -> None:
+    """Fail in seconds when an http(s) tracking URI does not answer: MLflow's client retries a dead
+    server for minutes before it gives up. Any HTTP answer to ``/health`` counts as reachable."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered (an auth proxy, an older server): the client will say more
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        prefix = f"{where}: " if where else ""
+        raise TrackingError(
+            f"{prefix}tracking.uri {uri}: no MLflow tracking server answers there ({reason}); "
+            "start it (`mlflow server --host 127.0.0.1 --port PORT`) or fix tracking.uri"
+        ) from None
+
+
 def describe_error(exc: BaseException | None) -> str:
     """``Type: message`` of the exception a trial raised, unwrapped from Ray's wrappers."""
     if exc is None:
@@ -112,8 +138,9 @@ class FinishedTrial:
 class Tracker:
     """The driver's MLflow writer for one experiment."""
 
-    def __init__(self, settings: TrackingSettings, experiment_name: str):
+    def __init__(self, settings: TrackingSettings, experiment_name: str, where: str | None = None):
         self.uri = resolve_uri(settings.uri)
+        check_reachable(self.uri, where)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_name = experiment_name
         found = self.client.get_experiment_by_name(experiment_name)
@@ -283,14 +310,18 @@ def ui_command(uri: str, port: int, host: str = "127.0.0.1") -> list[str]:
             "--host", host, "--port", str(port), "--workers", "1"]  # fmt: skip
 
 
-def start_ui(uri: str, port: int, host: str = "127.0.0.1", timeout: float = 60.0) -> subprocess.Popen[bytes]:
+class UIError(RuntimeError):
+    """The MLflow UI could not be started."""
+
+
+def start_ui(uri: str, port: int, host: str = "127.0.0.1", timeout: float = 180.0) -> subprocess.Popen[bytes]:
     """Start the MLflow UI and return once ``/health`` answers (the caller stops the process)."""
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(ui_command(resolve_uri(uri), port, host), env=env, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"mlflow ui exited with code {proc.returncode} (is port {port} taken?)")
+            raise UIError(f"mlflow ui exited with code {proc.returncode} (is port {port} taken?)")
         try:
             with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=2) as r:
                 if r.status == 200:
@@ -298,17 +329,23 @@ def start_ui(uri: str, port: int, host: str = "127.0.0.1", timeout: float = 60.0
         except OSError:
             time.sleep(0.5)
     proc.terminate()
-    raise RuntimeError(f"mlflow ui did not answer on http://{host}:{port} within {timeout:.0f} s")
+    raise UIError(
+        f"mlflow ui did not answer on http://{host}:{port} within {timeout:.0f} s "
+        "(a loaded machine starts it slowly: raise --timeout)"
+    )
 
 
-def serve_ui(exp_path_or_uri: str | os.PathLike[str], port: int = 5000, host: str = "127.0.0.1") -> None:
+def serve_ui(
+    exp_path_or_uri: str | os.PathLike[str], port: int = 5000, host: str = "127.0.0.1", timeout: float = 180.0
+) -> None:
     """``harness ui``: serve the store of an experiment file (or a tracking URI) until Ctrl-C."""
     target = str(exp_path_or_uri)
     if target.endswith((".yaml", ".yml")) or Path(target).is_file():
         from harness.config import load_experiment
 
         target = load_experiment(target).tracking.uri
-    proc = start_ui(target, port, host)
+    print(f"starting the MLflow UI for {resolve_uri(target)} on http://{host}:{port} ...", flush=True)
+    proc = start_ui(target, port, host, timeout=timeout)
     print(f"MLflow UI for {resolve_uri(target)}: http://{host}:{port}  (Ctrl-C to stop)", flush=True)
     try:
         proc.wait()

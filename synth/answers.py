@@ -25,6 +25,7 @@ MISSING_FIELD = "missing_field"
 WRONG_TYPE = "wrong_type"
 WRONG_NEGATIVE_COUNT = "wrong_negative_count"
 EMPTY_TEXT = "empty_text"
+INVALID_UNICODE = "invalid_unicode"  # see is_text
 TOO_SHORT = "too_short"
 TOO_LONG = "too_long"
 QUERY_EQUALS_POSITIVE = "query_equals_positive"
@@ -116,9 +117,23 @@ def _norm(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
+def is_text(text: str) -> bool:
+    """False for text holding U+FFFD (undecodable bytes upstream) or code points UTF-8 cannot
+    hold (a lone surrogate from a ``\\ud800`` JSON escape): such text cannot go into a corpus."""
+    if "\ufffd" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_length(text: str, field: str, limits: Validation) -> None:
     if not text:
         raise Rejected(EMPTY_TEXT, field)
+    if not is_text(text):
+        raise Rejected(INVALID_UNICODE, field)
     if len(text) < limits.min_chars:
         raise Rejected(TOO_SHORT, f"{field} has {len(text)} chars")
     if len(text) > limits.max_chars:
@@ -168,7 +183,7 @@ def parse_tasks(text: str, limits: Validation, *, truncated: bool = False) -> li
     tasks = [
         " ".join(t.split())
         for t in value
-        if isinstance(t, str) and MIN_TASK_CHARS <= len(t.strip()) <= MAX_TASK_CHARS
+        if isinstance(t, str) and MIN_TASK_CHARS <= len(t.strip()) <= MAX_TASK_CHARS and is_text(t)
     ]
     if not tasks:
         raise Rejected(NO_TASKS, "no usable task description")

@@ -26,7 +26,8 @@ err = Console(stderr=True)
 USAGE_ERROR = 2
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors a user can fix (config, data, endpoint): one line each, never a traceback."""
     from synth.corpus import CorpusError
     from synth.llm import EndpointError
     from synth.mine import MineError
@@ -44,7 +45,7 @@ def _run(fn: Callable[[], None]) -> None:
     """Run a command; a user-fixable error becomes one red line (no traceback) and exit code 2."""
     try:
         fn()
-    except _user_errors() as e:
+    except user_errors() as e:
         for line in str(e).splitlines() or [type(e).__name__]:
             err.print(f"[red]error:[/red] {escape(line)}", soft_wrap=True)
         raise typer.Exit(USAGE_ERROR) from None

@@ -87,6 +87,7 @@ class RunState:
     rejects: Counter[str] = field(default_factory=Counter)
     answered: int = 0
     failed: int = 0
+    failures: Counter[str] = field(default_factory=Counter)  # failed requests by EndpointError.kind
     last_error: str | None = None
     retries: int = 0
     stopped: str | None = None
@@ -265,6 +266,7 @@ async def _run_requests(
                 if e.fatal:
                     raise
                 state.failed += 1  # not journaled: a rerun tries it again
+                state.failures[e.kind] += 1
                 state.last_error = str(e)
                 continue
             record = {
@@ -350,14 +352,15 @@ def generate(config: SynthConfig, *, progress: bool = True, console: Console | N
     records = journal.read()
     state.usage = journal_usage(records)  # the corpus' whole cost, all runs together
     complete = stage1_done and all(r.key in records for r in stage2)
-    corpus = build_corpus(config, prompts, endpoint, stage1, stage2, pools, records, state, seconds=time.monotonic() - t0)
+    corpus = build_corpus(config, prompts, endpoint, stage1, stage2, pools, records, state,
+                          seconds=time.monotonic() - t0, complete=complete)
     return GenerateResult(corpus=corpus, complete=complete)
 
 
 def build_corpus(
     config: SynthConfig, prompts: PromptSet, endpoint: Endpoint, stage1: list[Request],
     stage2: list[Request], pools: dict[str, list[str]], records: dict[str, dict[str, Any]],
-    state: RunState, *, seconds: float,
+    state: RunState, *, seconds: float, complete: bool,
 ) -> Corpus:
     """Validate every journaled answer of the plan, dedup, write the corpus and ``rejects.jsonl``."""
     rows, rejects = RowBuilder(), []
@@ -416,7 +419,9 @@ def build_corpus(
         "requests": {
             "brainstorm": {"planned": len(stage1), "answered": sum(r.key in records for r in stage1)},
             "generate": {"planned": len(stage2), "answered": answered2},
-            "failed_this_run": state.failed, "last_error": state.last_error,
+            "failed_this_run": state.failed,
+            "failures_this_run": dict(sorted(state.failures.items())),
+            "last_error": state.last_error,
             "retries_this_run": state.retries,
         },
         "task_pool_sizes": {subtask: len(pool) for subtask, pool in pools.items()},
@@ -425,6 +430,7 @@ def build_corpus(
         "timing": {"this_run_s": round(seconds, 1), "first_answer": times[0] if times else None,
                    "last_answer": times[-1] if times else None},
         "stopped": state.stopped,
+        "complete": complete,  # every planned request answered (else a rerun resumes it)
     }
     return write_corpus(rows.frame(), config.output, name=config.name, build=build,
                         usage=state.usage.report(config.budget), extra=extra)
@@ -456,7 +462,11 @@ def summary_lines(result: GenerateResult) -> list[str]:
     if m["rejects"]:
         lines.append("rejects: " + ", ".join(f"{k} {v}" for k, v in m["rejects"].items()))
     if requests["failed_this_run"]:
-        lines.append(f"{requests['failed_this_run']} request(s) failed; last error: {requests['last_error']}")
+        kinds = ", ".join(f"{k} {v}" for k, v in requests["failures_this_run"].items())
+        lines.append(
+            f"{requests['failed_this_run']} request(s) failed ({kinds}); "
+            f"last error: {requests['last_error']}"
+        )
     if not result.complete:
         lines.append(f"incomplete: {m['stopped'] or 'some requests failed (run again to retry them)'}")
     return lines

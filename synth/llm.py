@@ -2,9 +2,12 @@
 
 Retries are done here rather than by the ``openai`` client (built with ``max_retries=0``) so each
 retry is counted and the policy is explicit: exponential backoff with full jitter on 429, 5xx,
-timeouts and connection errors, honouring a server's ``Retry-After``. Other errors (400, 401, 404)
-are not retried: they will not get better. The token budget is checked before each request, so a
-run stops with at most the requests already in flight over it.
+timeouts, connection errors and answers that are not a chat completion (a gateway's HTML page, a
+body that is not UTF-8 JSON, no choices, content that is not text), honouring a server's
+``Retry-After`` up to ``backoff_max_s``. Other errors (400, 401, 404) are not retried: they will not
+get better. The token budget is checked before each request, so a run stops with at most the
+requests already in flight over it. Error messages never carry the API key, even when a server
+echoes it back.
 """
 
 from __future__ import annotations
@@ -33,9 +36,14 @@ class EndpointError(RuntimeError):
     ``fatal`` errors (bad key, unknown model or URL) end the run; others fail only their request.
     """
 
-    def __init__(self, message: str, *, fatal: bool = False) -> None:
+    def __init__(self, message: str, *, fatal: bool = False, kind: str = "error") -> None:
         super().__init__(message)
         self.fatal = fatal
+        self.kind = kind  # counted per run: http_<status>, timeout, connection, bad_response
+
+
+class BadResponse(ValueError):
+    """An HTTP 200 whose body is not a usable chat completion; the message says what it was."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,7 @@ class ChatClient:
         self.retries = 0
         self._extra_body = extra_body or {}
         self._rng = random.Random()
+        self._api_key = api_key
         self._client = AsyncOpenAI(
             base_url=base_url, api_key=api_key, timeout=endpoint.timeout_s, max_retries=0
         )
@@ -142,39 +151,73 @@ class ChatClient:
         if self._extra_body:
             kwargs["extra_body"] = self._extra_body
         for attempt in range(self.endpoint.max_retries + 1):
+            last = attempt == self.endpoint.max_retries
             try:
-                response = await self._client.chat.completions.create(**kwargs)
+                return self._completion(await self._client.chat.completions.create(**kwargs))
             except openai.APIStatusError as e:
-                if e.status_code not in RETRY_STATUS or attempt == self.endpoint.max_retries:
+                if e.status_code not in RETRY_STATUS or last:
                     raise EndpointError(
-                        self._describe(f"HTTP {e.status_code}", e, attempt), fatal=e.status_code in FATAL_STATUS
+                        self._describe(f"HTTP {e.status_code}", e, attempt),
+                        fatal=e.status_code in FATAL_STATUS, kind=f"http_{e.status_code}",
                     ) from None
                 wait = retry_after_s(e)
                 wait = backoff_s(attempt, self.endpoint, self._rng) if wait is None else wait
+                wait = min(wait, self.endpoint.backoff_max_s)
             except (openai.APITimeoutError, openai.APIConnectionError) as e:
-                if attempt == self.endpoint.max_retries:
-                    raise EndpointError(self._describe(type(e).__name__, e, attempt)) from None
+                if last:
+                    kind = "timeout" if isinstance(e, openai.APITimeoutError) else "connection"
+                    message = self._describe(type(e).__name__, e, attempt)
+                    raise EndpointError(message, kind=kind) from None
                 wait = backoff_s(attempt, self.endpoint, self._rng)
-            else:
-                return self._completion(response)
+            except (BadResponse, openai.APIResponseValidationError, ValueError) as e:
+                # ValueError: the client could not decode the body (not UTF-8, not JSON)
+                if last:
+                    message = self._describe("bad response", e, attempt)
+                    raise EndpointError(message, kind="bad_response") from None
+                wait = backoff_s(attempt, self.endpoint, self._rng)
             self.retries += 1
             await asyncio.sleep(wait)
         raise AssertionError("unreachable: the loop returns or raises")
 
     def _completion(self, response: Any) -> Completion:
-        if not response.choices:
-            raise EndpointError(f"{self._client.base_url}: an answer without choices")
-        choice = response.choices[0]
-        usage = response.usage
-        prompt, completion = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+        """Check that ``response`` is a chat completion (the client does not validate it)."""
+        choices = getattr(response, "choices", None)
+        if not isinstance(choices, list) or not choices:
+            shown = response[:80] if isinstance(response, str) else type(response).__name__
+            raise BadResponse(f"an answer without choices: {shown!r}")
+        choice = choices[0]
+        content = getattr(getattr(choice, "message", None), "content", None)
+        if not isinstance(content, (str, type(None))):
+            raise BadResponse(f"message content is {type(content).__name__}, expected text")
+        finish_reason = getattr(choice, "finish_reason", None)
+        usage = getattr(response, "usage", None)
+        prompt, completion = _tokens(usage, "prompt_tokens"), _tokens(usage, "completion_tokens")
         self.usage.add(prompt, completion)
         return Completion(
-            content=choice.message.content or "",
+            content=valid_unicode(content or ""),
             prompt_tokens=prompt,
             completion_tokens=completion,
-            finish_reason=choice.finish_reason,
+            finish_reason=finish_reason if isinstance(finish_reason, str) else None,
         )
 
     def _describe(self, what: str, error: Exception, attempt: int) -> str:
         message = getattr(error, "message", None) or str(error)
+        if len(self._api_key) >= 8:  # a server may echo the key in its error text
+            message = message.replace(self._api_key, "***")
         return f"{self._client.base_url} ({self.model}): {what} after {attempt + 1} attempt(s): {message[:300]}"
+
+
+def _tokens(usage: Any, name: str) -> int:
+    """A token count from ``usage`` (0 when the server sent none or not a count)."""
+    value = getattr(usage, name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def valid_unicode(text: str) -> str:
+    """``text`` with code points UTF-8 cannot hold (lone surrogates from ``\\ud800`` escapes)
+    replaced by U+FFFD, so the journal, the rejects and the parquet can always be written."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text

@@ -52,7 +52,7 @@ class Endpoint(_Strict):
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(6, ge=0)
     backoff_initial_s: float = Field(1.0, gt=0)
-    backoff_max_s: float = Field(60.0, gt=0)
+    backoff_max_s: float = Field(60.0, gt=0)  # also the longest Retry-After honoured
     # Passed through unchanged in every request body (e.g. vLLM's `guided_decoding_backend`).
     extra_body: dict[str, object] = Field(default_factory=dict)
 
@@ -154,6 +154,8 @@ def load_synth_config(path: str | os.PathLike[str], *, output: Path | None = Non
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise SynthConfigError(f"{path}: not valid YAML ({e})") from None
+    except RecursionError:  # PyYAML composes nested blocks recursively
+        raise SynthConfigError(f"{path}: not valid YAML (nested too deeply)") from None
     if not isinstance(raw, dict):
         raise SynthConfigError(f"{path}: expected a mapping at the top level")
     if output is not None:

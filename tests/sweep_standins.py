@@ -5,6 +5,7 @@ Ray workers import this module by name: the tests put ``tests/`` on their PYTHON
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 from harness.trial import TrialOutput
@@ -15,7 +16,9 @@ SLOW_SEED = 1  # `kill_me`: the trial with this seed blocks until the test lets 
 def quick(exp, corpus, ctx):
     """Three logged steps and a small model artifact; ``mean`` pooling fails, like a bad cell."""
     for step in range(1, 4):
-        ctx.report(step, {"train/loss": 1.0 / step, "train/lr": exp.train.lr, "train/examples_per_s": 10.0})
+        ctx.report(
+            step, {"train/loss": 1.0 / step, "train/lr": exp.train.lr, "train/examples_per_s": 10.0}
+        )
     if exp.model.pooling == "mean":
         raise RuntimeError("mean pooling refused on purpose")
     model = ctx.workdir / "model"
@@ -44,3 +47,36 @@ def kill_me(exp, corpus, ctx):
     while exp.train.seed == SLOW_SEED and block and os.path.exists(block):
         time.sleep(0.2)
     return TrialOutput(metrics={"eval/avg": 0.5})
+
+
+def faulty(exp, corpus, ctx):
+    """A trial per way of failing, by seed: 0 loads the experiment's model with the real loader (the
+    tests name one that does not exist); 1 raises; 2 asks torch's CPU allocator for the activations
+    of a batch far larger than any machine's memory (a real allocation failure, raised at once:
+    the cheap stand-in for a large batch on a small memory limit); 3 dies by SIGKILL without a
+    word, as a trial the kernel's out-of-memory killer ends; the others finish."""
+    ctx.report(1, {"train/loss": 1.0})
+    seed = exp.train.seed
+    if seed == 0:
+        from harness.models import load_backbone, pick_device
+
+        load_backbone(exp.model, pick_device("cpu"))
+    if seed == 1:
+        raise ValueError("trial raised on purpose")
+    if seed == 2:
+        import torch
+
+        torch.empty(
+            (exp.train.batch_size * 2**20, exp.model.max_doc_length, 576), dtype=torch.float32
+        )
+    if seed == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return TrialOutput(metrics={"eval/avg": 0.5 + seed / 100})
+
+
+def steady(exp, corpus, ctx):
+    """Three steps of 0.3 s and a score that depends only on the seed (the same in every rerun)."""
+    for step in range(1, 4):
+        time.sleep(0.3)
+        ctx.report(step, {"train/loss": 1.0 / step})
+    return TrialOutput(metrics={"eval/avg": 0.5 + exp.train.seed / 100})

@@ -1,29 +1,65 @@
 """Loopback HTTP helpers for the synthesis tests: a recording proxy in front of the real local
-server, and a scripted fake OpenAI-compatible server for answers and faults a real server cannot
-produce on demand (exactly-malformed JSON, 429 with Retry-After, 500)."""
+server, a scripted fake OpenAI-compatible server for answers and faults a real server cannot
+produce on demand (exactly-malformed JSON, 429 with Retry-After, 500), and SYNTH.yaml files for
+it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 # (status, headers, JSON body) for one chat-completions request body.
 Responder = Callable[[dict[str, Any]], tuple[int, dict[str, str], dict[str, Any]]]
 
 
-def chat_response(content: str, *, prompt_tokens: int = 10, completion_tokens: int = 20) -> dict[str, Any]:
+GOOD = {
+    "query": "how do tides work",
+    "positive": "Tides are caused by the moon's gravity.",
+    "negatives": [
+        "Tides of war shaped Europe.",
+        "Ocean currents move heat.",
+        "Moon phases repeat.",
+        "Bread needs yeast.",
+    ],
+}
+
+
+def good_with(**changes: Any) -> str:
+    """A valid stage-2 answer with some fields changed."""
+    return json.dumps({**GOOD, **changes})
+
+
+def chat_response(
+    content: str, *, prompt_tokens: int = 10, completion_tokens: int = 20
+) -> dict[str, Any]:
     return {
-        "id": "fake", "object": "chat.completion", "created": 0, "model": "fake",
-        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "id": "fake",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "fake",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": content},
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
     }
 
 
@@ -89,5 +125,95 @@ def forward_to(base_url: str, timeout: float = 900) -> Responder:
     def respond(body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:
         r = client.post(f"{base_url}/chat/completions", json=body)
         return r.status_code, {}, r.json()
+
+    return respond
+
+
+def synth_config_file(tmp_path: Path, **overrides: Any) -> Path:
+    """A small SYNTH.yaml for the fake server (16 requests: 4 brainstorm, 12 examples); top-level
+    mappings in ``overrides`` are merged into the defaults, other values replace them."""
+    raw: dict[str, Any] = {
+        "name": "synth-test",
+        "output": str(tmp_path / "corpus"),
+        "endpoint": {
+            "model": "fake-model",
+            "api_key_env": "NM_TEST_KEY",
+            "backoff_initial_s": 0.01,
+            "backoff_max_s": 0.05,
+            "timeout_s": 30,
+            "response_format": "json_object",
+        },
+        "concurrency": 3,
+        "sampling": {"brainstorm_max_tokens": 64, "generate_max_tokens": 64},
+        "budget": {"price_per_1m_input": 2.5, "price_per_1m_output": 10.0},
+        "tasks": {"brainstorm_requests": 2, "examples": {"short-long": 6, "sts": 6}, "seed": 1},
+    }
+    for k, v in overrides.items():
+        raw[k] = {**raw[k], **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "synth.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def scripted(faults: dict[str, list[int]] | None = None, delay_s: float = 0.0) -> Responder:
+    """Deterministic answers from the prompt (same prompt, same answer), with HTTP faults
+    injected by prompt: ``faults[subtask-marker] = [429, 500]`` answers those statuses first.
+    ``delay_s`` per answer leaves time to kill a client mid-run."""
+    seen: Counter[str] = Counter()
+    pending = {k: list(v) for k, v in (faults or {}).items()}
+
+    def respond(body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:
+        text, h = body["messages"][0]["content"], prompt_hash(body)
+        time.sleep(delay_s)
+        for marker, statuses in pending.items():
+            if marker in text and statuses:
+                status = statuses.pop(0)
+                headers = {"Retry-After": "0.05"} if status == 429 else {}
+                return status, headers, {"error": {"message": f"injected {status}"}}
+        if text.startswith("Brainstorm"):
+            return (
+                200,
+                {},
+                chat_response(
+                    json.dumps(
+                        {
+                            "tasks": [
+                                f"Given a {h} question, find passages.",
+                                "Given a claim, find evidence.",
+                            ]
+                        }
+                    )
+                ),
+            )
+        seen[h] += 1
+        n = (
+            body["seed"] % 4
+        )  # the seed is derived from the request key: one fixed answer per request
+        if n == 0:
+            return 200, {}, chat_response('{"query": "broken')  # exactly malformed
+        if n == 1:
+            return (
+                200,
+                {},
+                chat_response(
+                    good_with(
+                        negatives=[GOOD["positive"], "bread rises", "cats purr", "rain falls"]
+                    )
+                ),
+            )
+        return (
+            200,
+            {},
+            chat_response(
+                json.dumps(
+                    {
+                        "query": f"query {body['seed']}",
+                        "positive": f"positive {body['seed']}",
+                        "negatives": [f"hard {body['seed']}", "medium one", "medium two", "easy"],
+                    }
+                )
+            ),
+        )
 
     return respond

@@ -56,6 +56,7 @@ def test_overrides_and_yaml_floats(tmp_path):
         ("extends: missing.yaml\nname: x\n", ["missing.yaml", "not found"]),
     ],
 )
+@pytest.mark.faults
 def test_errors_name_the_file_and_the_field(tmp_path, text, fragments):
     f = _write(tmp_path, "bad.yaml", text)
     with pytest.raises(ConfigError) as e:
@@ -66,6 +67,7 @@ def test_errors_name_the_file_and_the_field(tmp_path, text, fragments):
         assert fragment in msg
 
 
+@pytest.mark.faults
 def test_extends_cycle_is_an_error(tmp_path):
     _write(tmp_path, "a.yaml", "extends: b.yaml\nname: a\n")
     _write(tmp_path, "b.yaml", "extends: a.yaml\nname: b\n")

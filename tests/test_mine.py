@@ -155,6 +155,7 @@ def test_beir_folder_gives_qrel_pairs_and_whole_corpus_pool(shared_data: Path) -
     assert all(p.negative is None for p in pair_set.pairs)
 
 
+@pytest.mark.faults
 def test_bad_sources_are_named(tmp_path: Path, shared_data: Path) -> None:
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"query": "a", "positive": "b"}\n{"query": "c", "answer": "d"}\n', encoding="utf-8")
@@ -168,6 +169,7 @@ def test_bad_sources_are_named(tmp_path: Path, shared_data: Path) -> None:
         read_local(tmp_path, "train", Columns())
 
 
+@pytest.mark.faults
 def test_config_errors_name_file_and_field(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(MineError, match=r"mine\.yaml: sources\.0\.colour: Extra inputs"):
         load_config_text(tmp_path, "sources: [{path: x, colour: red}]")
@@ -194,6 +196,7 @@ def test_committed_configs_load(shared_data: Path, monkeypatch) -> None:
     assert smoke.sources[0].max_rows == 600
 
 
+@pytest.mark.faults
 def test_hub_source_fails_fast_offline_and_unreachable(monkeypatch) -> None:
     started = time.monotonic()
     with pytest.raises(SourceError, match="HF_HUB_OFFLINE is set"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import socket
 import time
@@ -9,27 +10,18 @@ import urllib.request
 
 import pytest
 import sweep_standins
+from faults_util import listen_addresses
 from mlflow import MlflowClient
-from sweep_util import runs, worker_pythonpath, write_experiment
+from sweep_util import runs, write_experiment
 
+from harness.cli import ui
 from harness.config import TrackingSettings
 from harness.sweep import SweepError, _check_reachable, run_sweep
 from harness.tracking import Tracker, metric_name, redact, start_ui
 from synth.corpus import read_manifest
 
 
-@pytest.fixture(scope="module")
-def ray_instance():
-    """One Ray start for the module (~3-8 s here); run_sweep reuses a connection it finds."""
-    ray = pytest.importorskip("ray")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("PYTHONPATH", worker_pythonpath())
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
-    mp.undo()
-
-
+@pytest.mark.faults
 def test_grid_layout_failure_and_resume(ray_instance, tmp_path, tiny_corpus_dir):
     exp = write_experiment(tmp_path, tiny_corpus_dir, "grid", grid={"pooling": ["eos", "mean", "ata"]})
     summary = run_sweep(exp, [], trial_fn=sweep_standins.quick, results_dir=tmp_path / "results")
@@ -121,6 +113,7 @@ def test_real_trial_trains_and_reports(ray_instance, tmp_path, tiny_corpus_dir, 
     assert "model" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
+@pytest.mark.faults
 def test_unreachable_cluster_fails_fast():
     start = time.monotonic()
     with pytest.raises(SweepError, match="cannot reach the Ray cluster at 127.0.0.1:9"):
@@ -128,6 +121,7 @@ def test_unreachable_cluster_fails_fast():
     assert time.monotonic() - start < 5
 
 
+@pytest.mark.faults
 def test_names_and_secrets():
     assert metric_name("heldout/recall@1") == "heldout/recall_at_1"
     assert metric_name("eval/STS Benchmark") == "eval/STS Benchmark"
@@ -135,6 +129,7 @@ def test_names_and_secrets():
     assert clean == {"synth.api_key": "***", "x.note": "key ***", "a": 1}
 
 
+@pytest.mark.faults
 def test_ui_serves_the_store(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     Tracker(TrackingSettings(uri=uri), "ui-check")
@@ -146,6 +141,9 @@ def test_ui_serves_the_store(tmp_path):
         url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=ui-check"
         with urllib.request.urlopen(url, timeout=10) as r:
             assert json.load(r)["experiment"]["name"] == "ui-check"
+        # `harness ui` serves on loopback unless told otherwise (--host)
+        assert listen_addresses(proc.pid) == {"127.0.0.1"}
+        assert inspect.signature(ui).parameters["host"].default == "127.0.0.1"
     finally:
         proc.terminate()
         proc.wait(timeout=20)

@@ -6,39 +6,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 
+import pytest
 import sweep_standins
-from sweep_util import runs, worker_pythonpath, write_experiment
+from sweep_util import runs, start_driver, write_experiment
 
-DRIVER = """
-import sys
-from pathlib import Path
-import sweep_standins
-from harness.sweep import run_sweep
-summary = run_sweep(Path(sys.argv[1]), sys.argv[2:], trial_fn=sweep_standins.kill_me, results_dir=Path(sys.argv[1]).parent / "r")
-sys.exit(summary.exit_code)
-"""
-
-
-def _driver(exp, block) -> subprocess.Popen[str]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": worker_pythonpath(),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "SWEEP_TEST_BLOCK": str(block),
-    }
-    # its own process group, so the kill takes the driver's local Ray with it, like a lost machine
-    return subprocess.Popen(
-        [sys.executable, "-c", DRIVER, str(exp)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+pytestmark = pytest.mark.faults
 
 
 def _trials(tmp_path) -> dict[str, str]:
@@ -58,7 +32,7 @@ def test_rerun_after_driver_kill_skips_finished(tmp_path, tiny_corpus_dir):
     )
     block = tmp_path / "block"
     block.touch()
-    first = _driver(exp, block)
+    first = start_driver(exp, "kill_me", SWEEP_TEST_BLOCK=str(block))
     try:
         # read the store only once the driver has created it (two processes migrating one new
         # SQLite file collide); the plan is printed after that
@@ -76,7 +50,7 @@ def test_rerun_after_driver_kill_skips_finished(tmp_path, tiny_corpus_dir):
         first.communicate()
 
     block.unlink()
-    second = _driver(exp, block)
+    second = start_driver(exp, "kill_me", SWEEP_TEST_BLOCK=str(block))
     out, _ = second.communicate(timeout=240)
     assert second.returncode == 0, out
     assert "skip s0" in out and "marked KILLED s1" in out, out

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from synth.cli import app
@@ -38,6 +39,7 @@ def test_mine_then_audit(tmp_path: Path, shared_data: Path) -> None:
     assert "level 3" in result.output and (out / "audit.json").is_file()
 
 
+@pytest.mark.faults
 def test_user_errors_exit_2_with_one_line(tmp_path: Path) -> None:
     config = tmp_path / "mine.yaml"
     config.write_text("sources: [{path: x}]\nbandz: []\n", encoding="utf-8")
@@ -54,6 +56,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path: Path) -> None:
         assert "Traceback" not in result.output
 
 
+@pytest.mark.faults
 def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "synth.cli", "audit", str(tmp_path / "nope")],

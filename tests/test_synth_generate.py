@@ -19,30 +19,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from synth_servers import GOOD, Recorder, forward_to, scripted, serve
+from synth_servers import good_with as _with
+from synth_servers import synth_config_file as _config
 
 from synth.answers import Rejected, parse_example, parse_tasks
 from synth.corpus import read_corpus
 from synth.generate import JOURNAL_FILE, REJECTS_FILE, generate
 from synth.journal import Journal
-from synth.server import local_server
-from synth.synth_config import LocalServer, SynthConfigError, Validation, load_synth_config
-from tests.synth_servers import Recorder, chat_response, forward_to, prompt_hash, serve
+from synth.synth_config import SynthConfigError, Validation, load_synth_config
+
+pytestmark = pytest.mark.faults
 
 KEY = "sk-test-never-written-7c1f"
 LIMITS = Validation()
-GOOD = {"query": "how do tides work", "positive": "Tides are caused by the moon's gravity.",
-        "negatives": ["Tides of war shaped Europe.", "Ocean currents move heat.", "Moon phases repeat.", "Bread needs yeast."]}
 
 
 def _reason(text: str, **kw: Any) -> str:
     with pytest.raises(Rejected) as e:
         parse_example(text, LIMITS, **kw)
     return e.value.reason
-
-
-def _with(**changes: Any) -> str:
-    return json.dumps({**GOOD, **changes})
 
 
 def test_valid_answers_parse_inside_fences_and_chatter() -> None:
@@ -90,25 +86,6 @@ def test_journal_tolerates_a_torn_last_line(tmp_path: Path) -> None:
     assert journal.path.read_bytes().count(b"\n") == 2
 
 
-def _config(tmp_path: Path, **overrides: Any) -> Path:
-    raw: dict[str, Any] = {
-        "name": "synth-test",
-        "output": str(tmp_path / "corpus"),
-        "endpoint": {"model": "fake-model", "api_key_env": "NM_TEST_KEY", "backoff_initial_s": 0.01,
-                     "backoff_max_s": 0.05, "timeout_s": 30, "response_format": "json_object"},
-        "concurrency": 3,
-        "sampling": {"brainstorm_max_tokens": 64, "generate_max_tokens": 64},
-        "budget": {"price_per_1m_input": 2.5, "price_per_1m_output": 10.0},
-        "tasks": {"brainstorm_requests": 2, "examples": {"short-long": 6, "sts": 6}, "seed": 1},
-    }
-    for k, v in overrides.items():
-        raw[k] = {**raw[k], **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "synth.yaml"
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    return path
-
-
 @pytest.mark.parametrize("name", ["local-smollm2.yaml", "openai-example.yaml"])
 def test_shipped_configs_load(name: str) -> None:
     config = load_synth_config(Path(__file__).parents[1] / "synth" / "data" / name)
@@ -132,35 +109,6 @@ def test_cli_reports_a_missing_key_in_one_line_naming_the_variable(tmp_path: Pat
     result = CliRunner().invoke(app, ["generate", str(_config(tmp_path, endpoint={"base_url": "http://127.0.0.1:9/v1"})), "-q"])
     assert result.exit_code == 2
     assert "NM_TEST_KEY" in result.output and "Traceback" not in result.output
-
-
-def scripted(faults: dict[str, list[int]] | None = None, delay_s: float = 0.0) -> Any:
-    """Deterministic answers from the prompt (same prompt, same answer), with HTTP faults
-    injected by prompt: ``faults[subtask-marker] = [429, 500]`` answers those statuses first.
-    ``delay_s`` per answer leaves time to kill a client mid-run."""
-    seen: Counter[str] = Counter()
-    pending = {k: list(v) for k, v in (faults or {}).items()}
-
-    def respond(body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:
-        text, h = body["messages"][0]["content"], prompt_hash(body)
-        time.sleep(delay_s)
-        for marker, statuses in pending.items():
-            if marker in text and statuses:
-                status = statuses.pop(0)
-                headers = {"Retry-After": "0.05"} if status == 429 else {}
-                return status, headers, {"error": {"message": f"injected {status}"}}
-        if text.startswith("Brainstorm"):
-            return 200, {}, chat_response(json.dumps({"tasks": [f"Given a {h} question, find passages.", "Given a claim, find evidence."]}))
-        seen[h] += 1
-        n = body["seed"] % 4  # the seed is derived from the request key: one fixed answer per request
-        if n == 0:
-            return 200, {}, chat_response('{"query": "broken')  # exactly malformed
-        if n == 1:
-            return 200, {}, chat_response(_with(negatives=[GOOD["positive"], "bread rises", "cats purr", "rain falls"]))
-        return 200, {}, chat_response(json.dumps({"query": f"query {body['seed']}", "positive": f"positive {body['seed']}",
-                                                 "negatives": [f"hard {body['seed']}", "medium one", "medium two", "easy"]}))
-
-    return respond
 
 
 def test_generate_rejects_retries_and_never_writes_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -257,16 +205,6 @@ def test_sigkill_mid_run_then_rerun_gives_the_same_corpus(tmp_path: Path, monkey
 
 
 # ---- the real local server (transformers serve + packaged SmolLM2) -------------------------------
-
-
-@pytest.fixture(scope="session")
-def real_server(smollm2_dir: Path):
-    t0 = time.monotonic()
-    with local_server(LocalServer(model=str(smollm2_dir), continuous_batching=False, startup_timeout_s=300)) as server:
-        print(f"\ntransformers serve ready in {time.monotonic() - t0:.1f}s")
-        yield server
-    with pytest.raises(ProcessLookupError):  # stopped with its whole process group: no orphan
-        os.killpg(server.pid, 0)
 
 
 def _real_config(tmp_path: Path, url: str, model: str) -> Path:

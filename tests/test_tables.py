@@ -382,6 +382,7 @@ def test_runs_without_parent_or_eval(store: dict) -> None:
     assert {p.name for p in result.files} >= {"loss.png", "scores.png"}
 
 
+@pytest.mark.faults
 def test_bad_inputs_name_the_problem(store: dict, tmp_path: Path) -> None:
     uri = store["store"].uri
     with pytest.raises(TablesError, match="no MLflow experiment named 'nope'"):

@@ -99,6 +99,7 @@ def test_harness_train_cli_logs_an_mlflow_run(tiny_corpus_dir, tmp_path):
     assert (tmp_path / "run" / "model" / "embedder.json").is_file()
 
 
+@pytest.mark.faults
 def test_bad_experiment_files_fail_before_any_model_loads(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ncorpus: {path: c}\nmodel: {pooling: max}\ntrain: {stratgy: curriculum}\n")

@@ -85,9 +85,10 @@ def eval_command(
 def _client(tracking_uri: str | None):  # -> MlflowClient
     from mlflow import MlflowClient
 
-    from harness.tracking import resolve_uri
+    from harness.tracking import check_reachable, resolve_uri
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or TrackingSettings().uri
+    check_reachable(uri)
     return MlflowClient(tracking_uri=resolve_uri(uri))
 
 

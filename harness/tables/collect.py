@@ -104,7 +104,8 @@ def collect(
         raise ValueError("write_tables needs an experiment file or an experiment name")
     # without a file, the default store of experiment files (sqlite:///results/mlflow.db)
     uri = tracking_uri or (exp.tracking if exp is not None else TrackingSettings()).uri
-    given, uri = uri, _readable_uri(uri)
+    where = exp.source if exp is not None and not tracking_uri else None  # the file gave the URI
+    given, uri = uri, _readable_uri(uri, where)
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(name)
     if found is None:
@@ -154,10 +155,12 @@ def collect(
     )
 
 
-def _readable_uri(uri: str) -> str:
-    """An absolute sqlite URI for a store that exists (MLflow would create an empty one)."""
-    from harness.tracking import resolve_uri
+def _readable_uri(uri: str, where: str | None) -> str:
+    """An absolute sqlite URI for a store that exists (MLflow would create an empty one), or a
+    server URI that answers."""
+    from harness.tracking import check_reachable, resolve_uri
 
+    check_reachable(uri, where)
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not (Path.cwd() / uri[len(prefix) :]).is_file():
         raise TablesError(
