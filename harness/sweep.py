@@ -40,6 +40,7 @@ from harness.config import (
     trial_params,
     validated_cells,
 )
+from harness.tracking import CELL, SWEEP_KEY, TRIAL_KEY, Tracker, describe_error, redact_text
 from harness.trial import (
     ARTIFACTS,
     KIND,
@@ -52,7 +53,6 @@ from harness.trial import (
     trial_spec,
     unpack_artifacts,
 )
-from harness.tracking import CELL, SWEEP_KEY, TRIAL_KEY, Tracker, describe_error, redact_text
 from synth.cli import user_errors
 from synth.corpus import MANIFEST_FILE, Corpus, CorpusError, read_corpus
 
@@ -582,6 +582,7 @@ def _fit(
         param_space=param_space,
         tune_config=tune.TuneConfig(
             max_concurrent_trials=exp.resources.max_concurrent_trials,
+            reuse_actors=exp.resources.reuse_workers,
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
             **sampling,

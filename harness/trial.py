@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from synth.corpus import Corpus
-
 from harness.config import Experiment, apply_cell, cell_label, trial_key
+from synth.corpus import Corpus
 
 # Reserved result keys (everything else in a result is a metric).
 KIND = "harness/kind"  # "step" (a training step) or "final"
