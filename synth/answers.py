@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ DUPLICATE_NEGATIVES = "duplicate_negatives"
 NO_TASKS = "no_tasks"
 DUPLICATE_QUERY = "duplicate_query"
 DUPLICATE_POSITIVE = "duplicate_positive"
+ECHOES_PROMPT = "echoes_prompt"  # a one-text answer that copies its instructions (stage2: fields)
 
 # A task description is one sentence; shorter entries are placeholders copied from the prompt
 # ("first task", "Given ...").
@@ -151,6 +153,11 @@ def parse_example(text: str, limits: Validation, *, truncated: bool = False) -> 
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise Rejected(_PYDANTIC_REASONS.get(first["type"], WRONG_TYPE), f"{where}: {first['msg']}") from None
+    return validate_example(example, limits)
+
+
+def validate_example(example: Example, limits: Validation) -> Example:
+    """The checks every example passes, however it was written: lengths, no text equal to another."""
     _check_length(example.query, "query", limits)
     _check_length(example.positive, "positive", limits)
     for level, negative in enumerate(example.negatives, start=1):
@@ -167,6 +174,34 @@ def parse_example(text: str, limits: Validation, *, truncated: bool = False) -> 
     if len(set(negatives)) < len(negatives):
         raise Rejected(DUPLICATE_NEGATIVES)
     return example
+
+
+_LABEL = re.compile(r"^(?:query|input|output|answer|result|text|passage|sentence|title)\s*:\s*", re.IGNORECASE)
+_QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019"}
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and _QUOTES.get(text[0]) == text[-1]:
+        return text[1:-1].strip()
+    return text
+
+
+def parse_field(text: str, limits: Validation, echoes: Sequence[str] = (), *, field: str = "text",
+                truncated: bool = False) -> str:
+    """One plain-text answer (``stage2: fields``): its first paragraph, without a leading label
+    ("Query: ...") or wrapping quotes, whitespace collapsed; rejected when truncated, out of the
+    length limits, or when it copies a phrase of its own prompt (``echoes``)."""
+    if truncated:
+        raise Rejected(TRUNCATED, field)
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
+    cleaned = _unquote(_LABEL.sub("", _unquote(paragraphs[0] if paragraphs else "")))
+    cleaned = " ".join(cleaned.split())
+    _check_length(cleaned, field, limits)
+    folded = _norm(cleaned)
+    for phrase in echoes:
+        if phrase and _norm(phrase) in folded:
+            raise Rejected(ECHOES_PROMPT, f"{field} repeats {phrase!r}")
+    return cleaned
 
 
 def parse_tasks(text: str, limits: Validation, *, truncated: bool = False) -> list[str]:

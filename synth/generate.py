@@ -10,6 +10,12 @@ included, is appended as it arrives under a key hashed from (stage, model, promp
 task, sample index, seed). A rerun after a kill skips what is there, and the stage-2 plan depends
 only on the journaled stage-1 answers and the seed, so it ends with the same corpus. The corpus
 (``samples.parquet``, ``manifest.json``, ``rejects.jsonl``) is rebuilt from the journal at the end.
+
+With ``stage2: fields`` (models too small to write the JSON answer), stage 2 asks for one plain text
+per request instead: the query, then its positive (given the query), then each level's negative
+(given the query). Later requests depend on earlier answers, so the examples go in chunks (queries,
+positives, negatives of one chunk, then the next) and each key also hashes the text it was given:
+a rerun rebuilds the same plans from the journal and requests nothing twice.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,18 +42,21 @@ from synth.answers import (
     DUPLICATE_QUERY,
     EXAMPLE_SCHEMA,
     TASKS_SCHEMA,
+    Example,
     Rejected,
     parse_example,
+    parse_field,
     parse_tasks,
+    validate_example,
 )
 from synth.corpus import SYNTH_SUBTASKS, Corpus, RowBuilder, write_corpus
 from synth.journal import Journal
 from synth.llm import ChatClient, EndpointError, Usage
 from synth.server import local_server
 from synth.synth_config import SynthConfig, SynthConfigError
-from synth.templates import PromptSet
+from synth.templates import LEVELS, FieldPrompts, PromptSet, text_sha256
 
-Stage = Literal["brainstorm", "generate"]
+Stage = Literal["brainstorm", "generate", "query", "positive", "negative"]
 JOURNAL_FILE = "journal.jsonl"
 REJECTS_FILE = "rejects.jsonl"
 
@@ -61,6 +70,8 @@ class Request:
     prompt: str  # the template version
     key: str
     messages: list[dict[str, str]] = field(compare=False, hash=False)
+    level: int | None = None  # a `stage2: fields` negative's level
+    echoes: tuple[str, ...] = field(default=(), compare=False, hash=False)  # see parse_field
 
     @property
     def seed(self) -> int:
@@ -94,8 +105,12 @@ class RunState:
     deadline: float | None = None  # time.monotonic() after which no new request starts
 
 
-def request_key(stage: Stage, model_id: str, prompt: str, subtask: str, task: str | None, index: int, seed: int) -> str:
-    payload = json.dumps([stage, model_id, prompt, subtask, task, index, seed], ensure_ascii=False)
+def request_key(
+    stage: Stage, model_id: str, prompt: str, subtask: str, task: str | None, index: int, seed: int,
+    *context: object,
+) -> str:
+    """The journal key; ``context`` (the text a `fields` request was given, its level) joins the hash."""
+    payload = json.dumps([stage, model_id, prompt, subtask, task, index, seed, *context], ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 
@@ -154,8 +169,80 @@ def generate_plan(config: SynthConfig, prompts: PromptSet, model_id: str, pools:
     return sorted(plan, key=lambda r: (r.index, SYNTH_SUBTASKS.index(r.subtask)))
 
 
+def field_answer(config: SynthConfig, request: Request, record: dict[str, Any]) -> str:
+    """The cleaned text of a `fields` answer, or :class:`Rejected`."""
+    name = request.stage if request.level is None else f"negative level {request.level}"
+    return parse_field(record["content"], config.validation, request.echoes, field=name,
+                       truncated=record.get("finish_reason") == "length")
+
+
+def _accepted(config: SynthConfig, request: Request, records: dict[str, dict[str, Any]]) -> str | None:
+    record = records.get(request.key)
+    if record is None:
+        return None
+    try:
+        return field_answer(config, request, record)
+    except Rejected:
+        return None
+
+
+@dataclass(frozen=True)
+class FieldExample:
+    """The requests of one `stage2: fields` example, as far as its answers allow."""
+
+    query: Request
+    positive: Request | None = None  # planned once the query is answered and accepted
+    negatives: tuple[Request, ...] = ()  # planned once the positive is accepted
+
+    def requests(self) -> list[Request]:
+        return [self.query, *([self.positive] if self.positive else []), *self.negatives]
+
+
+def field_examples(
+    config: SynthConfig, fields: FieldPrompts, model_id: str, examples: list[Request],
+    records: dict[str, dict[str, Any]],
+) -> list[FieldExample]:
+    """Each planned example's requests given the journal: a positive needs an accepted query, the
+    negatives an accepted positive (each key hashes the query it was given)."""
+    seed, version = config.tasks.seed, fields.fields
+    out = []
+    for ex in examples:
+        assert ex.task is not None
+        sub, task, i = ex.subtask, ex.task, ex.index
+        query = Request(
+            stage="query", subtask=sub, index=i, task=task, prompt=version,
+            key=request_key("query", model_id, version, sub, task, i, seed),
+            messages=fields.messages("query", sub, task), echoes=tuple(fields.echoes("query", sub)),
+        )
+        q = _accepted(config, query, records)
+        if q is None:
+            out.append(FieldExample(query))
+            continue
+        positive = Request(
+            stage="positive", subtask=sub, index=i, task=task, prompt=version,
+            key=request_key("positive", model_id, version, sub, task, i, seed, q),
+            messages=fields.messages("positive", sub, task, q), echoes=tuple(fields.echoes("positive", sub)),
+        )
+        if _accepted(config, positive, records) is None:
+            out.append(FieldExample(query, positive))
+            continue
+        negatives = tuple(
+            Request(
+                stage="negative", subtask=sub, index=i, task=task, prompt=version, level=level,
+                key=request_key("negative", model_id, version, sub, task, i, seed, q, level),
+                messages=fields.messages("negative", sub, task, q, level),
+                echoes=tuple(fields.echoes("negative", sub, level)),
+            )
+            for level in LEVELS
+        )
+        out.append(FieldExample(query, positive, negatives))
+    return out
+
+
 def response_format(config: SynthConfig, stage: Stage) -> dict[str, Any] | None:
     mode = config.endpoint.response_format
+    if stage in ("query", "positive", "negative"):
+        return None  # plain text
     if mode == "json_schema":
         return TASKS_SCHEMA if stage == "brainstorm" else EXAMPLE_SCHEMA
     if mode == "json_object":
@@ -163,13 +250,15 @@ def response_format(config: SynthConfig, stage: Stage) -> dict[str, Any] | None:
     return None
 
 
-def check_answer(config: SynthConfig, stage: Stage, record: dict[str, Any]) -> Rejected | None:
+def check_answer(config: SynthConfig, request: Request, record: dict[str, Any]) -> Rejected | None:
     truncated = record.get("finish_reason") == "length"
     try:
-        if stage == "brainstorm":
+        if request.stage == "brainstorm":
             parse_tasks(record["content"], config.validation, truncated=truncated)
-        else:
+        elif request.stage == "generate":
             parse_example(record["content"], config.validation, truncated=truncated)
+        else:
+            field_answer(config, request, record)
     except Rejected as e:
         return e
     return None
@@ -215,6 +304,7 @@ class _Progress:
             TextColumn("${task.fields[cost]:.4f}"), TextColumn("{task.fields[rate]:.1f} tok/s"),
             TimeRemainingColumn(), console=console, disable=not enabled, transient=False,
         )
+        self._tasks: dict[str, Any] = {}
 
     def __enter__(self) -> _Progress:
         self._bar.__enter__()
@@ -224,7 +314,13 @@ class _Progress:
         self._bar.__exit__(*exc)
 
     def stage(self, name: str, total: int, done: int) -> Callable[[], None]:
-        task = self._bar.add_task(name, total=total, completed=done, **self._fields())
+        """The bar of ``name`` (a stage run in chunks keeps one bar; its totals grow)."""
+        if name in self._tasks:
+            task = self._tasks[name]
+            now = self._bar.tasks[self._bar.task_ids.index(task)]
+            self._bar.update(task, total=(now.total or 0) + total, completed=now.completed + done)
+        else:
+            task = self._tasks[name] = self._bar.add_task(name, total=total, completed=done, **self._fields())
 
         def advance() -> None:
             self._bar.update(task, advance=1, **self._fields())
@@ -272,13 +368,14 @@ async def _run_requests(
             record = {
                 "key": request.key, "stage": request.stage, "subtask": request.subtask,
                 "index": request.index, "task": request.task, "prompt": request.prompt,
+                **({"level": request.level} if request.level is not None else {}),
                 "content": answer.content, "finish_reason": answer.finish_reason,
                 "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
             writer.append(record)
             state.answered += 1
-            rejected = check_answer(config, request.stage, record)
+            rejected = check_answer(config, request, record)
             if rejected is not None:
                 state.rejects[rejected.reason] += 1
             advance()
@@ -332,6 +429,7 @@ def generate(config: SynthConfig, *, progress: bool = True, console: Console | N
     """Run (or resume) both stages, then build the corpus from the journal."""
     t0 = time.monotonic()
     prompts = PromptSet(config.prompts.brainstorm, config.prompts.generate, config.prompts.subtasks)
+    fields = FieldPrompts(config.prompts.fields, config.prompts.subtasks) if config.stage2 == "fields" else None
     journal = Journal(config.work_dir / JOURNAL_FILE)
     state = RunState(usage=journal_usage(journal.read()))
     if config.budget.max_seconds is not None:
@@ -345,22 +443,83 @@ def generate(config: SynthConfig, *, progress: bool = True, console: Console | N
         if stage1_done:
             pools = task_pools(config, stage1, journal.read())
             stage2 = generate_plan(config, prompts, endpoint.model_id, pools)
-            if state.stopped is None:
+            if state.stopped is None and fields is not None:
+                _run_fields(stage2, fields, config, endpoint, journal, state, bar)
+            elif state.stopped is None:
                 asyncio.run(_stage("stage 2 examples", stage2, config, endpoint, journal, state, bar))
         elif state.stopped is None:
             state.stopped = "stage 1 incomplete (failed requests; run again to retry them)"
     records = journal.read()
     state.usage = journal_usage(records)  # the corpus' whole cost, all runs together
-    complete = stage1_done and all(r.key in records for r in stage2)
-    corpus = build_corpus(config, prompts, endpoint, stage1, stage2, pools, records, state,
+    if fields is None:
+        requests, candidates = stage2, json_candidates(config, stage2, records)
+    else:
+        examples = field_examples(config, fields, endpoint.model_id, stage2, records)
+        requests = [r for ex in examples for r in ex.requests()]
+        candidates = field_candidates(config, examples, records)
+    complete = stage1_done and all(r.key in records for r in requests)
+    corpus = build_corpus(config, prompts, endpoint, stage1, requests, candidates, pools, records, state,
                           seconds=time.monotonic() - t0, complete=complete)
     return GenerateResult(corpus=corpus, complete=complete)
 
 
+def _run_fields(
+    examples: list[Request], fields: FieldPrompts, config: SynthConfig, endpoint: Endpoint,
+    journal: Journal, state: RunState, bar: _Progress,
+) -> None:
+    """Stage 2 one text per request, in chunks of examples: queries, positives, then negatives."""
+    size = max(16, 4 * config.concurrency)
+    for start in range(0, len(examples), size):
+        for step in ("query", "positive", "negative"):
+            planned = field_examples(config, fields, endpoint.model_id, examples[start : start + size], journal.read())
+            plan = [r for ex in planned for r in ex.requests() if r.stage == step]
+            asyncio.run(_stage(f"stage 2 {step} texts", plan, config, endpoint, journal, state, bar))
+            if state.stopped is not None:
+                return
+
+
+Candidate = tuple[Request, "Example | Rejected", str]  # (request, example or why not, raw answer)
+
+
+def json_candidates(config: SynthConfig, stage2: list[Request], records: dict[str, dict[str, Any]]) -> Iterator[Candidate]:
+    """Each answered stage-2 request's example (one JSON answer each)."""
+    for request in stage2:
+        record = records.get(request.key)
+        if record is None:
+            continue
+        try:
+            yield request, parse_example(record["content"], config.validation, truncated=record.get("finish_reason") == "length"), record["content"]
+        except Rejected as e:
+            yield request, e, record["content"]
+
+
+def field_candidates(config: SynthConfig, examples: list[FieldExample], records: dict[str, dict[str, Any]]) -> Iterator[Candidate]:
+    """Each `fields` example whose texts are all in: its example, or the first rejected text."""
+    for ex in examples:
+        texts: list[str] = []
+        for request in ex.requests():
+            record = records.get(request.key)
+            if record is None:
+                break  # not answered yet (a rerun asks)
+            try:
+                texts.append(field_answer(config, request, record))
+            except Rejected as e:
+                yield request, e, record["content"]
+                break
+        else:
+            if len(texts) != 2 + len(LEVELS):
+                continue  # later requests not planned yet
+            raw = json.dumps({"query": texts[0], "positive": texts[1], "negatives": texts[2:]}, ensure_ascii=False)
+            try:
+                yield ex.query, validate_example(Example(query=texts[0], positive=texts[1], negatives=texts[2:]), config.validation), raw
+            except Rejected as e:
+                yield ex.query, e, raw
+
+
 def build_corpus(
     config: SynthConfig, prompts: PromptSet, endpoint: Endpoint, stage1: list[Request],
-    stage2: list[Request], pools: dict[str, list[str]], records: dict[str, dict[str, Any]],
-    state: RunState, *, seconds: float, complete: bool,
+    stage2: list[Request], candidates: Iterable[Candidate], pools: dict[str, list[str]],
+    records: dict[str, dict[str, Any]], state: RunState, *, seconds: float, complete: bool,
 ) -> Corpus:
     """Validate every journaled answer of the plan, dedup, write the corpus and ``rejects.jsonl``."""
     rows, rejects = RowBuilder(), []
@@ -374,24 +533,21 @@ def build_corpus(
 
     for request in stage1:
         record = records.get(request.key)
-        if record is not None and (error := check_answer(config, "brainstorm", record)) is not None:
+        if record is not None and (error := check_answer(config, request, record)) is not None:
             reject(request, error.reason, error.detail, record["content"])
     queries: set[str] = set()
     positives: set[str] = set()
-    for request in stage2:
-        record = records.get(request.key)
-        if record is None:
-            continue
-        try:
-            example = parse_example(record["content"], config.validation, truncated=record.get("finish_reason") == "length")
-        except Rejected as e:
-            reject(request, e.reason, e.detail, record["content"])
+    resolved = 0  # examples with every answer in (accepted or not)
+    for request, example, raw in candidates:
+        resolved += 1
+        if isinstance(example, Rejected):
+            reject(request, example.reason, example.detail, raw)
             continue
         if example.query in queries:
-            reject(request, DUPLICATE_QUERY, "", record["content"])
+            reject(request, DUPLICATE_QUERY, "", raw)
             continue
         if example.positive in positives:
-            reject(request, DUPLICATE_POSITIVE, "", record["content"])
+            reject(request, DUPLICATE_POSITIVE, "", raw)
             continue
         queries.add(example.query)
         positives.add(example.positive)
@@ -401,15 +557,18 @@ def build_corpus(
                  negatives=example.negatives)
     config.output.mkdir(parents=True, exist_ok=True)
     _write_jsonl(config.output / REJECTS_FILE, rejects)
-    answered2 = sum(r.key in records for r in stage2)
+    examples_planned = sum(config.tasks.examples[s] for s in pools if pools[s])
     times = sorted(r["time"] for r in records.values() if "time" in r)
     build = {
         "kind": "synthesis",
         "method": "MGH (two stages: brainstorm tasks, then query/positive/4 graded negatives)",
+        "stage2": config.stage2,  # json: one JSON answer per example; fields: one text per request
         "endpoint": {"base_url": endpoint.base_url, "model": endpoint.model_id,
                      "response_format": config.endpoint.response_format},
         "local_server": config.server.model_dump() if config.server else None,
-        "prompts": prompts.versions(),
+        "prompts": {**prompts.versions(), **(
+            {"fields": {"version": config.prompts.fields, "sha256": text_sha256(config.prompts.fields)}}
+            if config.stage2 == "fields" else {})},
         "sampling": config.sampling.model_dump(),
         "tasks": config.tasks.model_dump(),
         "concurrency": config.concurrency,
@@ -418,7 +577,11 @@ def build_corpus(
     extra = {
         "requests": {
             "brainstorm": {"planned": len(stage1), "answered": sum(r.key in records for r in stage1)},
-            "generate": {"planned": len(stage2), "answered": answered2},
+            "generate": {"planned": examples_planned, "answered": resolved},
+            **({"texts": {step: {"planned": sum(r.stage == step for r in stage2),
+                                 "answered": sum(r.stage == step and r.key in records for r in stage2)}
+                          for step in ("query", "positive", "negative")}}
+               if config.stage2 == "fields" else {}),
             "failed_this_run": state.failed,
             "failures_this_run": dict(sorted(state.failures.items())),
             "last_error": state.last_error,
@@ -426,7 +589,7 @@ def build_corpus(
         },
         "task_pool_sizes": {subtask: len(pool) for subtask, pool in pools.items()},
         "rejects": dict(sorted(reasons.items())),
-        "acceptance_rate": round(len(rows.rows) / answered2, 4) if answered2 else None,
+        "acceptance_rate": round(len(rows.rows) / resolved, 4) if resolved else None,
         "timing": {"this_run_s": round(seconds, 1), "first_answer": times[0] if times else None,
                    "last_answer": times[-1] if times else None},
         "stopped": state.stopped,

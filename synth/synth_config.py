@@ -108,6 +108,7 @@ class Prompts(_Strict):
     brainstorm: str = "brainstorm_v1"
     generate: str = "generate_v1"
     subtasks: str = "subtasks_v1"
+    fields: str = "fields_v1"  # the one-text-per-request templates of `stage2: fields`
 
 
 class Validation(_Strict):
@@ -121,6 +122,9 @@ class SynthConfig(_Strict):
     endpoint: Endpoint = Field(default_factory=Endpoint)
     server: LocalServer | None = None
     concurrency: int = Field(8, ge=1)
+    # Stage 2 as one JSON answer per example (the paper's way, "json"), or one plain text per request
+    # (query, then positive, then each level's negative: "fields") for models too small for JSON.
+    stage2: Literal["json", "fields"] = "json"
     sampling: Sampling = Field(default_factory=Sampling)
     budget: Budget = Field(default_factory=Budget)
     tasks: Tasks = Field(default_factory=Tasks)

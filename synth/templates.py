@@ -80,3 +80,61 @@ class PromptSet:
         except KeyError as e:
             raise PromptError(f"synth/prompts/{version}.txt: unknown placeholder ${e.args[0]}") from None
         return [{"role": "user", "content": content.strip()}]
+
+
+FIELD_STEPS = ("query", "positive", "negative")
+LEVELS = (1, 2, 3, 4)
+
+
+@cache
+def field_templates(version: str) -> tuple[dict[str, str], dict[int, str]]:
+    """The one-text-per-request templates (``fields_vN.txt``): per step, and the level wordings."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_string(load_text(version), source=f"synth/prompts/{version}.txt")
+    missing = [s for s in (*FIELD_STEPS, "levels") if not parser.has_section(s)]
+    if missing:
+        raise PromptError(f"synth/prompts/{version}.txt: no section(s) {', '.join(missing)}")
+    steps = {}
+    for step in FIELD_STEPS:
+        if not parser.has_option(step, "template"):
+            raise PromptError(f"synth/prompts/{version}.txt: [{step}] lacks template")
+        steps[step] = parser.get(step, "template")
+    levels = {}
+    for level in LEVELS:
+        if not parser.has_option("levels", str(level)):
+            raise PromptError(f"synth/prompts/{version}.txt: [levels] lacks {level}")
+        levels[level] = parser.get("levels", str(level))
+    return steps, levels
+
+
+@dataclass(frozen=True)
+class FieldPrompts:
+    """Renders the ``stage2: fields`` requests: a query, its positive, each level's negative."""
+
+    fields: str
+    subtasks: str
+
+    def values(self, subtask: str, task: str, query: str | None = None, level: int | None = None) -> dict[str, str]:
+        values = {**subtask_specs(self.subtasks)[subtask], "task": task}
+        if query is not None:
+            values["query"] = query
+        if level is not None:
+            values["level_spec"] = field_templates(self.fields)[1][level]
+        return values
+
+    def messages(self, step: str, subtask: str, task: str, query: str | None = None, level: int | None = None) -> list[dict[str, str]]:
+        template = field_templates(self.fields)[0][step]
+        try:
+            content = Template(template).substitute(self.values(subtask, task, query, level))
+        except KeyError as e:
+            raise PromptError(f"synth/prompts/{self.fields}.txt: [{step}] uses unknown placeholder {e}") from None
+        return [{"role": "user", "content": content}]
+
+    def echoes(self, step: str, subtask: str, level: int | None = None) -> list[str]:
+        """Prompt phrases an answer must not contain (a small model copies its instructions)."""
+        specs = subtask_specs(self.subtasks)[subtask]
+        spec = {"query": "query_spec", "positive": "positive_spec", "negative": "negative_spec"}[step]
+        phrases = [specs[spec], "answer with the text only"]
+        if level is not None:
+            phrases.append(field_templates(self.fields)[1][level])
+        return [p.strip().rstrip(".") for p in phrases]

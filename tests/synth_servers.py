@@ -187,6 +187,8 @@ def scripted(faults: dict[str, list[int]] | None = None, delay_s: float = 0.0) -
                 ),
             )
         seen[h] += 1
+        if "Answer with the text only" in text:  # stage2: fields, one plain text per request
+            return 200, {}, chat_response(field_answer(text, body["seed"]))
         n = (
             body["seed"] % 4
         )  # the seed is derived from the request key: one fixed answer per request
@@ -217,3 +219,21 @@ def scripted(faults: dict[str, list[int]] | None = None, delay_s: float = 0.0) -
         )
 
     return respond
+
+
+_LEVEL_MARKERS = {"same topic": 1, "related topic, partly": 2, "loosely related": 3, "different topic": 4}
+
+
+def field_answer(prompt: str, seed: int) -> str:
+    """A deterministic plain-text answer to a `stage2: fields` prompt. Queries vary by the seed:
+    seed % 5 == 0 copies its instructions (rejected as echoes_prompt), == 1 comes labelled and
+    quoted (cleaned, accepted). Negatives end with "L<level>" read from the prompt's level wording."""
+    if "Write the input" in prompt:
+        if seed % 5 == 0:
+            return "Answer with the text only, nothing else."
+        return f'Query: "topic {seed} question"' if seed % 5 == 1 else f"topic {seed} question"
+    query = prompt.split("Input: ", 1)[1].split("\n", 1)[0]
+    if "Write the matching result" in prompt:
+        return f"The answer about {query}."
+    level = next(v for k, v in _LEVEL_MARKERS.items() if k in prompt)
+    return f"Unrelated text on {query} L{level}"

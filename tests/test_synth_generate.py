@@ -23,7 +23,7 @@ from synth_servers import GOOD, Recorder, forward_to, scripted, serve
 from synth_servers import good_with as _with
 from synth_servers import synth_config_file as _config
 
-from synth.answers import Rejected, parse_example, parse_tasks
+from synth.answers import Rejected, parse_example, parse_field, parse_tasks
 from synth.corpus import read_corpus
 from synth.generate import JOURNAL_FILE, REJECTS_FILE, generate
 from synth.journal import Journal
@@ -232,3 +232,69 @@ def test_real_server_sigkill_then_rerun_requests_nothing_twice_and_loses_nothing
     # 8 tokens cannot hold a whole example: each answer is rejected (cut off), with its raw text kept.
     assert manifest["rejects"] == {"generate/truncated": 3}
     assert len((tmp_path / "corpus" / REJECTS_FILE).read_text().splitlines()) == 3
+
+
+# ---- stage2: fields (one plain text per request, for models too small for the JSON answer) -------
+
+
+def test_field_answers_are_cleaned_or_rejected_with_their_reason() -> None:
+    limits = Validation(min_chars=3, max_chars=60)
+    assert parse_field('Query: "how do tides work"\n\nI hope this helps!', limits) == "how do tides work"
+    assert parse_field("  “Tides   follow the moon.”  ", limits) == "Tides follow the moon."
+    for text, echoes, truncated, reason in [
+        ("A short phrase of 3 to 15 words.", ["a short phrase of 3 to 15 words"], False, "echoes_prompt"),
+        ("tides and the moon", [], True, "truncated"),
+        ('""', [], False, "empty_text"),
+        ("x" * 61, [], False, "too_long"),
+    ]:
+        with pytest.raises(Rejected) as e:
+            parse_field(text, limits, echoes, truncated=truncated)
+        assert e.value.reason == reason, text
+
+
+def test_fields_mode_builds_each_example_text_by_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queries, then positives given the query, then each level's negative given the query: rows
+    carry the level each negative was asked for, and a copied instruction is rejected at its text."""
+    monkeypatch.setenv("NM_TEST_KEY", KEY)
+    recorder = Recorder()
+    with serve(scripted(), recorder) as url:
+        config = load_synth_config(_config(tmp_path, endpoint={"base_url": url}, stage2="fields"))
+        result = generate(config, progress=False)
+    manifest = result.corpus.manifest
+    assert result.complete and manifest["build"]["stage2"] == "fields"
+    assert manifest["build"]["prompts"]["fields"]["version"] == "fields_v1"
+    texts = manifest["requests"]["texts"]
+    echoed = manifest["rejects"].get("query/echoes_prompt", 0)
+    assert texts["query"] == {"planned": 12, "answered": 12}
+    assert echoed >= 1 and texts["positive"]["planned"] == 12 - echoed
+    assert texts["negative"]["planned"] == 4 * texts["positive"]["planned"]
+    assert manifest["requests"]["generate"] == {"planned": 12, "answered": 12}
+    assert len(result.corpus) == 12 - sum(manifest["rejects"].values()) + sum(
+        v for k, v in manifest["rejects"].items() if k.startswith("brainstorm/"))
+    frame = result.corpus.frame
+    assert len(frame) >= 1
+    for row in frame.iter_rows(named=True):
+        assert not row["query"].startswith(("Query:", '"'))  # cleaned
+        assert row["positive"] == f"The answer about {row['query']}."
+        for level in range(1, 5):
+            assert row[f"neg_{level}"] == f"Unrelated text on {row['query']} L{level}"
+    prompts = [b["messages"][0]["content"] for b in recorder.bodies]
+    assert sum("Write the input" in p for p in prompts) == 12
+    assert len(recorder.bodies) == 4 + sum(t["answered"] for t in texts.values())  # nothing twice
+
+
+def test_fields_mode_killed_mid_run_resumes_to_the_same_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Later texts depend on earlier answers; their keys hash what they were given, so a SIGKILLed
+    run, run again, sends no answered request twice and ends with the uninterrupted run's corpus."""
+    monkeypatch.setenv("NM_TEST_KEY", KEY)
+    with serve(scripted()) as url:
+        straight = generate(load_synth_config(_config(tmp_path / "a", endpoint={"base_url": url}, stage2="fields")), progress=False)
+        recorder = Recorder()
+        with serve(scripted(delay_s=0.02), recorder) as url2:
+            config_path = _config(tmp_path / "b", endpoint={"base_url": url2}, concurrency=1, stage2="fields")
+            journal = tmp_path / "b" / "corpus" / "work" / JOURNAL_FILE
+            answered_before = _run_killed_then_resumed(config_path, journal, kill_after=20)
+    resumed = read_corpus(tmp_path / "b" / "corpus")
+    assert 20 <= len(answered_before) < len(Journal(journal).read()), "the kill should land mid-run"
+    assert resumed.sha256 == straight.corpus.sha256
+    _assert_nothing_twice_nothing_lost(journal, recorder, answered_before, in_flight=1)
