@@ -119,6 +119,11 @@ def _norm(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
+def same_text(a: str, b: str) -> bool:
+    """Equal up to case and whitespace (how every "equals" check compares texts)."""
+    return _norm(a) == _norm(b)
+
+
 def is_text(text: str) -> bool:
     """False for text holding U+FFFD (undecodable bytes upstream) or code points UTF-8 cannot
     hold (a lone surrogate from a ``\\ud800`` JSON escape): such text cannot go into a corpus."""

@@ -41,12 +41,16 @@ from synth.answers import (
     DUPLICATE_POSITIVE,
     DUPLICATE_QUERY,
     EXAMPLE_SCHEMA,
+    NEGATIVE_EQUALS_POSITIVE,
+    NEGATIVE_EQUALS_QUERY,
+    QUERY_EQUALS_POSITIVE,
     TASKS_SCHEMA,
     Example,
     Rejected,
     parse_example,
     parse_field,
     parse_tasks,
+    same_text,
     validate_example,
 )
 from synth.corpus import SYNTH_SUBTASKS, Corpus, RowBuilder, write_corpus
@@ -72,6 +76,7 @@ class Request:
     messages: list[dict[str, str]] = field(compare=False, hash=False)
     level: int | None = None  # a `stage2: fields` negative's level
     echoes: tuple[str, ...] = field(default=(), compare=False, hash=False)  # see parse_field
+    given: tuple[str, ...] = field(default=(), compare=False, hash=False)  # texts a `fields` request was given
 
     @property
     def seed(self) -> int:
@@ -170,72 +175,95 @@ def generate_plan(config: SynthConfig, prompts: PromptSet, model_id: str, pools:
 
 
 def field_answer(config: SynthConfig, request: Request, record: dict[str, Any]) -> str:
-    """The cleaned text of a `fields` answer, or :class:`Rejected`."""
+    """The cleaned text of a `fields` answer, or :class:`Rejected` (also when it repeats the query
+    or the positive it was given: a small model often copies its input)."""
     name = request.stage if request.level is None else f"negative level {request.level}"
-    return parse_field(record["content"], config.validation, request.echoes, field=name,
+    text = parse_field(record["content"], config.validation, request.echoes, field=name,
                        truncated=record.get("finish_reason") == "length")
+    for given, reason in zip(request.given, FIELD_EQUALS[request.stage]):
+        if same_text(text, given):
+            raise Rejected(reason, name)
+    return text
 
 
-def _accepted(config: SynthConfig, request: Request, records: dict[str, dict[str, Any]]) -> str | None:
-    record = records.get(request.key)
-    if record is None:
-        return None
-    try:
-        return field_answer(config, request, record)
-    except Rejected:
-        return None
+# What a `fields` text must not equal: the texts it was given, in Request.given order.
+FIELD_EQUALS = {"query": (), "positive": (QUERY_EQUALS_POSITIVE,), "negative": (NEGATIVE_EQUALS_QUERY, NEGATIVE_EQUALS_POSITIVE)}
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One text of a `fields` example: its attempts so far and, once one is accepted, its text.
+    A rejected answer is asked again (a new key, so a new sample) up to ``stage2_attempts`` times."""
+
+    requests: tuple[Request, ...]
+    text: str | None  # the accepted text
+    rejected: tuple[tuple[Request, Rejected, str], ...]  # (attempt, why, raw answer)
+    pending: bool  # the last attempt is not answered yet
+
+    @property
+    def exhausted(self) -> bool:
+        return self.text is None and not self.pending
+
+
+def _slot(config: SynthConfig, attempt: Callable[[int], Request], records: dict[str, dict[str, Any]]) -> Slot:
+    requests: list[Request] = []
+    rejected: list[tuple[Request, Rejected, str]] = []
+    for n in range(config.stage2_attempts):
+        request = attempt(n)
+        requests.append(request)
+        record = records.get(request.key)
+        if record is None:
+            return Slot(tuple(requests), None, tuple(rejected), pending=True)
+        try:
+            return Slot(tuple(requests), field_answer(config, request, record), tuple(rejected), pending=False)
+        except Rejected as e:
+            rejected.append((request, e, record["content"]))
+    return Slot(tuple(requests), None, tuple(rejected), pending=False)
 
 
 @dataclass(frozen=True)
 class FieldExample:
-    """The requests of one `stage2: fields` example, as far as its answers allow."""
+    """The texts of one `stage2: fields` example as far as its answers allow: the query, then
+    (once it is accepted) the positive, then (once that is accepted) the 4 negatives."""
 
-    query: Request
-    positive: Request | None = None  # planned once the query is answered and accepted
-    negatives: tuple[Request, ...] = ()  # planned once the positive is accepted
+    slots: tuple[Slot, ...]
 
     def requests(self) -> list[Request]:
-        return [self.query, *([self.positive] if self.positive else []), *self.negatives]
+        return [r for slot in self.slots for r in slot.requests]
 
 
 def field_examples(
     config: SynthConfig, fields: FieldPrompts, model_id: str, examples: list[Request],
     records: dict[str, dict[str, Any]],
 ) -> list[FieldExample]:
-    """Each planned example's requests given the journal: a positive needs an accepted query, the
-    negatives an accepted positive (each key hashes the query it was given)."""
+    """Each planned example's requests given the journal. Keys hash the query a request was given
+    and, for a repeat, its attempt number, so the plan is the same on every rerun."""
     seed, version = config.tasks.seed, fields.fields
+
+    def make(step: Stage, ex: Request, given: tuple[str, ...] = (), level: int | None = None) -> Callable[[int], Request]:
+        sub, task = ex.subtask, ex.task
+        assert task is not None
+        context = [*given[:1], *([level] if level is not None else [])]
+        query = given[0] if given else None
+        return lambda n: Request(
+            stage=step, subtask=sub, index=ex.index, task=task, prompt=version, level=level,
+            key=request_key(step, model_id, version, sub, task, ex.index, seed, *context, *([n] if n else [])),
+            messages=fields.messages(step, sub, task, query, level),
+            echoes=tuple(fields.echoes(step, sub, level)), given=given,
+        )
+
     out = []
     for ex in examples:
-        assert ex.task is not None
-        sub, task, i = ex.subtask, ex.task, ex.index
-        query = Request(
-            stage="query", subtask=sub, index=i, task=task, prompt=version,
-            key=request_key("query", model_id, version, sub, task, i, seed),
-            messages=fields.messages("query", sub, task), echoes=tuple(fields.echoes("query", sub)),
-        )
-        q = _accepted(config, query, records)
-        if q is None:
-            out.append(FieldExample(query))
+        query = _slot(config, make("query", ex), records)
+        if query.text is None:
+            out.append(FieldExample((query,)))
             continue
-        positive = Request(
-            stage="positive", subtask=sub, index=i, task=task, prompt=version,
-            key=request_key("positive", model_id, version, sub, task, i, seed, q),
-            messages=fields.messages("positive", sub, task, q), echoes=tuple(fields.echoes("positive", sub)),
-        )
-        if _accepted(config, positive, records) is None:
-            out.append(FieldExample(query, positive))
+        positive = _slot(config, make("positive", ex, (query.text,)), records)
+        if positive.text is None:
+            out.append(FieldExample((query, positive)))
             continue
-        negatives = tuple(
-            Request(
-                stage="negative", subtask=sub, index=i, task=task, prompt=version, level=level,
-                key=request_key("negative", model_id, version, sub, task, i, seed, q, level),
-                messages=fields.messages("negative", sub, task, q, level),
-                echoes=tuple(fields.echoes("negative", sub, level)),
-            )
-            for level in LEVELS
-        )
-        out.append(FieldExample(query, positive, negatives))
+        negatives = [_slot(config, make("negative", ex, (query.text, positive.text), level), records) for level in LEVELS]
+        out.append(FieldExample((query, positive, *negatives)))
     return out
 
 
@@ -467,18 +495,25 @@ def _run_fields(
     examples: list[Request], fields: FieldPrompts, config: SynthConfig, endpoint: Endpoint,
     journal: Journal, state: RunState, bar: _Progress,
 ) -> None:
-    """Stage 2 one text per request, in chunks of examples: queries, positives, then negatives."""
+    """Stage 2 one text per request, in chunks of examples: queries, positives, then negatives,
+    each step repeated while rejected texts have attempts left."""
     size = max(16, 4 * config.concurrency)
     for start in range(0, len(examples), size):
         for step in ("query", "positive", "negative"):
-            planned = field_examples(config, fields, endpoint.model_id, examples[start : start + size], journal.read())
-            plan = [r for ex in planned for r in ex.requests() if r.stage == step]
-            asyncio.run(_stage(f"stage 2 {step} texts", plan, config, endpoint, journal, state, bar))
-            if state.stopped is not None:
-                return
+            for _ in range(config.stage2_attempts):
+                records = journal.read()
+                planned = field_examples(config, fields, endpoint.model_id, examples[start : start + size], records)
+                plan = [r for ex in planned for r in ex.requests() if r.stage == step]
+                if all(r.key in records for r in plan):
+                    break
+                asyncio.run(_stage(f"stage 2 {step} texts", plan, config, endpoint, journal, state, bar))
+                if state.stopped is not None:
+                    return
 
 
-Candidate = tuple[Request, "Example | Rejected", str]  # (request, example or why not, raw answer)
+# (request, its example or why not, the raw answer, whether it settles an example: a rejected
+# `fields` text that is asked again does not)
+Candidate = tuple[Request, "Example | Rejected", str, bool]
 
 
 def json_candidates(config: SynthConfig, stage2: list[Request], records: dict[str, dict[str, Any]]) -> Iterator[Candidate]:
@@ -488,32 +523,27 @@ def json_candidates(config: SynthConfig, stage2: list[Request], records: dict[st
         if record is None:
             continue
         try:
-            yield request, parse_example(record["content"], config.validation, truncated=record.get("finish_reason") == "length"), record["content"]
+            yield request, parse_example(record["content"], config.validation, truncated=record.get("finish_reason") == "length"), record["content"], True
         except Rejected as e:
-            yield request, e, record["content"]
+            yield request, e, record["content"], True
 
 
 def field_candidates(config: SynthConfig, examples: list[FieldExample], records: dict[str, dict[str, Any]]) -> Iterator[Candidate]:
-    """Each `fields` example whose texts are all in: its example, or the first rejected text."""
+    """Every rejected `fields` text, and each example once settled: its texts validated together,
+    or rejected with the reason of a text that used up its attempts."""
     for ex in examples:
-        texts: list[str] = []
-        for request in ex.requests():
-            record = records.get(request.key)
-            if record is None:
-                break  # not answered yet (a rerun asks)
-            try:
-                texts.append(field_answer(config, request, record))
-            except Rejected as e:
-                yield request, e, record["content"]
-                break
-        else:
-            if len(texts) != 2 + len(LEVELS):
-                continue  # later requests not planned yet
-            raw = json.dumps({"query": texts[0], "positive": texts[1], "negatives": texts[2:]}, ensure_ascii=False)
-            try:
-                yield ex.query, validate_example(Example(query=texts[0], positive=texts[1], negatives=texts[2:]), config.validation), raw
-            except Rejected as e:
-                yield ex.query, e, raw
+        for slot in ex.slots:
+            for n, (request, why, raw) in enumerate(slot.rejected, start=1):
+                yield request, why, raw, slot.exhausted and n == len(slot.rejected)
+        if any(slot.pending or slot.exhausted for slot in ex.slots) or len(ex.slots) != 2 + len(LEVELS):
+            continue
+        texts = [slot.text or "" for slot in ex.slots]
+        raw = json.dumps({"query": texts[0], "positive": texts[1], "negatives": texts[2:]}, ensure_ascii=False)
+        first = ex.slots[0].requests[-1]
+        try:
+            yield first, validate_example(Example(query=texts[0], positive=texts[1], negatives=texts[2:]), config.validation), raw, True
+        except Rejected as e:
+            yield first, e, raw, True
 
 
 def build_corpus(
@@ -538,8 +568,8 @@ def build_corpus(
     queries: set[str] = set()
     positives: set[str] = set()
     resolved = 0  # examples with every answer in (accepted or not)
-    for request, example, raw in candidates:
-        resolved += 1
+    for request, example, raw, settles in candidates:
+        resolved += settles
         if isinstance(example, Rejected):
             reject(request, example.reason, example.detail, raw)
             continue

@@ -125,6 +125,9 @@ class SynthConfig(_Strict):
     # Stage 2 as one JSON answer per example (the paper's way, "json"), or one plain text per request
     # (query, then positive, then each level's negative: "fields") for models too small for JSON.
     stage2: Literal["json", "fields"] = "json"
+    # `fields` only: a rejected text (copied instructions, equal to its query...) is asked again, with a
+    # new sample, up to this many times in all before its example is rejected.
+    stage2_attempts: int = Field(3, ge=1)
     sampling: Sampling = Field(default_factory=Sampling)
     budget: Budget = Field(default_factory=Budget)
     tasks: Tasks = Field(default_factory=Tasks)

@@ -227,13 +227,14 @@ _LEVEL_MARKERS = {"same topic": 1, "related topic, partly": 2, "loosely related"
 def field_answer(prompt: str, seed: int) -> str:
     """A deterministic plain-text answer to a `stage2: fields` prompt. Queries vary by the seed:
     seed % 5 == 0 copies its instructions (rejected as echoes_prompt), == 1 comes labelled and
-    quoted (cleaned, accepted). Negatives end with "L<level>" read from the prompt's level wording."""
+    quoted (cleaned, accepted). A positive repeats its query when seed % 3 == 0 (rejected).
+    Negatives end with "L<level>" read from the prompt's level wording."""
     if "Write the input" in prompt:
         if seed % 5 == 0:
             return "Answer with the text only, nothing else."
         return f'Query: "topic {seed} question"' if seed % 5 == 1 else f"topic {seed} question"
     query = prompt.split("Input: ", 1)[1].split("\n", 1)[0]
     if "Write the matching result" in prompt:
-        return f"The answer about {query}."
+        return query if seed % 3 == 0 else f"The answer about {query}."
     level = next(v for k, v in _LEVEL_MARKERS.items() if k in prompt)
     return f"Unrelated text on {query} L{level}"
