@@ -306,3 +306,32 @@ def test_fields_mode_killed_mid_run_resumes_to_the_same_corpus(tmp_path: Path, m
     assert 20 <= len(answered_before) < len(Journal(journal).read()), "the kill should land mid-run"
     assert resumed.sha256 == straight.corpus.sha256
     _assert_nothing_twice_nothing_lost(journal, recorder, answered_before, in_flight=1)
+
+
+def test_real_server_fields_mode_end_to_end(tmp_path: Path, real_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stage2: fields` against the real server: texts are asked in order (query, then positive,
+    then negatives), each answer journaled once, and the one example settles as a row or a reject."""
+    monkeypatch.setenv("NM_TEST_KEY", KEY)
+    recorder = Recorder()
+    with serve(forward_to(real_server.base_url), recorder) as url:
+        config = load_synth_config(_config(
+            tmp_path, endpoint={"base_url": url, "model": real_server.model, "response_format": "none", "timeout_s": 600},
+            concurrency=1, stage2="fields", stage2_attempts=2,
+            sampling={"brainstorm_max_tokens": 8, "generate_max_tokens": 24},
+            tasks={"brainstorm_requests": 0, "examples": {"short-short": 1},
+                   "given": {"short-short": ["Given a product title, retrieve titles of similar products."]}},
+        ))
+        result = generate(config, progress=False)
+    manifest = result.corpus.manifest
+    texts = manifest["requests"]["texts"]
+    assert result.complete and manifest["requests"]["generate"] == {"planned": 1, "answered": 1}
+    assert 1 <= texts["query"]["answered"] <= 2
+    assert len(recorder.bodies) == sum(t["answered"] for t in texts.values()) == manifest["usage"]["requests"]
+    steps = ["query" if "Write the input" in b["messages"][0]["content"] else
+             "positive" if "Write the matching result" in b["messages"][0]["content"] else "negative"
+             for b in recorder.bodies]
+    assert steps == sorted(steps, key=["query", "positive", "negative"].index)  # each step after the last
+    rejects = (config.output / REJECTS_FILE).read_text().splitlines()
+    assert manifest["acceptance_rate"] == len(result.corpus)  # the one example: a row, or rejected
+    assert len(result.corpus) == 1 or all(json.loads(line)["reason"] for line in rejects) and rejects
+    assert len(rejects) == sum(manifest["rejects"].values())
