@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -539,7 +539,7 @@ def field_candidates(config: SynthConfig, examples: list[FieldExample], records:
             continue
         texts = [slot.text or "" for slot in ex.slots]
         raw = json.dumps({"query": texts[0], "positive": texts[1], "negatives": texts[2:]}, ensure_ascii=False)
-        first = ex.slots[0].requests[-1]
+        first = replace(ex.slots[0].requests[-1], stage="generate")  # the example as a whole
         try:
             yield first, validate_example(Example(query=texts[0], positive=texts[1], negatives=texts[2:]), config.validation), raw, True
         except Rejected as e:
