@@ -532,9 +532,12 @@ def field_candidates(config: SynthConfig, examples: list[FieldExample], records:
     """Every rejected `fields` text, and each example once settled: its texts validated together,
     or rejected with the reason of a text that used up its attempts."""
     for ex in examples:
+        settled = False  # the 4 negatives are asked together: two may use up their attempts
         for slot in ex.slots:
             for n, (request, why, raw) in enumerate(slot.rejected, start=1):
-                yield request, why, raw, slot.exhausted and n == len(slot.rejected)
+                settles = slot.exhausted and n == len(slot.rejected) and not settled
+                settled |= settles
+                yield request, why, raw, settles
         if any(slot.pending or slot.exhausted for slot in ex.slots) or len(ex.slots) != 2 + len(LEVELS):
             continue
         texts = [slot.text or "" for slot in ex.slots]

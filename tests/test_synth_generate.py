@@ -25,7 +25,15 @@ from synth_servers import synth_config_file as _config
 
 from synth.answers import Rejected, parse_example, parse_field, parse_tasks
 from synth.corpus import read_corpus
-from synth.generate import JOURNAL_FILE, REJECTS_FILE, generate
+from synth.generate import (
+    JOURNAL_FILE,
+    REJECTS_FILE,
+    FieldExample,
+    Request,
+    Slot,
+    field_candidates,
+    generate,
+)
 from synth.journal import Journal
 from synth.synth_config import SynthConfigError, Validation, load_synth_config
 
@@ -289,6 +297,30 @@ def test_fields_mode_builds_each_example_text_by_text(tmp_path: Path, monkeypatc
     assert m1["acceptance_rate"] == round(len(once.corpus) / 12, 4)
     # every request sent was journaled and counted once (brainstorm included)
     assert len(recorder.bodies) == manifest["usage"]["requests"] + m1["usage"]["requests"]
+
+
+def test_fields_example_lost_to_two_negatives_counts_once(tmp_path: Path) -> None:
+    """The 4 negatives of an example are asked together, so two of them can use up their attempts:
+    each rejected answer is reported, but the example is resolved once (a real 400-example run
+    reported 409 answered before this)."""
+    config = load_synth_config(_config(tmp_path, stage2="fields", stage2_attempts=2))
+
+    def request(stage: str, n: int, level: int | None = None) -> Request:
+        return Request(stage=stage, subtask="sts", index=0, task="t", prompt="fields_v1",  # type: ignore[arg-type]
+                       key=f"{stage}{level}{n}", messages=[], level=level)
+
+    def accepted(stage: str, text: str) -> Slot:
+        return Slot((request(stage, 0),), text, (), pending=False)
+
+    def used_up(level: int) -> Slot:
+        attempts = tuple(request("negative", n, level) for n in range(2))
+        return Slot(attempts, None, tuple((r, Rejected("echoes_prompt"), "raw") for r in attempts), pending=False)
+
+    example = FieldExample((accepted("query", "q"), accepted("positive", "p"),
+                            used_up(1), accepted("negative", "n2"), used_up(3), accepted("negative", "n4")))
+    out = list(field_candidates(config, [example], {}))
+    assert [why.reason for _, why, _, _ in out] == ["echoes_prompt"] * 4  # every rejected answer kept
+    assert sum(settles for *_, settles in out) == 1
 
 
 def test_fields_mode_killed_mid_run_resumes_to_the_same_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
