@@ -122,6 +122,7 @@ class AttentionCapture:
             base = self.module._harness_ata_base
         self.module._harness_ata_base = base
         self.module._harness_ata_capture = self
+        self.layer = _checkpointed_layer(model, self.module)
         config = copy.copy(self.module.config)
         config._attn_implementation = _WRAPPER
         self.module.config = config
@@ -129,6 +130,13 @@ class AttentionCapture:
 
     @contextmanager
     def capture(self, token_mask: Tensor) -> Iterator[AttentionCapture]:
+        # Under gradient checkpointing, backward reruns a layer's forward after this block has
+        # exited, when there is no mask to capture with: the recomputation would then save other
+        # tensors than the forward did (torch raises CheckpointError). So the last layer, the one
+        # whose attention is captured, is never checkpointed; it holds 1/num_layers of the
+        # activations. Set on every capture because gradient_checkpointing_enable() resets it.
+        if self.layer is not None:
+            self.layer.gradient_checkpointing = False
         self.token_mask, self.received = token_mask, None
         try:
             yield self
@@ -154,6 +162,17 @@ def _last_attention_module(model: nn.Module) -> nn.Module:
             f"{type(model).__name__}; use eos or mean pooling for this architecture"
         )
     return found[-1]
+
+
+def _checkpointed_layer(model: nn.Module, attention: nn.Module) -> nn.Module | None:
+    """The outermost module around ``attention`` that transformers can checkpoint (its decoder
+    layer), or None."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer) and any(sub is attention for sub in m.modules()):
+            return m
+    return None
 
 
 def _has_qk(m: nn.Module) -> bool:

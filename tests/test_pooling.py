@@ -119,6 +119,29 @@ def test_ata_matches_naive_eager_attention(smollm2_dir):
     assert torch.allclose(ours[mask], naive[mask], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("pooling", ["eos", "mean", "ata"])
+def test_gradient_checkpointing_gives_the_same_gradients(smollm2_dir, pooling):
+    """`train.gradient_checkpointing` recomputes layers in backward; with two forwards before one
+    backward (queries, then documents, as a training step does) the LoRA gradients must equal
+    those of the plain model. ATA captured its attention only in the first forward and failed with
+    torch's CheckpointError before its layer was kept out of checkpointing."""
+    settings = ModelSettings(pooling=pooling, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        emb = Embedder.from_settings(settings, "cpu", lora=True, gradient_checkpointing=checkpointing)
+        emb.train()
+        q = emb(emb.tokenize(TEXTS[:2], INSTRUCTION))
+        d = emb(emb.tokenize(TEXTS[2:]))
+        (F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T / 0.05).log_softmax(-1).diagonal().sum().neg().backward()
+        return {n: p.grad.clone() for n, p in emb.model.named_parameters() if p.requires_grad and p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for name, g in plain.items():
+        assert torch.allclose(g, checkpointed[name], rtol=1e-4, atol=1e-6), name
+
+
 def test_ata_gradients_flow_through_the_weights():
     q = torch.randn(2, 3, 7, 4, requires_grad=True)
     k = torch.randn(2, 1, 7, 4, requires_grad=True)
