@@ -107,7 +107,12 @@ def apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant torch checkpointing)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(base, "enable_input_require_grads"):
         base.enable_input_require_grads()
