@@ -13,8 +13,9 @@ no closed formula in what we could read, so the choices made here are explicit:
   when ``skip_instruction`` is on (``pooled`` mask);
 - for causal models i ranges over i >= j (what the model actually attends), for encoders over all i;
 - gradients flow through the weights (LoRA on q/k can learn where to look); the attention rows are
-  recomputed in chunks under activation checkpointing, so the extra memory is one chunk of
-  ``B x H x chunk x L`` instead of the full map, and no other layer changes implementation.
+  computed in chunks of query rows and recomputed in backward by a hand-written gradient, so the
+  extra memory is one chunk of ``B x H x chunk x L`` instead of the full map, and no other layer
+  changes implementation.
 
 How the probabilities are obtained: the last attention module gets its own copy of the model config
 whose ``_attn_implementation`` is a registered wrapper. The wrapper runs the model's real attention
@@ -32,7 +33,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 POOLINGS = ("eos", "mean", "ata")
 _WRAPPER = "harness_ata"
@@ -82,32 +82,100 @@ def received_attention(
 ) -> Tensor:
     """Attention each key position receives: (B, L), summed over heads and real query rows.
 
-    ``query`` (B, H, L, d) and ``key`` (B, H_kv, L, d) are the layer's post-rotary projections.
+    ``query`` (B, H, L, d) and ``key`` (B, H_kv, L, d) are the layer's post-rotary projections
+    (grouped-query attention: query head h reads key head h // (H / H_kv), as transformers'
+    ``repeat_kv`` does). Computed in float32, ``chunk`` query rows at a time; differentiable in
+    ``query`` and ``key`` with a hand-written backward that recomputes each chunk's probabilities
+    instead of storing them (see :class:`_ReceivedAttention`).
     """
-    b, h, length, _ = query.shape
-    if key.shape[1] != h:  # grouped-query attention: share each kv head across its query heads
-        key = key.repeat_interleave(h // key.shape[1], dim=1)
-    real = token_mask.bool()
-    key_ok = real[:, None, None, :]  # (B,1,1,L)
-    positions = torch.arange(length, device=query.device)
+    if query.shape[1] % key.shape[1]:
+        raise ValueError(f"{query.shape[1]} query heads cannot share {key.shape[1]} key heads")
+    return _ReceivedAttention.apply(query, key, token_mask.bool(), float(scaling), bool(causal), int(chunk))
 
-    def rows(q: Tensor, start: int) -> Tensor:
-        scores = torch.matmul(q.float(), key.float().transpose(-1, -2)) * scaling  # (B,H,c,L)
-        allowed = key_ok
-        if causal:
-            qpos = positions[: q.shape[2]] + start
-            allowed = allowed & (positions[None, :] <= qpos[:, None])[None, None]
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        probs = scores.softmax(dim=-1)
-        q_real = real[:, start : start + q.shape[2]].float()  # padding query rows give nothing
-        return torch.einsum("bhcl,bc->bl", probs, q_real)
 
-    total = query.new_zeros((b, length), dtype=torch.float32)
-    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+class _ReceivedAttention(torch.autograd.Function):
+    """``received[b, j] = sum_{h, i} w[b, i] P[b, h, i, j]``, ``P = softmax_j(scale q_i . k_j)``
+    over the allowed keys, ``w`` = 1 on real query rows.
+
+    Autograd through ``softmax`` + ``einsum`` would keep (or, under checkpointing, recompute and
+    then keep) several ``B x H x chunk x L`` tensors per chunk: the probabilities, the broadcast
+    gradient of the einsum, the softmax gradient. The gradient has a closed form instead:
+
+        dS[h, i, j] = scale * w_i * P[h, i, j] * (g_j - sum_k P[h, i, k] g_k)
+
+    so backward recomputes ``P`` once per chunk, turns it into ``dS`` in place, and needs two
+    matmuls (``dS @ k``, ``dS^T @ q``). Nothing of size L x L is saved between forward and
+    backward, and grouped key heads are never repeated in memory.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, query: Tensor, key: Tensor, real: Tensor, scaling: float, causal: bool, chunk: int) -> Tensor:
+        ctx.save_for_backward(query, key, real)
+        ctx.args = (scaling, causal, chunk)
+        total = query.new_zeros((query.shape[0], query.shape[2]), dtype=_work_dtype(query))
+        with _no_autocast(query):  # float32 throughout, also inside a bf16 autocast region
+            kf = key.to(total.dtype)
+            for s, c, qg, w in _chunks(query, real, key.shape[1], chunk):
+                probs = _chunk_probs(qg, kf, real, s, c, scaling, causal)  # (B, KV, G*c, L)
+                total += torch.matmul(w[:, None, None, :], probs).sum(dim=1).squeeze(1)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        query, key, real = ctx.saved_tensors
+        scaling, causal, chunk = ctx.args
+        b, h, _, d = query.shape
+        kv = key.shape[1]
+        work = _work_dtype(query)
+        g_col, g_row = grad.to(work)[:, None, :, None], grad.to(work)[:, None, None, :]
+        dq = torch.empty_like(query) if ctx.needs_input_grad[0] else None
+        dk = torch.zeros_like(key, dtype=work) if ctx.needs_input_grad[1] else None
+        with _no_autocast(query):
+            kf = key.to(work)
+            for s, c, qg, w in _chunks(query, real, kv, chunk):
+                ds = _chunk_probs(qg, kf, real, s, c, scaling, causal)  # P, turned into dS in place
+                row = torch.matmul(ds, g_col)  # (B, KV, G*c, 1): sum_k P_ik g_k
+                ds.mul_(g_row - row).mul_((w * scaling)[:, None, :, None])
+                if dq is not None:
+                    dq[:, :, s : s + c] = torch.matmul(ds, kf).view(b, kv, h // kv, c, d).reshape(b, h, c, d)
+                if dk is not None:
+                    dk += torch.matmul(ds.transpose(-1, -2), qg)
+        return dq, None if dk is None else dk.to(key.dtype), None, None, None, None
+
+
+def _work_dtype(t: Tensor) -> torch.dtype:
+    """float32 for half-precision inputs (and float32), float64 stays float64 (for gradcheck)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _no_autocast(t: Tensor) -> torch.autocast:
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def _chunks(query: Tensor, real: Tensor, kv: int, chunk: int) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+    """Per chunk of query rows: its start and size, the query rows (float32 at least) grouped by
+    the key head they read (B, KV, G*c, d), and the row weights (B, G*c): 1 on real tokens, 0 on
+    padding."""
+    b, h, length, d = query.shape
+    group = h // kv
     for s in range(0, length, chunk):
         q = query[:, :, s : s + chunk]
-        total = total + (checkpoint(rows, q, s, use_reentrant=False) if grad else rows(q, s))
-    return total
+        c = q.shape[2]
+        qg = q.to(_work_dtype(q)).reshape(b, kv, group * c, d)  # head j*group+g -> rows g*c+i
+        yield s, c, qg, real[:, s : s + c].to(qg.dtype).repeat(1, group)
+
+
+def _chunk_probs(qg: Tensor, kf: Tensor, real: Tensor, start: int, c: int, scaling: float, causal: bool) -> Tensor:
+    """softmax_j(scale q_i . k_j) over allowed keys (real, and j <= i if causal): (B, KV, G*c, L)."""
+    length = kf.shape[2]
+    scores = torch.matmul(qg, kf.transpose(-1, -2)).mul_(scaling)
+    allowed = real[:, None, None, :]  # (B, 1, 1, L)
+    if causal:
+        positions = torch.arange(length, device=kf.device)
+        qpos = positions[start : start + c].repeat(qg.shape[2] // c)  # row g * c + i -> start + i
+        allowed = allowed & (positions[None, :] <= qpos[:, None])[None, None]
+    scores.masked_fill_(~allowed, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1)
 
 
 class AttentionCapture:
@@ -134,7 +202,7 @@ class AttentionCapture:
         # exited, when there is no mask to capture with: the recomputation would then save other
         # tensors than the forward did (torch raises CheckpointError). So the last layer, the one
         # whose attention is captured, is never checkpointed; it holds 1/num_layers of the
-        # activations. Set on every capture because gradient_checkpointing_enable() resets it.
+        # activations. Set on every capture because (re-)enabling checkpointing resets it.
         if self.layer is not None:
             self.layer.gradient_checkpointing = False
         self.token_mask, self.received = token_mask, None

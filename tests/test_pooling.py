@@ -142,16 +142,62 @@ def test_gradient_checkpointing_gives_the_same_gradients(smollm2_dir, pooling):
         assert torch.allclose(g, checkpointed[name], rtol=1e-4, atol=1e-6), name
 
 
-def test_ata_gradients_flow_through_the_weights():
-    q = torch.randn(2, 3, 7, 4, requires_grad=True)
-    k = torch.randn(2, 1, 7, 4, requires_grad=True)
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[0, :2] = 0
-    r = received_attention(q, k, 0.5, mask, causal=True, chunk=3)
-    r.sum().backward()
-    assert q.grad is not None and k.grad is not None and q.grad.abs().sum() > 0
-    # chunking does not change the result
-    assert torch.allclose(r, received_attention(q, k, 0.5, mask, causal=True, chunk=64))
+def _received_by_autograd(query, key, scaling, token_mask, causal):
+    """The received attention written the plain way (whole map, autograd through softmax)."""
+    h, length = query.shape[1], query.shape[2]
+    key = key.repeat_interleave(h // key.shape[1], dim=1)
+    real = token_mask.bool()
+    scores = query @ key.transpose(-1, -2) * scaling
+    allowed = real[:, None, None, :]
+    if causal:
+        pos = torch.arange(length)
+        allowed = allowed & (pos[None, :] <= pos[:, None])[None, None]
+    probs = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(-1)
+    return torch.einsum("bhil,bi->bl", probs, real.to(probs.dtype))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (3, 3), (4, 1)])
+def test_received_attention_values_and_gradients(causal, heads, kv_heads):
+    """The chunked forward and the hand-written backward equal plain autograd (float64, so exact
+    to rounding), with grouped key heads, left and right padding and a chunk that splits rows."""
+    torch.manual_seed(0)
+    q = torch.randn(3, heads, 11, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, kv_heads, 11, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    mask[1, 8:] = 0  # right padding
+    g = torch.randn(3, 11, dtype=torch.float64)  # a random upstream gradient (sum() has zero grad)
+
+    ours = received_attention(q, k, 0.4, mask, causal, chunk=4)
+    (ours * g).sum().backward()
+    dq, dk = q.grad.clone(), k.grad.clone()
+    q.grad = k.grad = None
+    ref = _received_by_autograd(q, k, 0.4, mask, causal)
+    (ref * g).sum().backward()
+
+    assert ours.dtype == torch.float64
+    assert torch.allclose(ours, ref, atol=1e-12)
+    assert torch.allclose(dq, q.grad, atol=1e-12) and torch.allclose(dk, k.grad, atol=1e-12)
+    assert dq.abs().sum() > 0 and dk.abs().sum() > 0
+    assert torch.autograd.gradcheck(
+        lambda a, b: received_attention(a, b, 0.4, mask, causal, chunk=4),
+        (q.detach().requires_grad_(), k.detach().requires_grad_()),
+    )
+
+
+def test_received_attention_is_float32_for_half_inputs_and_under_autocast():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    ref = received_attention(q, k, 0.3, mask, True, chunk=4)
+    qb, kb = q.bfloat16().requires_grad_(), k.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = received_attention(qb, kb, 0.3, mask, True, chunk=4)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, ref, atol=0.05)  # only the bf16 rounding of q and k differs
+    (out * torch.randn_like(out)).sum().backward()
+    assert qb.grad.dtype == torch.bfloat16 and kb.grad.dtype == torch.bfloat16
 
 
 def test_eos_and_mean_on_hand_made_tensors():
