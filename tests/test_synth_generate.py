@@ -202,7 +202,9 @@ def test_sigkill_mid_run_then_rerun_gives_the_same_corpus(tmp_path: Path, monkey
     with serve(scripted()) as url:
         straight = generate(load_synth_config(_config(tmp_path / "a", endpoint={"base_url": url})), progress=False)
         recorder = Recorder()
-        with serve(scripted(), recorder) as url2:
+        # 0.1 s per answer (16 answers, one in flight): without it the run could finish between
+        # two 50 ms polls of the journal and the kill land after the end (seen once in CI)
+        with serve(scripted(delay_s=0.1), recorder) as url2:
             config_path = _config(tmp_path / "b", endpoint={"base_url": url2}, concurrency=1)
             journal = tmp_path / "b" / "corpus" / "work" / JOURNAL_FILE
             answered_before = _run_killed_then_resumed(config_path, journal, kill_after=7)
