@@ -15,8 +15,6 @@ from __future__ import annotations
 from _common import Report, median, parse, parser, spread, time_interleaved, verdict
 
 # isort: split
-import time
-
 import torch
 
 from harness.config import ModelSettings
@@ -60,7 +58,7 @@ def step(name: str, emb: Embedder, batch: Batch) -> None:
     emb.zero_grad(set_to_none=True)
 
 
-def received_cost(emb: Embedder, batch: Batch, reps: int = 3) -> float:
+def received_cost(emb: Embedder, batch: Batch, reps: int = 3, sync=None) -> float:
     """Seconds for ATA's own work alone: the received attention of the last layer, forward +
     backward, on random post-rotary q / k of this model's shapes (best of ``reps``). Steadier than
     the difference of two step medians, which carries the step's run-to-run noise."""
@@ -71,15 +69,11 @@ def received_cost(emb: Embedder, batch: Batch, reps: int = 3) -> float:
     k = torch.randn(b, cfg.num_key_value_heads, length, head_dim, device=emb.device, requires_grad=True)
     g = torch.randn(b, length, device=emb.device)
     mask = batch.attention_mask.to(emb.device)
-    sync = torch.cuda.synchronize if emb.device.type == "cuda" else (lambda: None)
-    best = float("inf")
-    for _ in range(reps + 1):  # the first is a warm-up
-        sync()
-        start = time.perf_counter()
+
+    def run() -> None:
         (received_attention(q, k, head_dim**-0.5, mask, causal=True) * g).sum().backward()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best
+
+    return min(time_interleaved({"own": run}, reps, warmup=1, sync=sync)["own"])
 
 
 def maps_gb(emb: Embedder, batch: int, length: int) -> float:
@@ -137,7 +131,7 @@ def main() -> None:
         calls = {n: (lambda n=n, e=e, b=batch: step(n, e, b)) for n, e in run.items()}
         times = time_interleaved(calls, args.reps, warmup=1, sync=sync)
         med = {k: median(v) for k, v in times.items()}
-        own = received_cost(variants["ata"], batch)
+        own = received_cost(variants["ata"], batch, sync=sync)
         rows.append((length, med, times, need, own))
         print(
             f"L={length}: " + ", ".join(f"{k} {v:.3f}s" for k, v in med.items()) + f", ata's own work {own:.3f}s",
