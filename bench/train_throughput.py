@@ -114,13 +114,13 @@ def st_pairs(
     exp: Experiment, batches: Sequence[Sequence[Example]], eos: str
 ) -> dict[str, list[str]]:
     """(anchor, positive) columns in schedule order, formatted as the harness feeds them."""
-    prefix = exp.model.query_template.split("{query}")[0]
+    from harness.templates import E5
+
     anchors, positives = [], []
     for batch in batches:
         for ex in batch:
-            head = prefix.format(instruction=ex.instruction) if ex.instruction else ""
-            anchors.append(head + ex.query + eos)
-            positives.append(ex.positive + eos)
+            anchors.append(E5.render(ex.query, ex.instruction or None)[0] + eos)
+            positives.append(E5.render(ex.positive, None)[0] + eos)
     return {"anchor": anchors, "positive": positives}
 
 

@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 STRATEGIES = ("curriculum", "reverse", "random", "level-1", "level-2", "level-3", "level-4", "all")
 POOLINGS = ("eos", "mean", "ata")
+TEMPLATES = ("e5", "llm2vec")  # named input formats, see harness/templates.py
+BATCHINGS = ("mixed", "by_task")
 # Short names accepted as grid axes and in --cell, mapped to their dotted field.
 AXIS_ALIASES = {"strategy": "train.strategy", "pooling": "model.pooling", "seed": "train.seed"}
 
@@ -34,6 +36,29 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TemplateSpec(_Strict):
+    """A custom input format: ``{text}`` is the text, ``{instruction}`` the task instruction."""
+
+    instructed: str  # texts with an instruction, e.g. "Instruct: {instruction}\nQuery: {text}"
+    plain: str = "{text}"  # texts without one (documents of asymmetric tasks)
+
+    @field_validator("instructed")
+    @classmethod
+    def _instructed(cls, v: str) -> str:
+        if "{text}" not in v or "{instruction}" not in v:
+            raise ValueError("must contain {instruction} and {text}")
+        if v.index("{instruction}") > v.index("{text}"):
+            raise ValueError("{instruction} must come before {text} (the text is what gets pooled)")
+        return v
+
+    @field_validator("plain")
+    @classmethod
+    def _plain(cls, v: str) -> str:
+        if "{text}" not in v or "{instruction}" in v:
+            raise ValueError("must contain {text} and no {instruction}")
+        return v
 
 
 class LoraSettings(_Strict):
@@ -51,24 +76,46 @@ class ModelSettings(_Strict):
     name: str = "packaged:smollm2-135m-instruct"
     revision: str | None = None
     pooling: Pooling = "ata"
+    # Attention of the backbone: "bidirectional" makes a decoder LLM attend to every real token in
+    # every layer (LLM2Vec); "causal" keeps a decoder as pretrained; "native" is the architecture's
+    # own (causal for decoders, bidirectional for encoders). See harness/models.py.
+    attention: Literal["native", "causal", "bidirectional"] = "native"
+    # A PEFT adapter (folder or Hub id) merged into the base before the trainable LoRA is added,
+    # as LLM2Vec merges its MNTP adapter; `harness mntp` makes one. A folder is relative to the file.
+    init_adapter: str | None = None
+    # sha256 of the init adapter's files: filled in by the harness (a trial key input); set it to
+    # pin an adapter, and a run refuses one that differs.
+    init_adapter_sha256: str | None = None
     lora: LoraSettings = LoraSettings()
     max_query_length: int = Field(128, ge=8)
     max_doc_length: int = Field(256, ge=8)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     autocast: Literal["auto", "none", "bf16"] = "auto"  # auto: none (weights already bf16 on GPU)
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    # E5-style query template; documents get no instruction.
-    query_template: str = "Instruct: {instruction}\nQuery: {query}"
-    skip_instruction: bool = True  # exclude instruction tokens from pooling (LLM2Vec default)
+    # The input format (harness/templates.py): "e5", "llm2vec", or a custom template with {text}
+    # (and {instruction}): a string for instructed texts, or {instructed: ..., plain: ...}.
+    template: str | TemplateSpec = "e5"
+    skip_instruction: bool = True  # pool the text and the template's closing only (LLM2Vec default)
     padding_side: Literal["left", "right"] = "left"
 
-    @field_validator("query_template")
+    @model_validator(mode="before")
     @classmethod
-    def _template_fields(cls, v: str) -> str:
-        if "{query}" not in v or "{instruction}" not in v:
-            raise ValueError("must contain {instruction} and {query}")
-        if not v.split("{query}")[1] == "":
-            raise ValueError("{query} must come last (the query is what gets pooled)")
+    def _old_query_template(cls, data: Any) -> Any:
+        """Models saved before ``template`` existed carry ``query_template``: read it as a custom template."""
+        if isinstance(data, dict) and "query_template" in data:
+            data = dict(data)
+            old = data.pop("query_template")
+            if "template" not in data and old != "Instruct: {instruction}\nQuery: {query}":
+                data["template"] = {"instructed": str(old).replace("{query}", "{text}")}
+        return data
+
+    @field_validator("template")
+    @classmethod
+    def _template_name(cls, v: str | TemplateSpec) -> str | TemplateSpec:
+        if isinstance(v, str) and v not in TEMPLATES:
+            if "{text}" not in v:
+                raise ValueError(f"must be one of {', '.join(TEMPLATES)} or a template with {{text}}")
+            return TemplateSpec(instructed=v)
         return v
 
 
@@ -87,6 +134,9 @@ class TrainSettings(_Strict):
     # Split the batch into chunks of this size with GradCache (same gradients, less memory).
     grad_cache_chunk: int | None = Field(None, ge=1)
     gradient_checkpointing: bool = False
+    # "mixed": batches drawn from the whole corpus; "by_task": every batch from one task (the rows
+    # sharing source and subtask), so in-batch negatives are same-task, as in LLM2Vec/E5 training.
+    batching: Literal["mixed", "by_task"] = "mixed"
     seed: int = 0
     heldout_size: int = Field(256, ge=0)  # rows kept out of training for the cheap held-out metric
     heldout_before: bool = False  # also score the untrained model (logged as heldout_base/*)
@@ -114,6 +164,32 @@ class EvalSettings(_Strict):
     batch_size: int = Field(32, ge=1)
     max_docs: int | None = Field(None, ge=1)  # cap corpus size of local retrieval tasks (smoke)
     enabled: bool = True
+
+
+class MntpSettings(_Strict):
+    """Masked next-token prediction, LLM2Vec's adaptation of a decoder to bidirectional attention
+    (``harness mntp``). Values from LLM2Vec's ``train_configs/mntp/Mistral.json`` unless noted."""
+
+    # Plain text to train on: "corpus" (the experiment corpus's own texts) and/or files or folders
+    # of .txt (one text per non-empty line) or .jsonl ({"text": ...}), relative to the file.
+    text: list[str] = ["corpus"]
+    output: str  # the adapter folder, relative to the file; model.init_adapter points here
+    attention: Literal["native", "causal", "bidirectional"] = "bidirectional"
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(512, ge=8)  # texts are concatenated and cut into blocks of this length
+    mask_probability: float = Field(0.8, gt=0, lt=1)
+    # None: the tokenizer's mask token, else "_" (LLM2Vec's "blank" mask for Llama/Mistral)
+    mask_token: str | None = None
+    lr: float = Field(5e-5, gt=0)  # LLM2Vec's config sets none: transformers' Trainer default
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lora: LoraSettings = LoraSettings(r=16, alpha=32, dropout=0.05)  # LLM2Vec: r 16, alpha 2r
+    gradient_checkpointing: bool = False
+    eval_blocks: int = Field(32, ge=0)  # blocks kept out to measure the masked-token loss before/after
+    seed: int = 42
+    log_every: int = Field(1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class SearchParam(_Strict):
@@ -177,6 +253,7 @@ class Experiment(_Strict):
     resources: ResourceSettings = ResourceSettings()
     tracking: TrackingSettings = TrackingSettings()
     tables: TablesSettings = TablesSettings()
+    mntp: MntpSettings | None = None
 
     # Where the file came from (not part of the schema; excluded from dumps).
     source: str | None = Field(default=None, exclude=True)
@@ -293,7 +370,13 @@ def load_raw(path: str | os.PathLike[str], _seen: tuple[Path, ...] = ()) -> dict
     return _deep_merge(base, data)
 
 
-_PATH_FIELDS = (("corpus", "path"), ("corpus", "build", "config"))
+_PATH_FIELDS = (("corpus", "path"), ("corpus", "build", "config"), ("mntp", "output"))
+
+
+def is_local_path(s: str) -> bool:
+    """Whether a model/adapter reference is a local folder rather than a Hub id (``owner/name``):
+    it starts with ``.``, ``/`` or ``~``, or has other than exactly one ``/``."""
+    return s.startswith((".", "/", "~")) or s.count("/") != 1
 
 
 def _rebase_paths(data: dict[str, Any], src: Path, dst: Path) -> None:
@@ -305,6 +388,16 @@ def _rebase_paths(data: dict[str, Any], src: Path, dst: Path) -> None:
             p = node[keys[-1]]
             if not os.path.isabs(os.path.expanduser(p)):
                 node[keys[-1]] = os.path.relpath(src / p, dst)
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("init_adapter"), str) and is_local_path(model["init_adapter"]):
+        if not os.path.isabs(os.path.expanduser(model["init_adapter"])):
+            model["init_adapter"] = os.path.relpath(src / model["init_adapter"], dst)
+    mntp = data.get("mntp")
+    if isinstance(mntp, dict) and isinstance(mntp.get("text"), list):
+        mntp["text"] = [
+            os.path.relpath(src / t, dst) if isinstance(t, str) and t != "corpus" and not os.path.isabs(t) else t
+            for t in mntp["text"]
+        ]
     eval_tasks = data.get("eval", {}).get("tasks") if isinstance(data.get("eval"), dict) else None
     if isinstance(eval_tasks, list):
         data["eval"]["tasks"] = [
@@ -466,12 +559,15 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def trial_params(exp: Experiment) -> dict[str, Any]:
     """The resolved config of one trial as flat dotted params (what MLflow logs)."""
-    data = exp.model_dump(mode="json", exclude={"grid", "search", "tables"})
+    data = exp.model_dump(mode="json", exclude={"grid", "search", "tables", "mntp"})
     return flatten(data)
 
 
 def trial_key(exp: Experiment, corpus_sha256: str) -> str:
-    """Hash of everything that changes a trial's result: resolved training config + corpus."""
-    data = exp.model_dump(mode="json", exclude={"grid", "search", "tables", "tracking", "resources", "description"})
+    """Hash of everything that changes a trial's result: resolved training config + corpus (and the
+    init adapter's content hash, which stands for the adapter wherever its files lie)."""
+    data = exp.model_dump(mode="json", exclude={"grid", "search", "tables", "tracking", "resources", "description", "mntp"})
+    if data["model"]["init_adapter_sha256"]:
+        data["model"].pop("init_adapter")
     blob = json.dumps({"config": data, "corpus": corpus_sha256}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

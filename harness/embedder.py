@@ -2,15 +2,19 @@
 
 Inputs are built so that every pooling gives the same vector whatever the padding side or batch:
 explicit ``position_ids`` (counted over real tokens only), an EOS appended to decoder inputs
-(``eos`` pooling reads it), and a ``pool_mask`` that leaves out padding and, for queries, the
-instruction prefix (``skip_instruction``; found through the tokenizer's character offsets, so no
-token-boundary guessing).
+(``eos`` pooling reads it), and a ``pool_mask`` that leaves out padding and the part of the input
+format before the text: the instruction and the template's opening (``skip_instruction``; found
+through the tokenizer's character offsets, so no token-boundary guessing). The format itself is
+``harness/templates.py``'s.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
+import shutil
 import os
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -32,10 +36,12 @@ from harness.models import (
     pick_device,
 )
 from harness.pooling import AttentionCapture, pool
+from harness.templates import resolve_template
 
 log = logging.getLogger(__name__)
 META_FILE = "embedder.json"
 ADAPTER_DIR = "adapter"
+INIT_ADAPTER_DIR = "init_adapter"  # a copy of model.init_adapter, so a saved model reloads anywhere
 
 
 @dataclass
@@ -66,17 +72,30 @@ class Embedder(nn.Module):
         super().__init__()
         self.model = backbone.model
         self.tokenizer = backbone.tokenizer
-        self.is_causal = backbone.is_causal
+        self.is_decoder = backbone.is_decoder
+        self.bidirectional = backbone.bidirectional
+        self.template = resolve_template(settings.template, self.tokenizer)
         self.settings = settings
         self.device = device
         # mteb caches results by name + revision: the default name carries everything that changes
         # an untrained model's vectors (trained models get a unique name from their trial key)
         precision = "" if settings.autocast in ("auto", "none") else f"-{settings.autocast}"
-        self.name = name or f"{Path(settings.name.replace('packaged:', '')).name}-{settings.pooling}{precision}"
+        variant = "".join(
+            f"-{v}"
+            for v in (
+                None if settings.attention == "native" else settings.attention,
+                settings.template if isinstance(settings.template, str) and settings.template != "e5" else None,
+                f"init-{settings.init_adapter_sha256[:10]}" if settings.init_adapter_sha256 else None,
+            )
+            if v
+        )
+        if not isinstance(settings.template, str):  # a custom template: name it by its hash
+            variant += "-tpl" + hashlib.sha256(settings.template.model_dump_json().encode()).hexdigest()[:8]
+        self.name = name or f"{Path(settings.name.replace('packaged:', '')).name}-{settings.pooling}{variant}{precision}"
         self.revision = revision
         self._autocast = autocast_dtype(settings, device)
         self._capture = AttentionCapture(self.model) if settings.pooling == "ata" else None
-        self._eos_id = self.tokenizer.eos_token_id if self.is_causal else None
+        self._eos_id = self.tokenizer.eos_token_id if self.is_decoder else None
 
     # ------------------------------------------------------------------ construction
 
@@ -87,7 +106,7 @@ class Embedder(nn.Module):
         backbone = load_backbone(settings, dev)
         if lora and settings.lora.enabled:
             model = apply_lora(backbone.model, settings.lora)
-            backbone = Backbone(model=model, tokenizer=backbone.tokenizer, is_causal=backbone.is_causal, path=backbone.path)
+            backbone = dataclasses.replace(backbone, model=model)
         if gradient_checkpointing:
             enable_gradient_checkpointing(backbone.model)
         emb = cls(backbone, settings, dev, name=name, revision=revision)
@@ -104,6 +123,8 @@ class Embedder(nn.Module):
             raise FileNotFoundError(f"{path}: not a saved harness model (no {META_FILE})")
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
         settings = ModelSettings.model_validate(meta["settings"])
+        if (path / INIT_ADAPTER_DIR).is_dir():  # the copy saved with the model, wherever it came from
+            settings = settings.model_copy(update={"init_adapter": str(path / INIT_ADAPTER_DIR)})
         dev = torch.device(device) if device is not None else pick_device("auto")
         backbone = load_backbone(settings, dev)
         model = backbone.model
@@ -112,7 +133,7 @@ class Embedder(nn.Module):
 
             model = PeftModel.from_pretrained(model, path / ADAPTER_DIR).to(dev)
         emb = cls(
-            Backbone(model=model, tokenizer=backbone.tokenizer, is_causal=backbone.is_causal, path=backbone.path),
+            dataclasses.replace(backbone, model=model),
             settings,
             dev,
             name=meta.get("name"),
@@ -126,6 +147,9 @@ class Embedder(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         if hasattr(self.model, "peft_config"):
             self.model.save_pretrained(path / ADAPTER_DIR)
+        source = self.settings.init_adapter
+        if source and Path(source).is_dir() and Path(source).resolve() != (path / INIT_ADAPTER_DIR).resolve():
+            shutil.copytree(source, path / INIT_ADAPTER_DIR, dirs_exist_ok=True)
         meta = {
             "name": self.name,
             "revision": self.revision,
@@ -138,25 +162,22 @@ class Embedder(nn.Module):
 
     # ------------------------------------------------------------------ inputs
 
-    def format_query(self, text: str, instruction: str | None) -> tuple[str, int]:
-        """The text fed to the model and the length of its instruction prefix in characters."""
-        if not instruction:
-            return text, 0
-        prefix = self.settings.query_template.split("{query}")[0].format(instruction=instruction)
-        return prefix + text, len(prefix)
+    def format(self, text: str, instruction: str | None) -> tuple[str, int]:
+        """The string fed to the model and the character where its pooled span starts."""
+        return self.template.render(text, instruction)
 
     def tokenize_one(self, text: str, instruction: str | None, max_length: int) -> Encoded:
-        full, prefix_chars = self.format_query(text, instruction)
+        full, pool_start = self.format(text, instruction)
         budget = max_length - (1 if self._eos_id is not None else 0)
         enc = self.tokenizer(full, truncation=True, max_length=budget, return_offsets_mapping=True, add_special_tokens=True)
         ids = list(enc["input_ids"])
-        skip = self.settings.skip_instruction and prefix_chars > 0
-        # a token is the query's if it covers any query character ("ĠA" starts on the prefix's space)
-        pooled = [not (skip and end <= prefix_chars) for _, end in enc["offset_mapping"]]
+        skip = self.settings.skip_instruction and pool_start > 0
+        # a token is the text's if it covers any character from the text on ("ĠA" starts on the space before it)
+        pooled = [not (skip and end <= pool_start) for _, end in enc["offset_mapping"]]
         if self._eos_id is not None and (not ids or ids[-1] != self._eos_id):
             ids.append(self._eos_id)
             pooled.append(True)
-        if not any(pooled):  # a query truncated inside its instruction: pool what there is
+        if not any(pooled):  # a text truncated inside its instruction: pool what there is
             pooled = [True] * len(ids)
         return Encoded(ids, pooled)
 

@@ -28,13 +28,28 @@ def heldout_metrics(embedder: Embedder, frame: pl.DataFrame, *, batch_size: int 
         idx = [i for i, ins in enumerate(instructions) if ins == instruction]
         q_emb[idx] = embedder.encode([queries[i] for i in idx], instruction=instruction or None, batch_size=batch_size)
     docs: list[str] = frame["positive"].to_list()
+    # symmetric rows embed their documents with the instruction too (as training does)
+    kinds = frame["task_kind"].to_list() if "task_kind" in frame.columns else [None] * frame.height
+    doc_instruction = [ins or None if kind == "symmetric" else None for ins, kind in zip(instructions, kinds)]
+    doc_rows = list(range(frame.height))
     neg_slots: list[tuple[int, int, int]] = []  # (row, level, doc index)
     for level, col in zip(LEVELS, NEG_COLUMNS):
         for row, text in enumerate(frame[col].to_list()):
             if text is not None:
                 neg_slots.append((row, level, len(docs)))
                 docs.append(text)
-    d_emb = embedder.encode(docs, batch_size=batch_size, show_progress=show_progress)
+                doc_rows.append(row)
+    d_emb = torch.empty((len(docs), embedder.dimension))
+    for instruction in sorted(set(doc_instruction), key=lambda x: (x is not None, x or "")):
+        idx = [i for i, row in enumerate(doc_rows) if doc_instruction[row] == instruction]
+        if idx:
+            d_emb[idx] = embedder.encode(
+                [docs[i] for i in idx],
+                instruction=instruction,
+                batch_size=batch_size,
+                max_length=embedder.settings.max_doc_length,
+                show_progress=show_progress,
+            )
     q = F.normalize(q_emb, dim=-1)
     d = F.normalize(d_emb, dim=-1)
     pos_sim = (q * d[: frame.height]).sum(-1)

@@ -22,10 +22,11 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class Backbone:
-    model: nn.Module  # the transformer without its LM head (AutoModel)
+    model: nn.Module  # the transformer without its LM head (AutoModel), or with it for MNTP
     tokenizer: Any
-    is_causal: bool
+    is_decoder: bool  # a decoder LLM (its inputs end with EOS), whatever its attention
     path: str  # resolved local folder or Hub id
+    bidirectional: bool = True  # every token attends to every real token (encoders, LLM2Vec)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -59,9 +60,13 @@ def pick_attention(setting: str, device: torch.device) -> str:
     return "sdpa"
 
 
-def load_backbone(settings: ModelSettings, device: torch.device) -> Backbone:
-    """Load tokenizer and base transformer (no LM head) for embedding."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+def load_backbone(settings: ModelSettings, device: torch.device, *, lm_head: bool = False, attention: str | None = None) -> Backbone:
+    """Load tokenizer and base transformer (no LM head unless ``lm_head``) for embedding.
+
+    ``attention`` overrides ``settings.attention``; ``settings.init_adapter`` is merged into the
+    weights (the backbone then carries no adapter of its own).
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     try:
         path = packaged.resolve(settings.name)
@@ -69,20 +74,75 @@ def load_backbone(settings: ModelSettings, device: torch.device) -> Backbone:
         raise ModelLoadError(str(e)) from None
     dtype = pick_dtype(settings.dtype, device)
     attn = pick_attention(settings.attn_implementation, device)
+    auto = AutoModelForCausalLM if lm_head else AutoModel
     try:
         config = AutoConfig.from_pretrained(path, revision=settings.revision)
         tokenizer = AutoTokenizer.from_pretrained(path, revision=settings.revision)
-        model = AutoModel.from_pretrained(
-            path, revision=settings.revision, dtype=dtype, attn_implementation=attn
-        )
+        model = auto.from_pretrained(path, revision=settings.revision, dtype=dtype, attn_implementation=attn)
     except OSError as e:  # missing id/folder, or the Hub unreachable
         raise ModelLoadError(f"cannot load model {settings.name!r}: {e}".splitlines()[0]) from None
-    is_causal = not getattr(config, "is_encoder_decoder", False) and _is_decoder(config)
+    is_decoder = not getattr(config, "is_encoder_decoder", False) and _is_decoder(config)
+    bidirectional = set_attention(model, attention or settings.attention, is_decoder=is_decoder)
+    if settings.init_adapter:
+        model = merge_adapter(model, settings.init_adapter, lm_head=lm_head)
     if tokenizer.pad_token is None:  # decoder LLMs: pad with EOS (LLM2Vec)
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = settings.padding_side
     model.to(device)
-    return Backbone(model=model, tokenizer=tokenizer, is_causal=is_causal, path=path)
+    return Backbone(model=model, tokenizer=tokenizer, is_decoder=is_decoder, path=path, bidirectional=bidirectional)
+
+
+def set_attention(model: nn.Module, mode: str, *, is_decoder: bool) -> bool:
+    """Make a decoder's attention causal or bidirectional in every layer; True if bidirectional.
+
+    Bidirectional needs two switches in transformers 5, both set here: ``config.is_causal = False``
+    makes the model build a bidirectional padding mask instead of a causal one (the route the
+    ``eager`` and ``sdpa`` kernels read), and ``is_causal = False`` on every attention module is what
+    ``sdpa`` falls back to when no mask is needed and what ``flash_attention_2`` (which takes no 4-D
+    mask) reads. Encoders are bidirectional already and cannot be made causal here.
+    """
+    if not is_decoder:
+        if mode == "causal":
+            raise ModelLoadError("model.attention 'causal' needs a decoder LLM; this model is an encoder")
+        return True
+    if mode == "native":
+        mode = "causal"
+    causal = mode == "causal"
+    for config in {id(c): c for c in _configs(model)}.values():
+        config.is_causal = causal
+    modules = [m for m in model.modules() if hasattr(m, "is_causal") and isinstance(m, nn.Module)]
+    if not modules:
+        raise ModelLoadError(f"model.attention {mode!r}: no attention module with an is_causal switch in {type(model).__name__}")
+    for m in modules:
+        m.is_causal = causal
+    return not causal
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    return [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")]
+
+
+def adapter_target(model: nn.Module) -> nn.Module:
+    """The module an embedding adapter belongs to: the transformer without its LM head, so that an
+    adapter made by MNTP (on a ``*ForCausalLM``) and one used for embedding (on ``AutoModel``) carry
+    the same weight names (LLM2Vec saves its MNTP adapter the same way)."""
+    inner = getattr(model, "model", None)
+    return inner if hasattr(model, "lm_head") and isinstance(inner, nn.Module) else model
+
+
+def merge_adapter(model: nn.Module, source: str, *, lm_head: bool = False) -> nn.Module:
+    """Merge the PEFT adapter at ``source`` (folder or Hub id) into ``model``'s weights."""
+    from peft import PeftModel
+
+    target = adapter_target(model)
+    try:
+        merged = PeftModel.from_pretrained(target, source).merge_and_unload()
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model.init_adapter {source!r}: cannot load the adapter: {e}".splitlines()[0]) from None
+    if target is model:
+        return merged
+    model.model = merged
+    return model
 
 
 def _is_decoder(config: Any) -> bool:

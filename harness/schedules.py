@@ -13,6 +13,15 @@ Level 1 is the hardest negative (closest to the query). A row that lacks the sch
 retrieval data with one negative in ``neg_1``) uses its nearest available level, so such rows keep
 their own negative. With ``negatives_per_query`` k > 1 the k available levels nearest to the
 scheduled one are used (ties go to the easier level).
+
+Rows are batched ``mixed`` (a seeded permutation of the whole corpus per epoch) or ``by_task``
+(every batch from one task, the rows sharing ``source`` and ``subtask``, as LLM2Vec's E5 data
+loader does: each task's rows shuffled, cut into full batches, the batches of all tasks shuffled;
+a task's remainder short of a batch waits for the next epoch). The row order depends on the seed
+and the batching only, never on the strategy: every strategy with the same seed trains on the same
+rows in the same order, and only the level differs (``random`` draws its levels from a separate
+stream). Rows of ``symmetric`` tasks carry the instruction on both sides (LLM2Vec/E5: NLI and
+duplicate-question data embed query, positive and negatives with the same instruction).
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ class Example:
     negatives: tuple[str, ...]
     levels: tuple[int, ...]  # the level of each negative
     row_id: str
+    doc_instruction: str | None = None  # the instruction of the positive and negatives (symmetric rows)
 
 
 @dataclass(frozen=True)
@@ -107,30 +117,32 @@ def build_schedule(
     batch_size: int,
     seed: int,
     negatives_per_query: int = 1,
+    batching: str = "mixed",
 ) -> Schedule:
-    """The exact training stream. Rows are drawn epoch by epoch from a seeded permutation."""
+    """The exact training stream (see the module docstring)."""
     if frame.height < batch_size:
         raise ValueError(f"the corpus has {frame.height} training rows, fewer than batch_size={batch_size}")
-    rng = random.Random(seed)
-    rows = frame.select("id", "instruction", "query", "positive", *NEG_COLUMNS).rows()
+    columns = ["id", "instruction", "query", "positive", *NEG_COLUMNS]
+    kinds = frame["task_kind"].to_list() if "task_kind" in frame.columns else [None] * frame.height
+    rows = frame.select(columns).rows()
     plan = phases(strategy, steps)
     k = len(LEVELS) if strategy == "all" else negatives_per_query
+    if batching == "by_task":
+        order = by_task_batches(task_groups(frame), steps=steps, batch_size=batch_size, seed=seed)
+    elif batching == "mixed":
+        order = mixed_batches(frame.height, steps=steps, batch_size=batch_size, seed=seed)
+    else:
+        raise ValueError(f"unknown batching {batching!r}")
+    level_rng = random.Random(f"levels-{seed}")  # apart from the row order (see module docstring)
 
-    order: list[int] = []
     batches: list[list[Example]] = []
-    for step in range(steps):
-        if len(order) < batch_size:  # new epoch: reshuffle (leftovers go first)
-            perm = list(range(len(rows)))
-            rng.shuffle(perm)
-            leftover = set(order)
-            order = order + [i for i in perm if i not in leftover]
-        idx, order = order[:batch_size], order[batch_size:]
+    for step, idx in enumerate(order):
         level = phase_level(strategy, step, steps)
         batch = []
         for i in idx:
             row_id, instruction, query, positive, *negs = rows[i]
             available = [lv for lv, text in zip(LEVELS, negs) if text is not None]
-            target = rng.randint(1, 4) if level == "random" else (1 if level == "all" else level)
+            target = level_rng.randint(1, 4) if level == "random" else (1 if level == "all" else level)
             chosen = nearest_levels(target, available, k) if k else ()
             if level == "all":
                 chosen = tuple(available)
@@ -142,10 +154,62 @@ def build_schedule(
                     negatives=tuple(negs[lv - 1] for lv in chosen),
                     levels=chosen,
                     row_id=row_id,
+                    doc_instruction=instruction or None if kinds[i] == "symmetric" else None,
                 )
             )
         batches.append(batch)
     return Schedule(strategy=strategy, batches=batches, phases=plan)
+
+
+def mixed_batches(n_rows: int, *, steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Row indices per step, epoch by epoch from a seeded permutation (leftovers go first)."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    out: list[list[int]] = []
+    for _ in range(steps):
+        if len(order) < batch_size:  # new epoch: reshuffle
+            perm = list(range(n_rows))
+            rng.shuffle(perm)
+            leftover = set(order)
+            order = order + [i for i in perm if i not in leftover]
+        out.append(order[:batch_size])
+        order = order[batch_size:]
+    return out
+
+
+def task_groups(frame: pl.DataFrame) -> list[list[int]]:
+    """Row indices per task (rows sharing ``source`` and ``subtask``), tasks sorted by name."""
+    keys = list(zip(frame["source"].to_list(), frame["subtask"].to_list()))
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return [groups[key] for key in sorted(groups)]
+
+
+def by_task_batches(groups: Sequence[Sequence[int]], *, steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Row indices per step, each batch from one group (see the module docstring)."""
+    if not any(len(g) >= batch_size for g in groups):
+        sizes = sorted((len(g) for g in groups), reverse=True)[:5]
+        raise ValueError(
+            f"train.batching 'by_task': no task has batch_size={batch_size} rows (largest: {sizes}); "
+            "lower the batch size or use batching 'mixed'"
+        )
+    rng = random.Random(seed)
+    pending: list[list[int]] = [[] for _ in groups]  # per group, rows not yet used this epoch
+    out: list[list[int]] = []
+    while len(out) < steps:
+        epoch: list[list[int]] = []
+        for g, rows in enumerate(groups):
+            perm = list(rows)
+            rng.shuffle(perm)
+            leftover = set(pending[g])
+            queue = pending[g] + [i for i in perm if i not in leftover]
+            full = len(queue) // batch_size * batch_size
+            epoch += [queue[s : s + batch_size] for s in range(0, full, batch_size)]
+            pending[g] = queue[full:]
+        rng.shuffle(epoch)
+        out += epoch
+    return out[:steps]
 
 
 def split_heldout(frame: pl.DataFrame, size: int) -> tuple[pl.DataFrame, pl.DataFrame]:

@@ -84,7 +84,8 @@ class StepRunner:
         s = self.embedder.settings
         queries = [self.embedder.tokenize_one(ex.query, ex.instruction or None, s.max_query_length) for ex in batch]
         doc_texts = [ex.positive for ex in batch] + [n for ex in batch for n in ex.negatives]
-        docs = [self.embedder.tokenize_one(t, None, s.max_doc_length) for t in doc_texts]
+        doc_instructions = [ex.doc_instruction for ex in batch] + [ex.doc_instruction for ex in batch for _ in ex.negatives]
+        docs = [self.embedder.tokenize_one(t, i, s.max_doc_length) for t, i in zip(doc_texts, doc_instructions)]
         return queries, docs, doc_texts
 
     def __call__(self, batch: Sequence[Example]) -> float:
@@ -137,7 +138,13 @@ def train_one(
     device = pick_device(t.device)
     train_frame, heldout = split_heldout(corpus.frame, t.heldout_size)
     schedule = build_schedule(
-        train_frame, t.strategy, steps=t.steps, batch_size=t.batch_size, seed=t.seed, negatives_per_query=t.negatives_per_query
+        train_frame,
+        t.strategy,
+        steps=t.steps,
+        batch_size=t.batch_size,
+        seed=t.seed,
+        negatives_per_query=t.negatives_per_query,
+        batching=t.batching,
     )
     embedder = Embedder.from_settings(
         exp.model, device, lora=True, gradient_checkpointing=t.gradient_checkpointing, name=name, revision=revision

@@ -217,7 +217,7 @@ def test_encoder_models_work_too(minilm_dir):
     texts = TEXTS[:3]
     for pooling in ("eos", "mean", "ata"):
         emb = Embedder.from_settings(ModelSettings(name="packaged:all-minilm-l6-v2", pooling=pooling, lora={"enabled": False}), "cpu")
-        assert not emb.is_causal
+        assert not emb.is_decoder
         with torch.inference_mode():
             v = emb(emb.tokenize(texts))
             alone = emb(emb.tokenize(texts[1:2]))
