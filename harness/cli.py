@@ -4,6 +4,7 @@
     harness ui EXPERIMENT.yaml         the MLflow UI on 127.0.0.1
     harness tables EXPERIMENT.yaml     ablation tables and plots from MLflow into results/<name>/
     harness train EXPERIMENT.yaml      one configuration (the base settings or one grid cell), no Ray
+    harness mntp EXPERIMENT.yaml       the file's MNTP adapter (LLM2Vec's bidirectional adaptation)
     harness eval MODEL_OR_RUN          mteb evaluation of a saved model or an MLflow run's model
     harness check EXPERIMENT.yaml      validate a file and print the resolved trials
 """
@@ -98,6 +99,27 @@ def train(
     except _known_errors() as e:
         _fail(str(e))
     console.print(f"saved model: [bold]{result.model_dir}[/]  (reload with harness.embedder.Embedder.load)")
+
+
+@app.command()
+def mntp(
+    experiment: ExperimentArg,
+    set_: SetOpt = None,
+    track: Annotated[bool, typer.Option(help="Log a run to MLflow.")] = True,
+    force: Annotated[bool, typer.Option(help="Train again even when the adapter exists with the same settings.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train the file's MNTP adapter (mntp: block); trials use it through model.init_adapter."""
+    _quiet(verbose)
+    from harness.config import load_experiment
+    from harness.mntp import MntpError, corpus_texts, run_mntp
+    from harness.sweep import load_corpus
+
+    try:
+        exp = load_experiment(experiment, set_ or [])
+        run_mntp(exp, lambda: corpus_texts(load_corpus(exp, console).frame), track=track, force=force, say=console.print)
+    except (*_known_errors(), MntpError) as e:
+        _fail(str(e))
 
 
 @app.command()

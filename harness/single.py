@@ -18,7 +18,8 @@ from harness.config import (
     trial_params,
     validated_cells,
 )
-from harness.sweep import check_corpus_fits, git_sha, load_corpus
+from harness.init_adapter import prepare_init_adapter
+from harness.sweep import mntp_builder, check_corpus_fits, git_sha, load_corpus
 from harness.tracking import CELL, TRIAL_KEY, Tracker, describe_error
 from harness.train import TrainResult, train_one
 
@@ -43,6 +44,7 @@ def train_single(
     exp = apply_cell(base, cell)
     label = cell_label(cell) if cell else "train"
     corpus = load_corpus(exp, console)
+    prepare_init_adapter(exp, build=mntp_builder(corpus, console))
     check_corpus_fits(exp, corpus)
     key = trial_key(exp, corpus.sha256)
     out = output or Path("results") / "runs" / exp.name / f"{label}-{key}"

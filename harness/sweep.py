@@ -19,7 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +40,7 @@ from harness.config import (
     trial_params,
     validated_cells,
 )
+from harness.init_adapter import AdapterFiles, prepare_init_adapter
 from harness.tracking import CELL, SWEEP_KEY, TRIAL_KEY, Tracker, describe_error, redact_text
 from harness.trial import (
     ARTIFACTS,
@@ -124,6 +125,18 @@ def load_corpus(exp: Experiment, console: Console) -> Corpus:
     corpus = read_corpus(path)
     console.print(f"corpus {corpus.name}: {len(corpus)} rows, sha256 {corpus.sha256[:12]}")
     return corpus
+
+
+def mntp_builder(corpus: Corpus, console: Console) -> Callable[[Experiment, Path], None]:
+    """Builds a missing init adapter that is the file's ``mntp.output``, once, on the driver."""
+
+    def build(exp: Experiment, output: Path) -> None:
+        from harness.mntp import corpus_texts, run_mntp
+
+        console.print(f"[bold]training the MNTP adapter[/] -> {output}")
+        run_mntp(exp, lambda: corpus_texts(corpus.frame), output=output, say=console.print)
+
+    return build
 
 
 def check_corpus_fits(exp: Experiment, corpus: Corpus) -> None:
@@ -484,6 +497,7 @@ def run_sweep(
         validated_cells(exp)  # before the corpus is built: a typo in the grid costs nothing
     results_dir = (results_dir or Path("results")).resolve()
     corpus = load_corpus(exp, console)
+    init_adapter = prepare_init_adapter(exp, build=mntp_builder(corpus, console))
     for cell in [{}] if exp.search else grid_cells(exp):
         check_corpus_fits(apply_cell(exp, cell), corpus)
     tracker = Tracker(exp.tracking, exp.name, exp.source)
@@ -535,7 +549,7 @@ def run_sweep(
             {"corpus_sha256": corpus.sha256, "git_sha": git_sha(), SWEEP_KEY: sweep_key(exp, corpus.sha256)},
             console,
         )
-        _fit(exp, plan, corpus, trial_fn, callback, results_dir, per_trial)
+        _fit(exp, plan, corpus, trial_fn, callback, results_dir, per_trial, init_adapter)
         records = skipped + list(callback.records.values())
         summary = SweepSummary(exp.name, tracker.uri, parent_id, records, time.time() - t0, concurrency)
         tracker.end_sweep(
@@ -560,11 +574,17 @@ def _fit(
     callback: TrackingCallback,
     results_dir: Path,
     per_trial: Mapping[str, float],
+    init_adapter: AdapterFiles | None = None,
 ) -> None:
     from ray.tune.logger import JsonLoggerCallback
 
     trainable = tune.with_parameters(
-        run_trial, base=exp, corpus=corpus, models_dir=str(results_dir / "models"), trial_fn=trial_fn
+        run_trial,
+        base=exp,
+        corpus=corpus,
+        models_dir=str(results_dir / "models"),
+        trial_fn=trial_fn,
+        init_adapter=init_adapter,
     )
     resources = {"cpu": per_trial["CPU"], "gpu": per_trial["GPU"], **exp.resources.custom}
     if exp.search:

@@ -187,7 +187,7 @@ def _optimize(embedder: Embedder, schedule: Schedule, exp: Experiment, on_metric
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(min(t.warmup_steps, t.steps - 1), t.steps))
     runner = StepRunner(embedder, t.temperature, t.grad_cache_chunk)
     embedder.train()
-    bar = _progress_bar() if progress else None
+    bar = progress_bar() if progress else None
     loss = math.nan
     with bar or nullcontext():
         task = bar.add_task("training", total=len(schedule), loss=math.nan, rate=0.0) if bar else None
@@ -214,7 +214,7 @@ def _optimize(embedder: Embedder, schedule: Schedule, exp: Experiment, on_metric
     return loss
 
 
-def _progress_bar():
+def progress_bar():
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.config import Experiment, apply_cell, cell_label, trial_key
+from harness.init_adapter import AdapterFiles
 from synth.corpus import Corpus
 
 # Reserved result keys (everything else in a result is a metric).
@@ -105,6 +106,7 @@ def run_trial(
     corpus: Corpus,
     models_dir: str,
     trial_fn: TrialFn | None = None,
+    init_adapter: AdapterFiles | None = None,
 ) -> None:
     """The Tune trainable (bind the keywords with ``tune.with_parameters``)."""
     from ray import tune
@@ -116,6 +118,8 @@ def run_trial(
     spec = trial_spec(base, cell_of(config), corpus.sha256)
     workdir = Path(models_dir) / spec.exp.name / f"{spec.label}-{spec.key}"
     workdir.mkdir(parents=True, exist_ok=True)
+    if init_adapter is not None:  # shipped by the driver: this node may not see the driver's disk
+        spec.exp.model.init_adapter = str(init_adapter.write(workdir / "init_adapter"))
     sample = _system_sampler() if spec.exp.tracking.system_metrics else dict
 
     def report(step: int, metrics: Mapping[str, float]) -> None:

@@ -1,0 +1,78 @@
+"""``model.init_adapter`` on the driver: find (or build with MNTP) the adapter, pin its content hash,
+and ship its files to trials, which need no shared filesystem.
+
+The hash (``model.init_adapter_sha256``) stands for the adapter in the trial key and the MLflow
+params, wherever its files lie; a file that pins a hash refuses an adapter that differs. A Hub id
+is its own identity (with the download it names) and is not shipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.config import ConfigError, Experiment, is_local_path
+
+# What makes a PEFT adapter: its config and its weights (README and tokenizer files are not part of it).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """A local adapter's files, read once on the driver."""
+
+    sha256: str
+    files: dict[str, bytes]
+
+    def write(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in self.files.items():
+            (folder / name).write_bytes(data)
+        return folder
+
+
+def read_adapter(folder: Path) -> AdapterFiles:
+    """The adapter files of ``folder`` and their hash (names and bytes, in a fixed order)."""
+    files = {name: (folder / name).read_bytes() for name in ADAPTER_FILES if (folder / name).is_file()}
+    if "adapter_config.json" not in files or len(files) < 2:
+        raise ConfigError(f"model.init_adapter {folder}: not a PEFT adapter folder (needs adapter_config.json and adapter_model.*)")
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    return AdapterFiles(digest.hexdigest(), files)
+
+
+def prepare_init_adapter(exp: Experiment, build: Callable[[Experiment, Path], None] | None = None) -> AdapterFiles | None:
+    """Resolve ``exp.model.init_adapter``, building it with MNTP when it is the file's ``mntp.output``
+    and missing; pin its hash into ``exp`` (in place). Returns the files to ship (None for none or
+    a Hub id)."""
+    if "model.init_adapter" in exp.grid or "model.init_adapter_sha256" in exp.grid:
+        raise ConfigError(
+            f"{exp.source}: grid axis model.init_adapter is not supported (its hash is pinned per "
+            "file): use one experiment file per adapter"
+        )
+    source = exp.model.init_adapter
+    if not source or not is_local_path(source) and not exp.resolve_path(source).exists():
+        return None  # none, or a Hub id
+    folder = exp.resolve_path(source).resolve()
+    if not folder.exists():
+        if exp.mntp is not None and exp.resolve_path(exp.mntp.output).resolve() == folder and build is not None:
+            build(exp, folder)
+        else:
+            hint = "" if exp.mntp is None else f" (the file's mntp.output is {exp.resolve_path(exp.mntp.output)})"
+            raise ConfigError(
+                f"{exp.source}: model.init_adapter {folder} does not exist; make it with "
+                f"`harness mntp {exp.source}`{hint}"
+            )
+    adapter = read_adapter(folder)
+    pinned = exp.model.init_adapter_sha256
+    if pinned and pinned != adapter.sha256:
+        raise ConfigError(
+            f"{exp.source}: model.init_adapter {folder} has sha256 {adapter.sha256[:16]}…, but the file "
+            f"pins model.init_adapter_sha256 {pinned[:16]}…"
+        )
+    exp.model.init_adapter = str(folder)
+    exp.model.init_adapter_sha256 = adapter.sha256
+    return adapter

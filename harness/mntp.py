@@ -1,0 +1,348 @@
+"""MNTP, masked next-token prediction: LLM2Vec's step that adapts a decoder to bidirectional attention.
+
+What LLM2Vec does (``experiments/run_mntp.py``, ``train_configs/mntp/Mistral.json``), and so this:
+
+- the decoder is made bidirectional and gets a LoRA (r 16, alpha 2r) on the transformer body, not
+  the LM head, so the saved adapter has the weight names of the embedding model (``AutoModel``);
+- texts are tokenized, concatenated and cut into blocks of ``max_length`` tokens (no padding);
+- a share ``mask_probability`` (0.8) of the non-special tokens is replaced by the mask token (all
+  of them: LLM2Vec's ``all_mask`` collator keeps no originals and draws no random tokens); the mask
+  token is the tokenizer's own, else ``_`` (LLM2Vec's "blank" type for Llama and Mistral);
+- the loss is cross-entropy on masked positions only, and the token at position *i* is predicted
+  from the logits at position *i - 1* (the decoder's own shift: no new head, no re-indexing).
+
+The adapter is saved with ``mntp.json`` (settings, text hash, loss before/after); a trial merges it
+into the base with ``model.init_adapter`` before its own LoRA is added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.config import Experiment, MntpSettings
+from harness.models import (
+    adapter_target,
+    apply_lora,
+    autocast_dtype,
+    enable_gradient_checkpointing,
+    load_backbone,
+    pick_device,
+)
+from harness.train import lr_lambda, progress_bar, seed_everything
+
+log = logging.getLogger(__name__)
+META_FILE = "mntp.json"
+BLANK_MASK = "_"  # LLM2Vec's mask_token_type "blank"
+MetricsCallback = Callable[[int, dict[str, float]], None]
+
+
+class MntpError(ValueError):
+    """MNTP cannot run on this input; the message says what and where."""
+
+
+@dataclass
+class MntpResult:
+    output: Path
+    steps: int
+    seconds: float
+    blocks: int  # training blocks of max_length tokens
+    tokens: int  # tokens in the text (all blocks)
+    text_sha256: str
+    eval_before: dict[str, float]
+    eval_after: dict[str, float]
+    final_loss: float
+
+
+# ---------------------------------------------------------------- text
+
+
+def read_texts(sources: Sequence[str], exp: Experiment, corpus_texts: Callable[[], list[str]] | None = None) -> list[str]:
+    """The plain texts of ``mntp.text``: ``corpus`` and/or .txt / .jsonl files or folders of them."""
+    texts: list[str] = []
+    for source in sources:
+        if source == "corpus":
+            if corpus_texts is None:
+                raise MntpError(f"{exp.source}: mntp.text 'corpus' needs the experiment's corpus")
+            texts += corpus_texts()
+            continue
+        path = exp.resolve_path(source)
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+        if not path.exists() or not files:
+            raise MntpError(f"{exp.source}: mntp.text: {path} has no .txt or .jsonl files (or does not exist)")
+        for f in files:
+            texts += _read_file(f)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise MntpError(f"{exp.source}: mntp.text gives no text")
+    return texts
+
+
+def _read_file(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MntpError(f"{path}: cannot read ({e})") from None
+    if path.suffix != ".jsonl":
+        return lines
+    out = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append(str(json.loads(line)["text"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise MntpError(f"{path}:{n}: expected a JSON object with a 'text' field") from None
+    return out
+
+
+def corpus_texts(frame: Any) -> list[str]:
+    """Every distinct text of a corpus (queries, positives, negatives), in a fixed order."""
+    cols = [c for c in ("query", "positive", "neg_1", "neg_2", "neg_3", "neg_4") if c in frame.columns]
+    seen: dict[str, None] = {}
+    for col in cols:
+        for text in frame[col].to_list():
+            if text:
+                seen.setdefault(text, None)
+    return list(seen)
+
+
+def make_blocks(texts: Iterable[str], tokenizer: Any, max_length: int) -> torch.Tensor:
+    """Token ids of the concatenated texts (each with the tokenizer's special tokens), cut into
+    blocks of ``max_length`` (the remainder dropped, as LLM2Vec's ``group_texts``; a text shorter
+    than one block gives one shorter block)."""
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=True)["input_ids"]
+    if len(ids) < max_length:
+        return torch.tensor([ids], dtype=torch.long)
+    n = len(ids) // max_length
+    return torch.tensor(ids[: n * max_length], dtype=torch.long).view(n, max_length)
+
+
+def mask_token_id(tokenizer: Any, setting: str | None) -> int:
+    """The id that replaces masked tokens: ``setting``, else the tokenizer's mask token, else ``_``."""
+    token = setting or tokenizer.mask_token or BLANK_MASK
+    ids = tokenizer.convert_tokens_to_ids([token])
+    if ids and ids[0] is not None and ids[0] != tokenizer.unk_token_id:
+        return int(ids[0])
+    encoded = tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(encoded) != 1:
+        raise MntpError(f"mntp.mask_token {token!r} is not one token of this tokenizer")
+    return int(encoded[0])
+
+
+def mask_block(ids: torch.Tensor, special: torch.Tensor, mask_id: int, probability: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels): a ``probability`` share of the non-special tokens replaced by ``mask_id``;
+    labels are the original ids there and -100 elsewhere. The first position is never masked: with
+    the decoder's shift nothing predicts it."""
+    draw = torch.rand(ids.shape, generator=generator) < probability
+    draw &= ~special
+    draw[:, 0] = False
+    inputs = ids.masked_fill(draw, mask_id)
+    labels = ids.masked_fill(~draw, -100)
+    return inputs, labels
+
+
+# ---------------------------------------------------------------- training
+
+
+def train_mntp(
+    exp: Experiment,
+    texts: Sequence[str],
+    output: Path,
+    *,
+    on_metrics: MetricsCallback | None = None,
+    progress: bool = True,
+) -> MntpResult:
+    """Train the MNTP adapter of ``exp.model`` on ``texts`` and save it to ``output``."""
+    m: MntpSettings = exp.mntp  # type: ignore[assignment]
+    if m is None:
+        raise MntpError(f"{exp.source}: no mntp: block")
+    seed_everything(m.seed)
+    device = pick_device(m.device)
+    settings = exp.model.model_copy(update={"init_adapter": None, "init_adapter_sha256": None})
+    backbone = load_backbone(settings, device, lm_head=True, attention=m.attention)
+    if not backbone.is_decoder:
+        raise MntpError(f"{exp.source}: MNTP needs a decoder LLM; {exp.model.name} is an encoder")
+    lm, tokenizer = backbone.model, backbone.tokenizer
+    mask_id = mask_token_id(tokenizer, m.mask_token)
+    blocks = make_blocks(texts, tokenizer, m.max_length)
+    special = torch.tensor(
+        [tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True) for row in blocks.tolist()], dtype=torch.bool
+    )
+    generator = torch.Generator().manual_seed(m.seed)
+    perm = torch.randperm(blocks.shape[0], generator=generator)
+    n_eval = min(m.eval_blocks, blocks.shape[0] // 5)  # keep most of a small text for training
+    eval_idx, train_idx = perm[:n_eval], perm[n_eval:]
+    if len(train_idx) == 0:
+        raise MntpError(f"{exp.source}: mntp.text gives {blocks.shape[0]} block(s) of {m.max_length} tokens: too little text")
+    # the held-out blocks are masked once, so before/after see the same masks
+    eval_inputs, eval_labels = mask_block(blocks[eval_idx], special[eval_idx], mask_id, m.mask_probability, generator)
+
+    lm.model = apply_lora(adapter_target(lm), m.lora)  # the body only: names match AutoModel's
+    if m.gradient_checkpointing:
+        enable_gradient_checkpointing(lm.model)
+    amp_dtype = autocast_dtype(settings, device)
+    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+
+    def loss_of(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        inputs, labels = inputs.to(device), labels.to(device)
+        positions = torch.arange(inputs.shape[1], device=device).expand_as(inputs)
+        with amp():
+            out = lm(input_ids=inputs, attention_mask=torch.ones_like(inputs), position_ids=positions, labels=labels)
+        # the shift: logits at i - 1 predict the token at i
+        predicted = out.logits[:, :-1].argmax(-1)
+        target = labels[:, 1:]
+        scored = target != -100
+        return out.loss, int((predicted[scored] == target[scored]).sum()), int(scored.sum())
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        if n_eval == 0:
+            return {}
+        lm.eval()
+        total, correct, count = 0.0, 0, 0
+        for s in range(0, n_eval, m.batch_size):
+            loss, c, n = loss_of(eval_inputs[s : s + m.batch_size], eval_labels[s : s + m.batch_size])
+            total += float(loss) * n
+            correct, count = correct + c, count + n
+        lm.train()
+        return {"mntp/eval_loss": total / max(count, 1), "mntp/eval_accuracy": correct / max(count, 1)}
+
+    before = evaluate()
+    if on_metrics and before:
+        on_metrics(0, before)
+    params = [p for p in lm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=m.lr, weight_decay=m.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(min(m.warmup_steps, m.steps - 1), m.steps))
+    lm.train()
+    order: list[int] = []
+    loss_value = math.nan
+    started = time.perf_counter()
+    bar = progress_bar() if progress else None
+    with bar or nullcontext():
+        task = bar.add_task("MNTP", total=m.steps, loss=math.nan, rate=0.0) if bar else None
+        for step in range(1, m.steps + 1):
+            tick = time.perf_counter()
+            if len(order) < m.batch_size:  # epochs of a seeded permutation of the training blocks
+                order += train_idx[torch.randperm(len(train_idx), generator=generator)].tolist()
+            idx, order = order[: m.batch_size], order[m.batch_size :]
+            inputs, labels = mask_block(blocks[idx], special[idx], mask_id, m.mask_probability, generator)
+            loss, _, _ = loss_of(inputs, labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"MNTP diverged at step {step}: loss {loss_value} (lower mntp.lr)")
+            rate = len(idx) / (time.perf_counter() - tick)
+            if bar is not None:
+                bar.update(task, advance=1, loss=loss_value, rate=rate)
+            if on_metrics and (step % m.log_every == 0 or step == m.steps):
+                on_metrics(step, {"mntp/loss": loss_value, "mntp/lr": lr, "mntp/blocks_per_s": rate})
+    seconds = time.perf_counter() - started
+    after = evaluate()
+    if on_metrics and after:
+        on_metrics(m.steps, after)
+    if not all(math.isfinite(float(p.detach().float().abs().max())) for p in params):
+        raise FloatingPointError("MNTP produced non-finite adapter weights")
+
+    text_sha = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+    output.mkdir(parents=True, exist_ok=True)
+    lm.model.save_pretrained(output)
+    result = MntpResult(
+        output=output,
+        steps=m.steps,
+        seconds=seconds,
+        blocks=int(len(train_idx)),
+        tokens=int(blocks.numel()),
+        text_sha256=text_sha,
+        eval_before=before,
+        eval_after=after,
+        final_loss=loss_value,
+    )
+    meta = {
+        "base_model": exp.model.name,
+        "settings": m.model_dump(mode="json"),
+        **{k: v for k, v in asdict(result).items() if k != "output"},
+    }
+    (output / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def is_done(exp: Experiment, output: Path) -> bool:
+    """Whether ``output`` holds an adapter trained with these settings on this base model."""
+    meta_file = output / META_FILE
+    if exp.mntp is None or not meta_file.is_file():
+        return False
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return meta.get("base_model") == exp.model.name and meta.get("settings") == exp.mntp.model_dump(mode="json")
+
+
+def run_mntp(
+    exp: Experiment,
+    load_corpus_texts: Callable[[], list[str]] | None,
+    *,
+    output: Path | None = None,
+    track: bool = True,
+    force: bool = False,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> MntpResult | None:
+    """``harness mntp``: train the file's MNTP adapter (tracked as an MLflow run with role ``mntp``)
+    unless ``output`` already holds one with the same settings (then None)."""
+    from harness.config import flatten
+    from harness.tracking import Tracker, describe_error
+
+    if exp.mntp is None:
+        raise MntpError(f"{exp.source}: no mntp: block (see README, 'The LLM2Vec backbone')")
+    output = output or exp.resolve_path(exp.mntp.output)
+    if not force and is_done(exp, output):
+        say(f"MNTP adapter {output} is already trained with these settings (--force to train again)")
+        return None
+    texts = read_texts(exp.mntp.text, exp, load_corpus_texts)
+    tracker = run_id = None
+    if track:
+        tracker = Tracker(exp.tracking, exp.name, exp.source)
+        params = flatten({"mntp": exp.mntp.model_dump(mode="json"), "model": {"name": exp.model.name, "revision": exp.model.revision, "dtype": exp.model.dtype}})
+        run_id = tracker.start_trial(None, name="mntp", params=params, tags={"mntp.output": str(output)}, role="mntp")
+        say(f"MLflow run {run_id} in experiment {exp.name!r} ({tracker.uri})")
+
+    def on_metrics(step: int, metrics: dict[str, float]) -> None:
+        if tracker is not None:
+            tracker.log_metrics(run_id, metrics, step=step)
+
+    try:
+        result = train_mntp(exp, texts, output, on_metrics=on_metrics, progress=progress)
+        if tracker is not None:
+            tracker.set_tags(run_id, {"mntp.text_sha256": result.text_sha256})
+            tracker.log_artifacts(run_id, output, "adapter")
+            tracker.finish_trial(run_id)
+    except BaseException as e:
+        if tracker is not None:
+            tracker.fail_trial(run_id, describe_error(e))
+        raise
+    b, a = result.eval_before, result.eval_after
+    scores = f"; held-out masked-token loss {b['mntp/eval_loss']:.3f} -> {a['mntp/eval_loss']:.3f}, accuracy {b['mntp/eval_accuracy']:.3f} -> {a['mntp/eval_accuracy']:.3f}" if b and a else ""
+    say(f"MNTP: {result.steps} steps on {result.blocks} blocks ({result.tokens} tokens) in {result.seconds:.0f} s{scores}; adapter in {output}")
+    return result
