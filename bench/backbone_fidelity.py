@@ -26,10 +26,9 @@ import sys
 from pathlib import Path
 
 import _common  # noqa: F401  (offline environment first)
-from _common import REPO, Report, corpus_path, parse, parser
-
 import torch
 import torch.nn.functional as F
+from _common import REPO, Report, corpus_path, parse, parser
 
 from harness.config import ModelSettings, validate
 from harness.embedder import Embedder
@@ -150,7 +149,7 @@ def cached(work: Path, key: str, compute) -> dict:
 
 def main() -> None:
     ap = parser(__doc__, "backbone_fidelity")
-    ap.add_argument("--work", type=Path, default=Path("results/backbone/work"), help="cache of finished cells (resume)")
+    ap.add_argument("--work", type=Path, default=Path("results/backbone-work"), help="cache of finished cells (resume)")
     ap.add_argument("--texts", type=int, default=64, help="unrelated sentences for the anisotropy")
     ap.add_argument("--steps", type=int, default=60, help="LoRA training steps (batch 8)")
     ap.add_argument("--mntp-steps", type=int, default=200)
@@ -175,7 +174,7 @@ def main() -> None:
         for state in ("untrained", f"{args.steps} steps"):
             for pooling in POOLINGS:
 
-                def compute(pooling=pooling, state=state, backbone=backbone) -> dict:
+                def compute(pooling=pooling, state=state, backbone=backbone, label=label) -> dict:
                     if state == "untrained":
                         emb = Embedder.from_settings(settings(backbone, pooling, mntp_dir), "cpu")
                         result = {**analyse(emb, texts), **heldout_metrics(emb, heldout, batch_size=8)}
@@ -227,7 +226,7 @@ def main() -> None:
                 fmt(r.get("anisotropy")),
                 fmt(r.get("heldout/recall@1")),
                 fmt(r.get("heldout/acc_level_1")),
-                fmt(r.get("eval/BIOSSES"), 2) if r.get("eval/BIOSSES") is not None else "–",
+                fmt(100 * r["eval/BIOSSES"], 2) if r.get("eval/BIOSSES") is not None else "–",
             )
             for label, state, pooling, r in rows
         ],

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -28,7 +28,7 @@ console = Console(stderr=True)
 
 ExperimentArg = Annotated[Path, typer.Argument(help="Experiment YAML file.", show_default=False)]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override a field: --set train.lr=1e-4 (repeatable).", show_default=False),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show library logs.")]
@@ -62,7 +62,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 def sweep(
     experiment: ExperimentArg,
     set_: SetOpt = None,
-    address: Annotated[Optional[str], typer.Option(help="Join a Ray cluster (HOST:PORT); default: a local Ray instance.")] = None,
+    address: Annotated[str | None, typer.Option(help="Join a Ray cluster (HOST:PORT); default: a local Ray instance.")] = None,
     resume: Annotated[bool, typer.Option(help="Skip trials that already FINISHED in MLflow (same trial_key).")] = True,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -81,11 +81,11 @@ def sweep(
 def train(
     experiment: ExperimentArg,
     cell: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option(help="Pick one grid cell: --cell strategy=curriculum,pooling=ata (default: the file's base settings)."),
     ] = None,
     set_: SetOpt = None,
-    output: Annotated[Optional[Path], typer.Option(help="Output folder (default results/runs/<name>/<cell>).")] = None,
+    output: Annotated[Path | None, typer.Option(help="Output folder (default results/runs/<name>/<cell>).")] = None,
     track: Annotated[bool, typer.Option(help="Log a run to MLflow.")] = True,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Run the eval suite after training.")] = False,
     verbose: VerboseOpt = False,
@@ -124,10 +124,10 @@ def mntp(
 
 @app.command()
 def tables(
-    experiment: Annotated[Optional[Path], typer.Argument(help="Experiment YAML (grid order, rows, baseline, store).", show_default=False)] = None,
-    experiment_name: Annotated[Optional[str], typer.Option("--experiment", help="MLflow experiment name, when no file is at hand.")] = None,
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (overrides the file's).")] = None,
-    output: Annotated[Optional[Path], typer.Option(help="Output folder (default results/<name>).")] = None,
+    experiment: Annotated[Path | None, typer.Argument(help="Experiment YAML (grid order, rows, baseline, store).", show_default=False)] = None,
+    experiment_name: Annotated[str | None, typer.Option("--experiment", help="MLflow experiment name, when no file is at hand.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (overrides the file's).")] = None,
+    output: Annotated[Path | None, typer.Option(help="Output folder (default results/<name>).")] = None,
     log: Annotated[bool, typer.Option(help="Also log the tables and plots to the latest sweep run.")] = True,
     set_: SetOpt = None,
     verbose: VerboseOpt = False,
@@ -169,17 +169,20 @@ def ui(
 @app.command("eval")
 def eval_(
     model_or_run: Annotated[str, typer.Argument(help="A folder saved by `harness train`, an MLflow run id, or a base model (Hub id, folder, packaged:...).")],
-    suite: Annotated[Optional[str], typer.Option(help="Named suite (harness/data/suites.yaml), e.g. local-sts, mteb-en.")] = None,
-    tasks: Annotated[Optional[list[str]], typer.Option("--tasks", help="mteb task name or local folder (repeatable).")] = None,
-    data_dir: Annotated[Optional[str], typer.Option(help="Where ${NM_SHARED_DATA} points (default: $NM_SHARED_DATA or shared/data beside the checkout).")] = None,
+    suite: Annotated[str | None, typer.Option(help="Named suite (harness/data/suites.yaml), e.g. local-sts, mteb-en.")] = None,
+    tasks: Annotated[list[str] | None, typer.Option("--tasks", help="mteb task name or local folder (repeatable).")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Where ${NM_SHARED_DATA} points (default: $NM_SHARED_DATA or shared/data beside the checkout).")] = None,
     output_dir: Annotated[str, typer.Option(help="Folder for results and mteb's files.")] = "results/eval",
     pooling: Annotated[str, typer.Option(help="Pooling for an untrained base model: eos, mean or ata.")] = "mean",
+    attention: Annotated[str | None, typer.Option(help="For a base model: native, causal or bidirectional.")] = None,
+    template: Annotated[str | None, typer.Option(help="For a base model: e5, llm2vec or a custom template.")] = None,
+    init_adapter: Annotated[str | None, typer.Option(help="For a base model: a PEFT adapter merged first (e.g. from harness mntp).")] = None,
     batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 32,
-    max_docs: Annotated[Optional[int], typer.Option(help="Cap local retrieval corpora (relevant docs always kept).")] = None,
+    max_docs: Annotated[int | None, typer.Option(help="Cap local retrieval corpora (relevant docs always kept).")] = None,
     no_instructions: Annotated[bool, typer.Option("--no-instructions", help="Embed every text without an instruction.")] = False,
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store of the run (for a run id).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow store of the run (for a run id).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Recompute results mteb has cached.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Evaluate a model with mteb: per-task main scores, category means and the average."""
@@ -188,6 +191,10 @@ def eval_(
 
     if pooling not in ("eos", "mean", "ata"):
         _fail(f"--pooling {pooling!r}: expected eos, mean or ata")
+    if attention not in (None, "native", "causal", "bidirectional"):
+        _fail(f"--attention {attention!r}: expected native, causal or bidirectional")
+    if template is not None and template not in ("e5", "llm2vec") and "{text}" not in template:
+        _fail(f"--template {template!r}: expected e5, llm2vec or a template with {{text}}")
     if not suite and not tasks:
         _fail("give --suite NAME or at least one --tasks")
     try:
@@ -195,6 +202,7 @@ def eval_(
             model_or_run, suite, tasks or [], data_dir=data_dir, output_dir=output_dir, pooling=pooling,  # type: ignore[arg-type]
             batch_size=batch_size, max_docs=max_docs, no_instructions=no_instructions,
             tracking_uri=tracking_uri, overwrite=overwrite, device=device,
+            base_settings={"attention": attention, "template": template, "init_adapter": init_adapter},
         )
     except (*_known_errors(), ModelNotFoundError, ValueError) as e:
         _fail(str(e))

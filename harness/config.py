@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -97,6 +98,15 @@ class ModelSettings(_Strict):
     template: str | TemplateSpec = "e5"
     skip_instruction: bool = True  # pool the text and the template's closing only (LLM2Vec default)
     padding_side: Literal["left", "right"] = "left"
+
+    @field_validator("init_adapter_sha256", mode="before")
+    @classmethod
+    def _sha256(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):  # YAML reads an all-digit hash as a number
+            v = f"{v:064d}"
+        if isinstance(v, str) and not re.fullmatch(r"[0-9a-f]{64}", v):
+            raise ValueError("must be a sha256: 64 lowercase hex digits")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -389,9 +399,9 @@ def _rebase_paths(data: dict[str, Any], src: Path, dst: Path) -> None:
             if not os.path.isabs(os.path.expanduser(p)):
                 node[keys[-1]] = os.path.relpath(src / p, dst)
     model = data.get("model")
-    if isinstance(model, dict) and isinstance(model.get("init_adapter"), str) and is_local_path(model["init_adapter"]):
-        if not os.path.isabs(os.path.expanduser(model["init_adapter"])):
-            model["init_adapter"] = os.path.relpath(src / model["init_adapter"], dst)
+    adapter = model.get("init_adapter") if isinstance(model, dict) else None
+    if isinstance(adapter, str) and is_local_path(adapter) and not os.path.isabs(os.path.expanduser(adapter)):
+        model["init_adapter"] = os.path.relpath(src / adapter, dst)
     mntp = data.get("mntp")
     if isinstance(mntp, dict) and isinstance(mntp.get("text"), list):
         mntp["text"] = [

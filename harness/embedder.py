@@ -14,8 +14,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
 import os
+import shutil
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass

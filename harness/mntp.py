@@ -268,7 +268,7 @@ def train_mntp(
         output=output,
         steps=m.steps,
         seconds=seconds,
-        blocks=int(len(train_idx)),
+        blocks=len(train_idx),
         tokens=int(blocks.numel()),
         text_sha256=text_sha,
         eval_before=before,

@@ -84,6 +84,7 @@ def load_backbone(settings: ModelSettings, device: torch.device, *, lm_head: boo
     is_decoder = not getattr(config, "is_encoder_decoder", False) and _is_decoder(config)
     bidirectional = set_attention(model, attention or settings.attention, is_decoder=is_decoder)
     if settings.init_adapter:
+        _check_pinned(settings.init_adapter, settings.init_adapter_sha256)
         model = merge_adapter(model, settings.init_adapter, lm_head=lm_head)
     if tokenizer.pad_token is None:  # decoder LLMs: pad with EOS (LLM2Vec)
         tokenizer.pad_token = tokenizer.eos_token
@@ -128,6 +129,23 @@ def adapter_target(model: nn.Module) -> nn.Module:
     the same weight names (LLM2Vec saves its MNTP adapter the same way)."""
     inner = getattr(model, "model", None)
     return inner if hasattr(model, "lm_head") and isinstance(inner, nn.Module) else model
+
+
+def _check_pinned(source: str, sha256: str | None) -> None:
+    """A local init adapter must be the one whose hash the trial key was made with."""
+    from pathlib import Path
+
+    from harness.config import ConfigError
+    from harness.init_adapter import read_adapter
+
+    if sha256 is None or not Path(source).is_dir():
+        return
+    try:
+        found = read_adapter(Path(source)).sha256
+    except ConfigError as e:
+        raise ModelLoadError(str(e)) from None
+    if found != sha256:
+        raise ModelLoadError(f"model.init_adapter {source}: sha256 {found[:16]}… is not the pinned {sha256[:16]}…")
 
 
 def merge_adapter(model: nn.Module, source: str, *, lm_head: bool = False) -> nn.Module:

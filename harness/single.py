@@ -19,7 +19,7 @@ from harness.config import (
     validated_cells,
 )
 from harness.init_adapter import prepare_init_adapter
-from harness.sweep import mntp_builder, check_corpus_fits, git_sha, load_corpus
+from harness.sweep import check_corpus_fits, git_sha, load_corpus, mntp_builder
 from harness.tracking import CELL, TRIAL_KEY, Tracker, describe_error
 from harness.train import TrainResult, train_one
 

@@ -86,7 +86,7 @@ def chat_user_turn(tokenizer: Any) -> tuple[str, str]:
             [{"role": "user", "content": a}, {"role": "assistant", "content": b}, {"role": "user", "content": c}],
             tokenize=False,
         )
-    except Exception as e:  # a template's own error (jinja raise_exception, role checks)
+    except Exception as e:  # noqa: BLE001  (a template's own jinja error: raise_exception, role checks)
         raise TemplateError(f"model.template 'llm2vec': the chat template cannot render a user turn: {e}") from None
     if not (rendered.find(a) < rendered.find(b) < rendered.find(c)) or rendered.find(a) < 0:
         raise TemplateError("model.template 'llm2vec': the chat template drops or reorders messages")

@@ -40,7 +40,7 @@ MAX_PARAM_CHARS = 6000  # MLflow's param value limit (8000 in recent versions; s
 MAX_ERROR_CHARS = 1000
 _BATCH = 900  # MLflow caps log_batch at 1000 metrics / 100 params
 _METRIC_BAD = re.compile(r"[^\w\-. :/]")
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|authorization|credential)", re.I)
+_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|authorization|credential)", re.IGNORECASE)
 _SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_-]{12,}|hf_[A-Za-z0-9]{20,}|Bearer\s+\S+)")
 
 

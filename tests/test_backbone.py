@@ -214,6 +214,13 @@ def test_init_adapter_is_merged_before_the_trainable_lora(smollm2_dir, tmp_path)
     assert torch.allclose(again, expected, atol=1e-5)
 
 
+def test_a_changed_init_adapter_is_refused(smollm2_dir, tmp_path):
+    settings = _settings(lora={"enabled": True, "r": 2, "alpha": 4, "dropout": 0.0})
+    apply_lora(load_backbone(settings, torch.device("cpu")).model, settings.lora).save_pretrained(tmp_path / "a")
+    with pytest.raises(ModelLoadError, match="is not the pinned"):
+        load_backbone(_settings(init_adapter=str(tmp_path / "a"), init_adapter_sha256="0" * 64), torch.device("cpu"))
+
+
 def test_a_missing_init_adapter_is_a_one_line_error(smollm2_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="init_adapter"):
         load_backbone(_settings(init_adapter=str(tmp_path / "nope")), torch.device("cpu"))

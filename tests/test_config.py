@@ -92,3 +92,51 @@ def test_grid_cells_labels_and_trial_keys(tmp_path):
     assert parse_cell(["strategy=reverse,pooling=mean"], exp) == {"train.strategy": "reverse", "model.pooling": "mean"}
     with pytest.raises(ConfigError, match="not in the grid"):
         parse_cell(["strategy=random"], exp)
+
+
+def test_backbone_fields_grid_and_paths(tmp_path):
+    _write(
+        tmp_path,
+        "base/base.yaml",
+        "name: base\ncorpus: {path: c}\nmodel: {init_adapter: ../adapters/mntp, attention: bidirectional, template: llm2vec}\n"
+        "mntp: {text: [corpus, ../texts], output: ../adapters/mntp}\n",
+    )
+    exp_file = _write(tmp_path, "exp.yaml", "extends: base/base.yaml\nname: e\ngrid: {model.attention: [causal, bidirectional]}\n")
+    exp = load_experiment(exp_file)
+    assert exp.model.init_adapter == "adapters/mntp" and exp.mntp.output == "adapters/mntp"  # relative to exp.yaml now
+    assert exp.mntp.text == ["corpus", "texts"]
+    assert [cell_label(c) for c in grid_cells(exp)] == ["attention=causal", "attention=bidirectional"]
+    hub = load_experiment(exp_file, ["model.init_adapter=McGill-NLP/LLM2Vec-Mistral-7B-Instruct-v2-mntp"])
+    assert hub.model.init_adapter == "McGill-NLP/LLM2Vec-Mistral-7B-Instruct-v2-mntp"
+    assert "mntp.steps" not in trial_params(exp), "the MNTP stage is not a trial param"
+
+
+def test_the_init_adapter_hash_stands_for_the_adapter_in_the_trial_key(tmp_path):
+    f = _write(tmp_path, "e.yaml", "name: e\ncorpus: {path: c}\nmodel: {init_adapter: ./a}\n")
+    base = load_experiment(f)
+    pinned = load_experiment(f, ["model.init_adapter_sha256=" + "1" * 64])
+    moved = load_experiment(f, ["model.init_adapter=/elsewhere/a", "model.init_adapter_sha256=" + "1" * 64])
+    other = load_experiment(f, ["model.init_adapter_sha256=" + "2" * 64])
+    assert trial_key(pinned, "s") == trial_key(moved, "s"), "the same adapter in another folder"
+    assert len({trial_key(x, "s") for x in (base, pinned, other)}) == 3
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("model.attention=sideways", "model.attention"),
+        ("model.template=plain", "model.template"),
+        ("train.batching=per_task", "train.batching"),
+        ("mntp.mask_probability=1.5", "mntp"),
+    ],
+)
+def test_bad_backbone_values_name_the_field(tmp_path, override, field):
+    f = _write(tmp_path, "e.yaml", "name: e\ncorpus: {path: c}\nmntp: {output: out}\n")
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_experiment(f, [override])
+
+
+def test_a_pinned_hash_is_a_sha256(tmp_path):
+    f = _write(tmp_path, "e.yaml", "name: e\ncorpus: {path: c}\n")
+    with pytest.raises(ConfigError, match="init_adapter_sha256: .*64 lowercase hex"):
+        load_experiment(f, ["model.init_adapter_sha256=abc"])

@@ -8,13 +8,21 @@ import json
 
 import pytest
 import torch
-from sweep_util import runs, write_experiment
-
 from rich.console import Console
+from sweep_util import runs, write_experiment
 
 from harness.config import validate
 from harness.embedder import INIT_ADAPTER_DIR, Embedder
-from harness.mntp import META_FILE, MntpError, is_done, make_blocks, mask_block, mask_token_id, read_texts, run_mntp
+from harness.mntp import (
+    META_FILE,
+    MntpError,
+    is_done,
+    make_blocks,
+    mask_block,
+    mask_token_id,
+    read_texts,
+    run_mntp,
+)
 from harness.models import load_backbone
 from harness.sweep import run_sweep
 

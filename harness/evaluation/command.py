@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from harness.config import EvalSettings, ModelSettings, Pooling, TrackingSettings
 from harness.evaluation import scores
@@ -53,8 +55,12 @@ def eval_command(
     tracking_uri: str | None = None,
     overwrite: bool = False,
     device: str | None = None,
+    base_settings: Mapping[str, Any] | None = None,
 ) -> EvalResult:
-    """Evaluate a saved model, an MLflow run's model or an untrained base model; print the table."""
+    """Evaluate a saved model, an MLflow run's model or an untrained base model; print the table.
+
+    ``base_settings`` (e.g. ``{"attention": "bidirectional", "template": "llm2vec", "init_adapter": ...}``)
+    are ``model.*`` fields for an untrained base model; a saved model carries its own."""
     from harness.embedder import Embedder
 
     run = _run_model(model_or_run, tracking_uri) if RUN_ID.match(model_or_run) else None
@@ -64,7 +70,13 @@ def eval_command(
     elif (Path(model_or_run) / "embedder.json").is_file():
         embedder = Embedder.load(model_or_run, device)
     else:
-        embedder = Embedder.from_settings(ModelSettings(name=model_or_run, pooling=pooling), device)
+        fields = {k: v for k, v in (base_settings or {}).items() if v is not None}
+        if fields.get("init_adapter"):
+            from harness.init_adapter import read_adapter
+
+            if Path(fields["init_adapter"]).is_dir():  # its hash keeps mteb's cached results apart
+                fields["init_adapter_sha256"] = read_adapter(Path(fields["init_adapter"])).sha256
+        embedder = Embedder.from_settings(ModelSettings(name=model_or_run, pooling=pooling, **fields), device)
     settings = EvalSettings(
         suite=suite,
         tasks=tasks,
