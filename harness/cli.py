@@ -141,6 +141,10 @@ def tables(
         _fail("give an experiment file or --experiment NAME")
     try:
         exp = load_experiment(experiment, set_ or []) if experiment else None
+        if exp is not None:
+            from harness.init_adapter import pin_if_present
+
+            pin_if_present(exp)  # the trial keys of the current configuration include its hash
         result = write_tables(exp, experiment_name=experiment_name, tracking_uri=tracking_uri, output_dir=output, log_to_mlflow=log)
     except (*_known_errors(), TablesError) as e:
         _fail(str(e))
@@ -212,10 +216,12 @@ def eval_(
 def check(experiment: ExperimentArg, set_: SetOpt = None) -> None:
     """Validate an experiment file (nothing is loaded or run) and list its trials."""
     from harness.config import cell_label, load_experiment, validated_cells
+    from harness.init_adapter import check_init_adapter
 
     try:
         exp = load_experiment(experiment, set_ or [])
         cells = validated_cells(exp)
+        check_init_adapter(exp)
     except _known_errors() as e:
         _fail(str(e))
     typer.echo(f"{experiment}: valid; experiment {exp.name!r}, {len(cells)} trial(s)")

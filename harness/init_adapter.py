@@ -44,28 +44,47 @@ def read_adapter(folder: Path) -> AdapterFiles:
     return AdapterFiles(digest.hexdigest(), files)
 
 
-def prepare_init_adapter(exp: Experiment, build: Callable[[Experiment, Path], None] | None = None) -> AdapterFiles | None:
-    """Resolve ``exp.model.init_adapter``, building it with MNTP when it is the file's ``mntp.output``
-    and missing; pin its hash into ``exp`` (in place). Returns the files to ship (None for none or
-    a Hub id)."""
+def local_folder(exp: Experiment) -> Path | None:
+    """The init adapter's local folder (None for none or a Hub id)."""
+    source = exp.model.init_adapter
+    if not source or not is_local_path(source) and not exp.resolve_path(source).exists():
+        return None
+    return exp.resolve_path(source).resolve()
+
+
+def check_init_adapter(exp: Experiment) -> None:
+    """Refuse, before anything expensive, an init adapter that is missing and that nothing builds."""
     if "model.init_adapter" in exp.grid or "model.init_adapter_sha256" in exp.grid:
         raise ConfigError(
             f"{exp.source}: grid axis model.init_adapter is not supported (its hash is pinned per "
             "file): use one experiment file per adapter"
         )
-    source = exp.model.init_adapter
-    if not source or not is_local_path(source) and not exp.resolve_path(source).exists():
-        return None  # none, or a Hub id
-    folder = exp.resolve_path(source).resolve()
+    folder = local_folder(exp)
+    if folder is None or folder.exists() or _built_by_mntp(exp, folder):
+        return
+    hint = "" if exp.mntp is None else f" (the file's mntp.output is {exp.resolve_path(exp.mntp.output)})"
+    raise ConfigError(
+        f"{exp.source}: model.init_adapter {folder} does not exist; make it with `harness mntp "
+        f"{exp.source}`{hint}"
+    )
+
+
+def _built_by_mntp(exp: Experiment, folder: Path) -> bool:
+    return exp.mntp is not None and exp.resolve_path(exp.mntp.output).resolve() == folder
+
+
+def prepare_init_adapter(exp: Experiment, build: Callable[[Experiment, Path], None] | None = None) -> AdapterFiles | None:
+    """Resolve ``exp.model.init_adapter``, building it with MNTP when it is the file's ``mntp.output``
+    and missing; pin its hash into ``exp`` (in place). Returns the files to ship (None for none or
+    a Hub id)."""
+    check_init_adapter(exp)
+    folder = local_folder(exp)
+    if folder is None:
+        return None
     if not folder.exists():
-        if exp.mntp is not None and exp.resolve_path(exp.mntp.output).resolve() == folder and build is not None:
-            build(exp, folder)
-        else:
-            hint = "" if exp.mntp is None else f" (the file's mntp.output is {exp.resolve_path(exp.mntp.output)})"
-            raise ConfigError(
-                f"{exp.source}: model.init_adapter {folder} does not exist; make it with "
-                f"`harness mntp {exp.source}`{hint}"
-            )
+        if build is None:
+            raise ConfigError(f"{exp.source}: model.init_adapter {folder} does not exist")
+        build(exp, folder)
     adapter = read_adapter(folder)
     pinned = exp.model.init_adapter_sha256
     if pinned and pinned != adapter.sha256:
@@ -76,3 +95,14 @@ def prepare_init_adapter(exp: Experiment, build: Callable[[Experiment, Path], No
     exp.model.init_adapter = str(folder)
     exp.model.init_adapter_sha256 = adapter.sha256
     return adapter
+
+
+def pin_if_present(exp: Experiment) -> None:
+    """Pin the hash of an init adapter that exists (``harness tables``: the current configuration's
+    trial keys), and leave ``exp`` as it is otherwise."""
+    folder = local_folder(exp)
+    if folder is not None and folder.exists():
+        try:
+            prepare_init_adapter(exp)
+        except ConfigError:
+            pass

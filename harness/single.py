@@ -18,7 +18,7 @@ from harness.config import (
     trial_params,
     validated_cells,
 )
-from harness.init_adapter import prepare_init_adapter
+from harness.init_adapter import check_init_adapter, prepare_init_adapter
 from harness.sweep import check_corpus_fits, git_sha, load_corpus, mntp_builder
 from harness.tracking import CELL, TRIAL_KEY, Tracker, describe_error
 from harness.train import TrainResult, train_one
@@ -42,6 +42,7 @@ def train_single(
     if base.grid and not cell:
         console.print(f"[dim]training the base settings; pick a grid cell with --cell (grid: {', '.join(base.grid)})[/]")
     exp = apply_cell(base, cell)
+    check_init_adapter(exp)
     label = cell_label(cell) if cell else "train"
     corpus = load_corpus(exp, console)
     prepare_init_adapter(exp, build=mntp_builder(corpus, console))

@@ -40,7 +40,7 @@ from harness.config import (
     trial_params,
     validated_cells,
 )
-from harness.init_adapter import AdapterFiles, prepare_init_adapter
+from harness.init_adapter import AdapterFiles, check_init_adapter, prepare_init_adapter
 from harness.tracking import CELL, SWEEP_KEY, TRIAL_KEY, Tracker, describe_error, redact_text
 from harness.trial import (
     ARTIFACTS,
@@ -495,6 +495,7 @@ def run_sweep(
     exp.source = str(Path(exp_path).resolve())  # trials run in other working directories
     if exp.search is None:
         validated_cells(exp)  # before the corpus is built: a typo in the grid costs nothing
+    check_init_adapter(exp)
     results_dir = (results_dir or Path("results")).resolve()
     corpus = load_corpus(exp, console)
     init_adapter = prepare_init_adapter(exp, build=mntp_builder(corpus, console))

@@ -146,3 +146,17 @@ def test_sweep_over_attention_builds_mntp_once_and_ships_it(ray_instance, tiny_c
     again = run_sweep(exp, [], results_dir=tmp_path / "results", console=Console(file=out, width=200))
     assert again.exit_code == 0 and "nothing to run" in out.getvalue()
     assert len(runs(tmp_path, "attn", "mntp")) == 1, "the adapter was trained again"
+
+
+def test_a_missing_init_adapter_stops_before_anything_runs(tmp_path):
+    from harness.config import ConfigError
+    from harness.init_adapter import check_init_adapter, prepare_init_adapter
+
+    exp = _exp(tmp_path, tmp_path / "t.txt")
+    exp.model.init_adapter = str(tmp_path / "adapter")  # the file's mntp.output: a sweep builds it
+    check_init_adapter(exp)
+    exp.model.init_adapter = str(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match=r"elsewhere does not exist; make it with `harness mntp"):
+        check_init_adapter(exp)
+    exp.model.init_adapter = "McGill-NLP/LLM2Vec-Mistral-7B-Instruct-v2-mntp"  # a Hub id: loaded by the trial
+    assert prepare_init_adapter(exp) is None and exp.model.init_adapter_sha256 is None
