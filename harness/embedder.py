@@ -167,9 +167,15 @@ class Embedder(nn.Module):
         return self.template.render(text, instruction)
 
     def tokenize_one(self, text: str, instruction: str | None, max_length: int) -> Encoded:
-        full, pool_start = self.format(text, instruction)
         budget = max_length - (1 if self._eos_id is not None else 0)
-        enc = self.tokenizer(full, truncation=True, max_length=budget, return_offsets_mapping=True, add_special_tokens=True)
+        full, pool_start = self.format(text, instruction)
+        enc = self._encode(full, budget + 1)
+        if len(enc["input_ids"]) > budget:
+            closing = full[pool_start + len(text) :]
+            if closing and text:  # cut the text, keep the template's closing (LLM2Vec cuts the text too)
+                full, pool_start, enc = self._cut_text(text, instruction, budget)
+            else:
+                enc = self._encode(full, budget)
         ids = list(enc["input_ids"])
         skip = self.settings.skip_instruction and pool_start > 0
         # a token is the text's if it covers any character from the text on ("ĠA" starts on the space before it)
@@ -180,6 +186,24 @@ class Embedder(nn.Module):
         if not any(pooled):  # a text truncated inside its instruction: pool what there is
             pooled = [True] * len(ids)
         return Encoded(ids, pooled)
+
+    def _encode(self, full: str, max_length: int) -> Any:
+        return self.tokenizer(full, truncation=True, max_length=max_length, return_offsets_mapping=True, add_special_tokens=True)
+
+    def _cut_text(self, text: str, instruction: str | None, budget: int) -> tuple[str, int, Any]:
+        """The input with the text cut at a token boundary so that the whole fits ``budget`` tokens."""
+        overhead = len(self._encode(self.format("", instruction)[0], budget + 1)["input_ids"])
+        ends = [end for _, end in self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+        keep = min(len(ends), budget - overhead)
+        while keep > 0:
+            full, pool_start = self.format(text[: ends[keep - 1]], instruction)
+            enc = self._encode(full, budget + 1)
+            over = len(enc["input_ids"]) - budget
+            if over <= 0:
+                return full, pool_start, enc
+            keep -= over  # tokens merge differently at the cut: try again a little shorter
+        full, pool_start = self.format(text, instruction)  # the instruction alone is over budget
+        return full, pool_start, self._encode(full, budget)
 
     def collate(self, items: Sequence[Encoded]) -> Batch:
         """Pad to the longest item on the configured side; positions count real tokens only."""

@@ -224,3 +224,17 @@ def test_a_changed_init_adapter_is_refused(smollm2_dir, tmp_path):
 def test_a_missing_init_adapter_is_a_one_line_error(smollm2_dir, tmp_path):
     with pytest.raises(ModelLoadError, match="init_adapter"):
         load_backbone(_settings(init_adapter=str(tmp_path / "nope")), torch.device("cpu"))
+
+
+def test_a_long_text_is_cut_before_the_template_closing(smollm2_dir):
+    template = {"instructed": "Q: {instruction} | {text} [END]", "plain": "D: {text} [END]"}
+    emb = Embedder.from_settings(_settings(pooling="mean", template=template), "cpu")
+    long = " ".join(TEXTS * 20)
+    for instruction in (None, INSTRUCTION):
+        enc = emb.tokenize_one(long, instruction, 40)
+        decoded = emb.tokenizer.decode(enc.ids)
+        assert len(enc.ids) <= 40 and decoded.endswith(" [END]<|im_end|>"), decoded
+        assert all(enc.pooled[-4:]) and sum(enc.pooled) > 20  # the closing and the text's head are pooled
+    e5 = Embedder.from_settings(_settings(pooling="mean"), "cpu")
+    plain = e5.tokenize_one(long, INSTRUCTION, 40)
+    assert len(plain.ids) == 40 and plain.ids[-1] == e5.tokenizer.eos_token_id
