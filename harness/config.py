@@ -36,7 +36,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinities are never a valid setting: a NaN lr would train a model of NaNs
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TemplateSpec(_Strict):
@@ -64,7 +65,7 @@ class TemplateSpec(_Strict):
 
 class LoraSettings(_Strict):
     enabled: bool = True
-    r: int = Field(16, ge=1)
+    r: int = Field(16, ge=1, le=4096)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     # "all-linear" = every linear layer but the output head (LLM2Vec's q,k,v,o,gate,up,down on Llama)
@@ -131,13 +132,13 @@ class ModelSettings(_Strict):
 
 class TrainSettings(_Strict):
     strategy: Strategy = "curriculum"
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(64, ge=2)
-    lr: float = Field(2e-4, gt=0)
+    steps: int = Field(1000, ge=1, le=10_000_000)
+    batch_size: int = Field(64, ge=2, le=1_000_000)
+    lr: float = Field(2e-4, gt=0, le=1.0)
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = 1.0
-    temperature: float = Field(0.02, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    temperature: float = Field(0.02, gt=0, le=100.0)
     # Hard negatives per query. The schedule picks the level; extra negatives come from the
     # levels nearest to it. Strategy "all" always uses all four.
     negatives_per_query: int = Field(1, ge=0, le=4)
@@ -147,7 +148,7 @@ class TrainSettings(_Strict):
     # "mixed": batches drawn from the whole corpus; "by_task": every batch from one task (the rows
     # sharing source and subtask), so in-batch negatives are same-task, as in LLM2Vec/E5 training.
     batching: Literal["mixed", "by_task"] = "mixed"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy and CUDA take 32-bit seeds
     heldout_size: int = Field(256, ge=0)  # rows kept out of training for the cheap held-out metric
     heldout_before: bool = False  # also score the untrained model (logged as heldout_base/*)
     log_every: int = Field(1, ge=1)
@@ -185,19 +186,19 @@ class MntpSettings(_Strict):
     text: list[str] = ["corpus"]
     output: str  # the adapter folder, relative to the file; model.init_adapter points here
     attention: Literal["native", "causal", "bidirectional"] = "bidirectional"
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(32, ge=1)
+    steps: int = Field(1000, ge=1, le=10_000_000)
+    batch_size: int = Field(32, ge=1, le=1_000_000)
     max_length: int = Field(512, ge=8)  # texts are concatenated and cut into blocks of this length
     mask_probability: float = Field(0.8, gt=0, lt=1)
     # None: the tokenizer's mask token, else "_" (LLM2Vec's "blank" mask for Llama/Mistral)
     mask_token: str | None = None
-    lr: float = Field(5e-5, gt=0)  # LLM2Vec's config sets none: transformers' Trainer default
+    lr: float = Field(5e-5, gt=0, le=1.0)  # LLM2Vec's config sets none: transformers' Trainer default
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     lora: LoraSettings = LoraSettings(r=16, alpha=32, dropout=0.05)  # LLM2Vec: r 16, alpha 2r
     gradient_checkpointing: bool = False
     eval_blocks: int = Field(32, ge=0)  # blocks kept out to measure the masked-token loss before/after
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32)
     log_every: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

@@ -50,6 +50,8 @@ def heldout_metrics(embedder: Embedder, frame: pl.DataFrame, *, batch_size: int 
                 max_length=embedder.settings.max_doc_length,
                 show_progress=show_progress,
             )
+    if not (torch.isfinite(q_emb).all() and torch.isfinite(d_emb).all()):
+        raise FloatingPointError("held-out embeddings are not finite: the model is broken (NaN or inf weights or activations)")
     q = F.normalize(q_emb, dim=-1)
     d = F.normalize(d_emb, dim=-1)
     pos_sim = (q * d[: frame.height]).sum(-1)

@@ -211,7 +211,19 @@ def _optimize(embedder: Embedder, schedule: Schedule, exp: Experiment, on_metric
                 if isinstance(level, int):
                     metrics["train/level"] = float(level)
                 on_metrics(step, metrics)
+    check_finite(embedder, len(schedule))
     return loss
+
+
+def check_finite(model: torch.nn.Module, step: int) -> None:
+    """Raise unless every trainable weight is finite: the last update can diverge after the last
+    loss was seen, and a model of NaNs would still score (argmax of NaN picks index 0)."""
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise FloatingPointError(
+            f"training diverged by step {step}: {len(bad)} trainable tensors hold NaN or inf "
+            f"(first: {bad[0]}); lower train.lr or raise train.temperature"
+        )
 
 
 def progress_bar():

@@ -11,6 +11,7 @@ results into MLflow calls; a trial never writes to the tracking store and needs 
 from __future__ import annotations
 
 import io
+import math
 import socket
 import sys
 import tarfile
@@ -130,6 +131,9 @@ def run_trial(
         spec.exp, corpus, TrialContext(spec.label, spec.key, workdir, report)
     )
     ended = time.time()
+    broken = sorted(k for k, v in output.metrics.items() if not math.isfinite(float(v)))
+    if broken:  # a FINISHED run must carry real numbers only
+        raise FloatingPointError(f"the trial's scores are not finite: {', '.join(broken)}")
     bundle, left_out = pack_artifacts(output.artifacts, INLINE_ARTIFACT_LIMIT)
     host = socket.gethostname()
     tags = {

@@ -80,3 +80,9 @@ def steady(exp, corpus, ctx):
         time.sleep(0.3)
         ctx.report(step, {"train/loss": 1.0 / step})
     return TrialOutput(metrics={"eval/avg": 0.5 + exp.train.seed / 100})
+
+
+def nan_score(exp, corpus, ctx):
+    """A trial whose scores come out NaN for ``eos`` (a broken model scored): it must not FINISH."""
+    ctx.report(1, {"train/loss": 1.0})
+    return TrialOutput(metrics={"eval/avg": float("nan") if exp.model.pooling == "eos" else 0.5})

@@ -147,3 +147,15 @@ def test_ui_serves_the_store(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.mark.faults
+def test_a_trial_with_non_finite_scores_fails_and_reruns(ray_instance, tmp_path, tiny_corpus_dir, tally):
+    exp = write_experiment(tmp_path, tiny_corpus_dir, "nan", grid={"pooling": ["eos", "mean"]})
+    summary = run_sweep(exp, [], trial_fn=sweep_standins.nan_score, results_dir=tmp_path / "results")
+    assert {r.label: r.status for r in summary.records} == {"eos": "FAILED", "mean": "FINISHED"}
+    failed = {r.info.run_name: r for r in runs(tmp_path, "nan", "trial")}["eos"]
+    assert "not finite: eval/avg" in failed.data.tags["harness.error"]
+    again = run_sweep(exp, [], trial_fn=sweep_standins.nan_score, results_dir=tmp_path / "results")
+    assert {r.label: r.status for r in again.records} == {"eos": "FAILED", "mean": "SKIPPED"}, "resume must rerun it"
+    tally(cases=2, faults=2, trials=4)

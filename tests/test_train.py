@@ -120,3 +120,44 @@ def test_shipped_experiment_files_validate(name):
     exp = load_experiment(Path(__file__).parents[1] / "experiments" / f"{name}.yaml")
     for cell in grid_cells(exp):
         apply_cell(exp, cell)
+
+
+@pytest.mark.faults
+def test_a_run_that_diverges_on_its_last_step_fails(tiny_corpus_dir, tmp_path, tally):
+    """The loss before the last update is finite, the update makes every LoRA weight NaN/inf: the
+    trial must fail, not save a model of NaNs and score it (argmax of NaN reads as recall 0.25).
+    The overflow is forced (a fake): with lr bounded to at most 1, a real AdamW step on this model
+    does not overflow on demand."""
+    corpus = read_corpus(tiny_corpus_dir)
+    exp = _exp(tiny_corpus_dir, model={"pooling": "mean"}, train={"steps": 1, "max_grad_norm": None})
+
+    real_step = torch.optim.AdamW.step
+
+    def exploding_step(self, *a, **kw):  # a real update whose size overflows float32
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.fill_(float("inf"))
+        return real_step(self, *a, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(torch.optim.AdamW, "step", exploding_step)
+    try:
+        with pytest.raises(FloatingPointError, match="diverged by step 1"):
+            train_one(exp, corpus, output_dir=tmp_path, progress=False)
+    finally:
+        mp.undo()
+    assert not (tmp_path / "model").exists(), "a diverged model was saved"
+    tally(cases=1, faults=1)
+
+
+@pytest.mark.parametrize("override", ["train.lr=.inf", "train.lr=.nan", "train.temperature=-1", "train.seed=99999999999", "train.steps=1e12", "model.lora.alpha=.inf"])
+@pytest.mark.faults
+def test_numbers_that_cannot_train_are_config_errors(tmp_path, override, tally):
+    from harness.config import ConfigError, load_experiment
+
+    f = tmp_path / "e.yaml"
+    f.write_text("name: e\ncorpus: {path: c}\n")
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_experiment(f, [override])
+    tally(cases=1)

@@ -94,5 +94,7 @@ class EmbedderEncoder(AbsEncoder):
             max_length=self.symmetric_max_length if prompt_type is None else None,
             show_progress=self.progress,
         )
+        if not bool(torch.isfinite(vectors).all()):  # mteb would score NaN vectors without a word
+            raise FloatingPointError(f"{task_metadata.name}: the model's embeddings are not finite (NaN or inf)")
         row = {text: i for i, text in enumerate(unique)}
         return vectors.float().numpy()[[row[t] for t in texts]]
