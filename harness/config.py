@@ -24,6 +24,9 @@ STRATEGIES = ("curriculum", "reverse", "random", "level-1", "level-2", "level-3"
 POOLINGS = ("eos", "mean", "ata")
 TEMPLATES = ("e5", "llm2vec")  # named input formats, see harness/templates.py
 BATCHINGS = ("mixed", "by_task")
+# Sections one sweep shares across its trials: the MLflow experiment and store, the corpus shipped to
+# every trial, Ray's per-trial resources, the MNTP stage, the tables.
+FIXED_PER_SWEEP = ("name", "description", "corpus", "tracking", "resources", "mntp", "tables", "grid", "search")
 # Short names accepted as grid axes and in --cell, mapped to their dotted field.
 AXIS_ALIASES = {"strategy": "train.strategy", "pooling": "model.pooling", "seed": "train.seed"}
 
@@ -253,7 +256,7 @@ class TablesSettings(_Strict):
 
 
 class Experiment(_Strict):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=200)
     description: str = ""
     corpus: CorpusSettings
     model: ModelSettings = ModelSettings()
@@ -269,6 +272,14 @@ class Experiment(_Strict):
     # Where the file came from (not part of the schema; excluded from dumps).
     source: str | None = Field(default=None, exclude=True)
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        # the name becomes folder names under results/: it must not leave them
+        if v.strip(". ") == "" or any(c in v for c in "/\\\0") or any(ord(c) < 32 for c in v):
+            raise ValueError("must be a plain name: no '/', '\\', control characters, and not '.' or '..'")
+        return v
+
     @field_validator("grid")
     @classmethod
     def _grid_axes(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -277,6 +288,11 @@ class Experiment(_Strict):
             field = AXIS_ALIASES.get(axis, axis)
             if not _field_exists(field):
                 raise ValueError(f"grid axis {axis!r} is not a field of the experiment")
+            if field.split(".")[0] in FIXED_PER_SWEEP:
+                raise ValueError(
+                    f"grid axis {axis!r} cannot vary per trial ({', '.join(FIXED_PER_SWEEP)} are one per "
+                    "sweep): use one experiment file per value"
+                )
             if not isinstance(values, list) or not values:
                 raise ValueError(f"grid axis {axis!r} needs a non-empty list of values")
             if len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
@@ -515,9 +531,26 @@ def validated_cells(exp: Experiment) -> list[dict[str, Any]]:
     """:func:`grid_cells`, each applied once: a bad grid value (an unknown strategy, a wrong type)
     is a :class:`ConfigError` naming the file and the field before anything is built or run."""
     cells = grid_cells(exp)
+    seen: dict[tuple[str, str], Any] = {}
+    for axis, values in exp.grid.items():  # 1, 1.0 and true are one seed: the field's type decides
+        for value in values:
+            resolved = flatten(apply_cell(exp, {axis: value}).model_dump(mode="json"))
+            canonical = json.dumps({k: v for k, v in resolved.items() if k == axis or k.startswith(axis + ".")}, sort_keys=True)
+            if (axis, canonical) in seen:
+                raise ConfigError(
+                    f"{exp.source or exp.name}: grid axis {axis!r} repeats a value: {seen[(axis, canonical)]!r} and "
+                    f"{value!r} are the same {axis}"
+                )
+            seen[(axis, canonical)] = value
     for cell in cells:
         apply_cell(exp, cell)
     return cells
+
+
+def path_part(text: str) -> str:
+    """``text`` as one safe path component (names, cell labels): no separators, no '..'."""
+    safe = re.sub(r"[^\w.=-]+", "_", text).strip(".")
+    return safe or "_"
 
 
 def apply_cell(exp: Experiment, cell: Mapping[str, Any]) -> Experiment:

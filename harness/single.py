@@ -14,6 +14,7 @@ from harness.config import (
     cell_label,
     load_experiment,
     parse_cell,
+    path_part,
     trial_key,
     trial_params,
     validated_cells,
@@ -48,7 +49,7 @@ def train_single(
     prepare_init_adapter(exp, build=mntp_builder(corpus, console))
     check_corpus_fits(exp, corpus)
     key = trial_key(exp, corpus.sha256)
-    out = output or Path("results") / "runs" / exp.name / f"{label}-{key}"
+    out = output or Path("results") / "runs" / path_part(exp.name) / path_part(f"{label}-{key}")
 
     tracker = run_id = None
     if track:

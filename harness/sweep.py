@@ -37,6 +37,7 @@ from harness.config import (
     cell_label,
     grid_cells,
     load_experiment,
+    path_part,
     trial_params,
     validated_cells,
 )
@@ -468,10 +469,6 @@ def git_sha() -> str:
     return sha + ("+dirty" if dirty else "")
 
 
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", name)
-
-
 def run_sweep(
     exp_path: Path,
     overrides: Sequence[str] = (),
@@ -609,7 +606,7 @@ def _fit(
             **sampling,
         ),
         run_config=tune.RunConfig(
-            name=_safe_name(exp.name),
+            name=path_part(exp.name),
             storage_path=str(results_dir / "ray"),
             callbacks=[callback, JsonLoggerCallback()],
             failure_config=tune.FailureConfig(max_failures=exp.resources.max_failures),
@@ -622,7 +619,7 @@ def _fit(
 
 
 def _trial_name(trial: Any) -> str:
-    return f"{_safe_name(cell_label(cell_of(trial.config)))}_{trial.trial_id}"
+    return f"{path_part(cell_label(cell_of(trial.config)))}_{trial.trial_id}"
 
 
 def print_summary(console: Console, summary: SweepSummary) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.config import Experiment, apply_cell, cell_label, trial_key
+from harness.config import Experiment, apply_cell, cell_label, path_part, trial_key
 from harness.init_adapter import AdapterFiles
 from synth.corpus import Corpus
 
@@ -117,7 +117,7 @@ def run_trial(
     quiet_logs()  # the driver's --verbose choice, passed down in the environment
 
     spec = trial_spec(base, cell_of(config), corpus.sha256)
-    workdir = Path(models_dir) / spec.exp.name / f"{spec.label}-{spec.key}"
+    workdir = Path(models_dir) / path_part(spec.exp.name) / path_part(f"{spec.label}-{spec.key}")
     workdir.mkdir(parents=True, exist_ok=True)
     if init_adapter is not None:  # shipped by the driver: this node may not see the driver's disk
         spec.exp.model.init_adapter = str(init_adapter.write(workdir / "init_adapter"))

@@ -140,3 +140,42 @@ def test_a_pinned_hash_is_a_sha256(tmp_path):
     f = _write(tmp_path, "e.yaml", "name: e\ncorpus: {path: c}\n")
     with pytest.raises(ConfigError, match="init_adapter_sha256: .*64 lowercase hex"):
         load_experiment(f, ["model.init_adapter_sha256=abc"])
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("name", ["../../../escaped", "a/b", "..", "tab\there", "back\\slash"])
+def test_a_name_that_would_leave_results_is_refused(tmp_path, name, tally):
+    f = _write(tmp_path, "e.yaml", "name: ok\ncorpus: {path: c}\n")
+    with pytest.raises(ConfigError, match=r"name: .*plain name"):
+        load_experiment(f, [f"name={name}"])
+    tally(cases=1)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("axis", ["name", "corpus.path", "tracking.uri", "resources.gpus_per_trial", "mntp.steps"])
+def test_axes_that_cannot_vary_per_trial_are_refused(tmp_path, axis, tally):
+    f = _write(tmp_path, "e.yaml", f"name: e\ncorpus: {{path: c}}\ngrid: {{{axis}: [a, b]}}\n")
+    with pytest.raises(ConfigError, match="cannot vary per trial"):
+        load_experiment(f)
+    tally(cases=1)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("values", ["[1, 1.0]", "[1, true]", "[curriculum, reverse, curriculum]"])
+def test_grid_values_that_are_one_value_are_refused(tmp_path, values, tally):
+    from harness.config import validated_cells
+
+    axis = "strategy" if "curriculum" in values else "seed"
+    f = _write(tmp_path, "e.yaml", f"name: e\ncorpus: {{path: c}}\ngrid: {{{axis}: {values}}}\n")
+    with pytest.raises(ConfigError, match="repeats a value"):
+        validated_cells(load_experiment(f))
+    tally(cases=1)
+
+
+def test_path_parts_never_nest_or_climb():
+    from harness.config import path_part
+
+    assert path_part("attention=causal-s1") == "attention=causal-s1"
+    for hostile in ("../x", "a/b", "..", "/abs", "a\\b"):
+        part = path_part(hostile)
+        assert "/" not in part and "\\" not in part and part not in (".", "..") and not part.startswith(".")
