@@ -326,7 +326,7 @@ def run_mntp(
         tracker = Tracker(exp.tracking, exp.name, exp.source)
         params = flatten({"mntp": exp.mntp.model_dump(mode="json"), "model": {"name": exp.model.name, "revision": exp.model.revision, "dtype": exp.model.dtype}})
         run_id = tracker.start_trial(None, name="mntp", params=params, tags={"mntp.output": str(output)}, role="mntp")
-        say(f"MLflow run {run_id} in experiment {exp.name!r} ({tracker.uri})")
+        say(f"MLflow run {run_id} in experiment {exp.name!r} ({tracker.display_uri})")
 
     def on_metrics(step: int, metrics: dict[str, float]) -> None:
         if tracker is not None:

@@ -21,7 +21,7 @@ from harness.config import (
 )
 from harness.init_adapter import check_init_adapter, prepare_init_adapter
 from harness.sweep import check_corpus_fits, git_sha, load_corpus, mntp_builder
-from harness.tracking import CELL, TRIAL_KEY, Tracker, describe_error
+from harness.tracking import CELL, TRIAL_KEY, Tracker, describe_error, redact_text
 from harness.train import TrainResult, train_one
 
 
@@ -56,8 +56,8 @@ def train_single(
         tracker = Tracker(exp.tracking, exp.name, exp.source)
         tags = {TRIAL_KEY: key, "corpus_sha256": corpus.sha256, "git_sha": git_sha(), CELL: json.dumps(cell, sort_keys=True, default=str)}
         run_id = tracker.start_trial(None, name=label, params=trial_params(exp), tags=tags, role="train")
-        tracker.log_text(run_id, yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False), "config.yaml")
-        console.print(f"MLflow run {run_id} in experiment {exp.name!r} ({tracker.uri})")
+        tracker.log_text(run_id, redact_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)), "config.yaml")
+        console.print(f"MLflow run {run_id} in experiment {exp.name!r} ({tracker.display_uri})")
 
     def on_metrics(step: int, metrics: dict[str, float]) -> None:
         if tracker is not None:

@@ -646,6 +646,6 @@ def print_summary(console: Console, summary: SweepSummary) -> None:
     console.print(
         f"{summary.count('FINISHED')} finished, {summary.failed} failed, {summary.count('SKIPPED')} skipped "
         f"in {summary.wall_seconds:.0f} s (sum of trial times / concurrency {summary.concurrency}: "
-        f"{summary.ideal_seconds:.0f} s); MLflow: {summary.tracking_uri}"
+        f"{summary.ideal_seconds:.0f} s); MLflow: {redact_text(summary.tracking_uri)}"
         + (f", parent run {summary.parent_run_id}" if summary.parent_run_id else "")
     )

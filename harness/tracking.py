@@ -42,6 +42,12 @@ _BATCH = 900  # MLflow caps log_batch at 1000 metrics / 100 params
 _METRIC_BAD = re.compile(r"[^\w\-. :/]")
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|authorization|credential)", re.IGNORECASE)
 _SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_-]{12,}|hf_[A-Za-z0-9]{20,}|Bearer\s+\S+)")
+# credentials inside URIs: the userinfo of scheme://user:pass@host, and secret-named query parameters
+_URI_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/\s@?#]+@")
+_URI_QUERY_SECRET = re.compile(
+    r"([?&;][\w.-]*(?:token|key|secret|password|passwd|pwd|sig|signature|auth|credential)[\w.-]*=)[^&;#\s'\"]+",
+    re.IGNORECASE,
+)
 
 
 def redact(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -63,7 +69,10 @@ def metric_name(name: str) -> str:
 
 
 def redact_text(text: str) -> str:
-    """Hide secret-looking substrings (API keys, bearer tokens) in free text such as a config dump."""
+    """Hide secret-looking substrings in free text such as a config dump or an error: API keys,
+    bearer tokens, a URI's ``user:password@`` and secret-named query parameters (``?token=...``)."""
+    text = _URI_USERINFO.sub(r"\1***@", text)
+    text = _URI_QUERY_SECRET.sub(r"\1***", text)
     return _SECRET_VALUE.sub("***", text)
 
 
@@ -107,10 +116,10 @@ def check_reachable(uri: str, where: str | None = None, timeout: float = 5.0) ->
     except urllib.error.HTTPError:
         return  # it answered (an auth proxy, an older server): the client will say more
     except (OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
+        reason = redact_text(str(getattr(e, "reason", e)))
         prefix = f"{where}: " if where else ""
         raise TrackingError(
-            f"{prefix}tracking.uri {uri}: no MLflow tracking server answers there ({reason}); "
+            f"{prefix}tracking.uri {redact_text(uri)}: no MLflow tracking server answers there ({reason}); "
             "start it (`mlflow server --host 127.0.0.1 --port PORT`) or fix tracking.uri"
         ) from None
 
@@ -140,6 +149,7 @@ class Tracker:
 
     def __init__(self, settings: TrackingSettings, experiment_name: str, where: str | None = None):
         self.uri = resolve_uri(settings.uri)
+        self.display_uri = redact_text(self.uri)  # what may be printed or logged
         check_reachable(self.uri, where)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_name = experiment_name

@@ -130,6 +130,22 @@ def test_names_and_secrets():
 
 
 @pytest.mark.faults
+@pytest.mark.parametrize(
+    "uri",
+    ["http://alice:s3cretpw@127.0.0.1:9", "http://127.0.0.1:9/?token=s3cretpw", "https://alice:s3cretpw@127.0.0.1:9/mlflow?x=1"],
+)
+def test_credentials_in_a_tracking_uri_are_never_shown(uri, tally):
+    from harness.tracking import TrackingError, redact_text
+
+    with pytest.raises(TrackingError) as caught:
+        Tracker(TrackingSettings(uri=uri), "creds", "exp.yaml")
+    assert "s3cretpw" not in str(caught.value) and "127.0.0.1:9" in str(caught.value)
+    assert "s3cretpw" not in redact({"tracking.uri": uri})["tracking.uri"]
+    assert "s3cretpw" not in redact_text(f"tracking:\n  uri: {uri}\n")
+    tally(cases=1, searched=3)
+
+
+@pytest.mark.faults
 def test_ui_serves_the_store(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     Tracker(TrackingSettings(uri=uri), "ui-check")

@@ -23,6 +23,7 @@ from harness.config import EvalSettings, ModelSettings, Pooling, TrackingSetting
 from harness.evaluation import scores
 from harness.evaluation.instructions import ALL_TASKS
 from harness.evaluation.run import EvalResult, evaluate_embedder
+from harness.tracking import redact_text
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 MODEL_ARTIFACT = "model"
@@ -112,7 +113,7 @@ def _run_model(run_id: str, tracking_uri: str | None) -> RunModel:
     try:
         run = client.get_run(run_id)
     except MlflowException as e:
-        raise ModelNotFoundError(f"MLflow run {run_id}: not found in {client.tracking_uri} ({e.message})") from None
+        raise ModelNotFoundError(f"MLflow run {run_id}: not found in {redact_text(client.tracking_uri)} ({e.message})") from None
     suite = run.data.params.get("eval.suite") or None
     if any(f.path == MODEL_ARTIFACT for f in client.list_artifacts(run_id)):
         into = Path(tempfile.mkdtemp(prefix=f"harness-eval-{run_id[:8]}-"))

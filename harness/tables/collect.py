@@ -33,6 +33,7 @@ from harness.config import (
     trial_key,
     validate,
 )
+from harness.tracking import redact_text
 
 ROLE = "harness.role"  # the sweep's tag names (harness/tracking.py)
 CELL = "harness.cell"
@@ -110,12 +111,12 @@ def collect(
     found = client.get_experiment_by_name(name)
     if found is None:
         raise TablesError(
-            f"no MLflow experiment named {name!r} in {uri} (run `harness sweep` first)"
+            f"no MLflow experiment named {name!r} in {redact_text(uri)} (run `harness sweep` first)"
         )
     ids = [found.experiment_id]
     trials = [_trial_run(r) for r in _search(client, ids, f"tags.`{ROLE}` = 'trial'")]
     if not trials:
-        raise TablesError(f"MLflow experiment {name!r} in {uri} has no trial runs")
+        raise TablesError(f"MLflow experiment {name!r} in {redact_text(uri)} has no trial runs")
     parents = sorted(_search(client, ids, f"tags.`{ROLE}` = 'sweep'"), key=_newest_first)
     parent = parents[0] if parents else None
 
@@ -164,7 +165,7 @@ def _readable_uri(uri: str, where: str | None) -> str:
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not (Path.cwd() / uri[len(prefix) :]).is_file():
         raise TablesError(
-            f"no MLflow store at {uri} (run `harness sweep` first, or pass --tracking-uri)"
+            f"no MLflow store at {redact_text(uri)} (run `harness sweep` first, or pass --tracking-uri)"
         )
     return resolve_uri(uri)
 

@@ -23,6 +23,7 @@ from harness.tables.ablation import (
     axis_title,
 )
 from harness.tables.collect import CellRuns
+from harness.tracking import redact_text
 
 SCALE = 100.0
 DAGGER = "†"
@@ -163,7 +164,7 @@ def _source(table: AblationTable) -> str:
     used = sum(c.run is not None for c in coll.cells)
     passed = sum(c.superseded for c in coll.cells)
     text = (
-        f"Source: MLflow experiment {coll.experiment!r} at {coll.tracking_uri}; for each grid cell the newest "
+        f"Source: MLflow experiment {coll.experiment!r} at {redact_text(coll.tracking_uri)}; for each grid cell the newest "
         f"FINISHED trial run ({used} runs"
         + (f"; {passed} older or superseded runs passed over" if passed else "")
         + f"). Row and column order: grid from {coll.grid_source}."
