@@ -51,10 +51,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from harness.models import ModelLoadError
     from harness.tracking import TrackingError
     from synth.corpus import CorpusError
+    from synth.locks import LockedError
     from synth.packaged import PackagedModelError
 
     return (
-        ConfigError, CorpusError, ModelLoadError, PackagedModelError, TrackingError, FileNotFoundError
+        ConfigError, CorpusError, ModelLoadError, PackagedModelError, TrackingError, FileNotFoundError, LockedError
     )
 
 

@@ -42,7 +42,15 @@ from harness.config import (
     validated_cells,
 )
 from harness.init_adapter import AdapterFiles, check_init_adapter, prepare_init_adapter
-from harness.tracking import CELL, SWEEP_KEY, TRIAL_KEY, Tracker, describe_error, redact_text
+from harness.tracking import (
+    CELL,
+    SWEEP_KEY,
+    TRIAL_KEY,
+    Tracker,
+    describe_error,
+    redact_text,
+    resolve_uri,
+)
 from harness.trial import (
     ARTIFACTS,
     KIND,
@@ -57,6 +65,7 @@ from harness.trial import (
 )
 from synth.cli import user_errors
 from synth.corpus import MANIFEST_FILE, Corpus, CorpusError, read_corpus
+from synth.locks import exclusive
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 15.0  # one progress line per running trial at most this often
@@ -126,6 +135,14 @@ def load_corpus(exp: Experiment, console: Console) -> Corpus:
     corpus = read_corpus(path)
     console.print(f"corpus {corpus.name}: {len(corpus)} rows, sha256 {corpus.sha256[:12]}")
     return corpus
+
+
+def store_lock(uri: str, name: str) -> Path:
+    """The lock file of one experiment in one tracking store: next to a SQLite store, else in the
+    temp folder (a lock is per machine: see synth/locks.py)."""
+    key = hashlib.sha256(f"{uri}\0{name}".encode()).hexdigest()[:16]
+    base = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else Path(tempfile.gettempdir())
+    return base / ".harness-locks" / f"{path_part(name)}-{key}.lock"
 
 
 def mntp_builder(corpus: Corpus, console: Console) -> Callable[[Experiment, Path], None]:
@@ -494,74 +511,78 @@ def run_sweep(
         validated_cells(exp)  # before the corpus is built: a typo in the grid costs nothing
     check_init_adapter(exp)
     results_dir = (results_dir or Path("results")).resolve()
-    corpus = load_corpus(exp, console)
-    init_adapter = prepare_init_adapter(exp, build=mntp_builder(corpus, console))
-    for cell in [{}] if exp.search else grid_cells(exp):
-        check_corpus_fits(apply_cell(exp, cell), corpus)
-    tracker = Tracker(exp.tracking, exp.name, exp.source)
-    for name in tracker.close_stale_runs():
-        console.print(f"[yellow]marked KILLED[/] {name}: left RUNNING by a driver that is gone")
-    plan = make_plan(exp, corpus.sha256, tracker, resume=resume)
-    skipped = [TrialRecord(s.label, s.key, "SKIPPED") for s in plan.skipped]
+    uri = resolve_uri(exp.tracking.uri)
+    # one driver per experiment and store: taken before the corpus or the MNTP adapter is built
+    with exclusive(store_lock(uri, exp.name), f"a sweep of experiment {exp.name!r} on {redact_text(uri)}"):
+        corpus = load_corpus(exp, console)
+        init_adapter = prepare_init_adapter(exp, build=mntp_builder(corpus, console))
+        for cell in [{}] if exp.search else grid_cells(exp):
+            check_corpus_fits(apply_cell(exp, cell), corpus)
+        tracker = Tracker(exp.tracking, exp.name, exp.source)
+        for name in tracker.close_stale_runs():
+            console.print(f"[yellow]marked KILLED[/] {name}: left RUNNING by a driver that is gone")
+        plan = make_plan(exp, corpus.sha256, tracker, resume=resume)
+        skipped = [TrialRecord(s.label, s.key, "SKIPPED") for s in plan.skipped]
 
-    with ray_session(address):
-        per_trial = trial_resources(exp)
-        capacity = cluster_capacity(per_trial)
-        if capacity < 1:
-            raise SweepError(
-                f"no node of the Ray cluster has room for one trial ({per_trial}); "
-                "lower resources.* in the experiment file or add nodes"
+        with ray_session(address):
+            per_trial = trial_resources(exp)
+            capacity = cluster_capacity(per_trial)
+            if capacity < 1:
+                raise SweepError(
+                    f"no node of the Ray cluster has room for one trial ({per_trial}); "
+                    "lower resources.* in the experiment file or add nodes"
+                )
+            n = plan.search_samples if exp.search else len(plan.pending)
+            limits = [n, capacity]
+            if exp.resources.max_concurrent_trials:
+                limits.append(exp.resources.max_concurrent_trials)
+            if exp.search:
+                limits.append(exp.search.max_concurrent)
+            concurrency = max(1, min(limits))
+            print_plan(console, exp, plan, per_trial, concurrency if n else 0)
+            if n == 0:
+                console.print("nothing to run: every trial already FINISHED (use --no-resume to rerun)")
+                summary = SweepSummary(exp.name, tracker.uri, None, skipped, time.time() - t0, 0)
+                print_summary(console, summary)
+                return summary
+
+            parent_id = tracker.start_sweep(
+                params={
+                    "experiment_file": Path(exp_path).name,
+                    "grid": json.dumps(exp.grid, default=str),
+                    "search": json.dumps(exp.search.model_dump(mode="json") if exp.search else None),
+                    "corpus_sha256": corpus.sha256,
+                    "trials": n,
+                    "skipped": len(plan.skipped) + len(plan.warm_start),
+                    "concurrency": concurrency,
+                },
+                tags={"harness.experiment_file": str(exp_path), "git_sha": git_sha()},
+                config_yaml=redact_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)),
             )
-        n = plan.search_samples if exp.search else len(plan.pending)
-        limits = [n, capacity]
-        if exp.resources.max_concurrent_trials:
-            limits.append(exp.resources.max_concurrent_trials)
-        if exp.search:
-            limits.append(exp.search.max_concurrent)
-        concurrency = max(1, min(limits))
-        print_plan(console, exp, plan, per_trial, concurrency if n else 0)
-        if n == 0:
-            console.print("nothing to run: every trial already FINISHED (use --no-resume to rerun)")
-            summary = SweepSummary(exp.name, tracker.uri, None, skipped, time.time() - t0, 0)
-            print_summary(console, summary)
-            return summary
+            callback = TrackingCallback(
+                tracker,
+                parent_id,
+                exp,
+                corpus.sha256,
+                {"corpus_sha256": corpus.sha256, "git_sha": git_sha(), SWEEP_KEY: sweep_key(exp, corpus.sha256)},
+                console,
+            )
+            _fit(exp, plan, corpus, trial_fn, callback, results_dir, per_trial, init_adapter)
+            records = skipped + list(callback.records.values())
+            summary = SweepSummary(exp.name, tracker.uri, parent_id, records, time.time() - t0, concurrency)
+            tracker.end_sweep(
+                parent_id,
+                failed=summary.failed,
+                metrics={
+                    "sweep/wall_seconds": summary.wall_seconds,
+                    "sweep/ideal_seconds": summary.ideal_seconds,
+                    "sweep/finished": summary.count("FINISHED"),
+                    "sweep/failed": summary.failed,
+                },
+            )
+        print_summary(console, summary)
+        return summary
 
-        parent_id = tracker.start_sweep(
-            params={
-                "experiment_file": Path(exp_path).name,
-                "grid": json.dumps(exp.grid, default=str),
-                "search": json.dumps(exp.search.model_dump(mode="json") if exp.search else None),
-                "corpus_sha256": corpus.sha256,
-                "trials": n,
-                "skipped": len(plan.skipped) + len(plan.warm_start),
-                "concurrency": concurrency,
-            },
-            tags={"harness.experiment_file": str(exp_path), "git_sha": git_sha()},
-            config_yaml=redact_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)),
-        )
-        callback = TrackingCallback(
-            tracker,
-            parent_id,
-            exp,
-            corpus.sha256,
-            {"corpus_sha256": corpus.sha256, "git_sha": git_sha(), SWEEP_KEY: sweep_key(exp, corpus.sha256)},
-            console,
-        )
-        _fit(exp, plan, corpus, trial_fn, callback, results_dir, per_trial, init_adapter)
-        records = skipped + list(callback.records.values())
-        summary = SweepSummary(exp.name, tracker.uri, parent_id, records, time.time() - t0, concurrency)
-        tracker.end_sweep(
-            parent_id,
-            failed=summary.failed,
-            metrics={
-                "sweep/wall_seconds": summary.wall_seconds,
-                "sweep/ideal_seconds": summary.ideal_seconds,
-                "sweep/finished": summary.count("FINISHED"),
-                "sweep/failed": summary.failed,
-            },
-        )
-    print_summary(console, summary)
-    return summary
 
 
 def _fit(

@@ -30,6 +30,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     """The errors a user can fix (config, data, endpoint): one line each, never a traceback."""
     from synth.corpus import CorpusError
     from synth.llm import EndpointError
+    from synth.locks import LockedError
     from synth.mine import MineError
     from synth.packaged import PackagedModelError
     from synth.server import ServerError
@@ -38,7 +39,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from synth.templates import PromptError
 
     return (CorpusError, MineError, SourceError, PackagedModelError,
-            SynthConfigError, EndpointError, ServerError, PromptError)
+            SynthConfigError, EndpointError, ServerError, PromptError, LockedError)
 
 
 def _run(fn: Callable[[], None]) -> None:

@@ -56,12 +56,14 @@ from synth.answers import (
 from synth.corpus import SYNTH_SUBTASKS, Corpus, RowBuilder, write_corpus
 from synth.journal import Journal
 from synth.llm import ChatClient, EndpointError, Usage
+from synth.locks import exclusive
 from synth.server import local_server
 from synth.synth_config import SynthConfig, SynthConfigError
 from synth.templates import LEVELS, FieldPrompts, PromptSet, text_sha256
 
 Stage = Literal["brainstorm", "generate", "query", "positive", "negative"]
 JOURNAL_FILE = "journal.jsonl"
+LOCK_FILE = "generate.lock"
 REJECTS_FILE = "rejects.jsonl"
 
 
@@ -454,7 +456,13 @@ class GenerateResult:
 
 
 def generate(config: SynthConfig, *, progress: bool = True, console: Console | None = None) -> GenerateResult:
-    """Run (or resume) both stages, then build the corpus from the journal."""
+    """Run (or resume) both stages, then build the corpus from the journal. One run per output
+    folder at a time: a second one stops at once, naming the first (:mod:`synth.locks`)."""
+    with exclusive(config.work_dir / LOCK_FILE, f"synth generate into {config.output}"):
+        return _generate(config, progress=progress, console=console)
+
+
+def _generate(config: SynthConfig, *, progress: bool, console: Console | None) -> GenerateResult:
     t0 = time.monotonic()
     prompts = PromptSet(config.prompts.brainstorm, config.prompts.generate, config.prompts.subtasks)
     fields = FieldPrompts(config.prompts.fields, config.prompts.subtasks) if config.stage2 == "fields" else None

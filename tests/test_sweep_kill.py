@@ -1,5 +1,6 @@
 """Kill the sweep driver (SIGKILL, no chance to clean up) after its first trial finished; the rerun
-skips that trial, marks the dead driver's RUNNING runs KILLED and runs only what is missing."""
+skips that trial, marks the dead driver's RUNNING runs KILLED and runs only what is missing. While
+the first driver runs, a second sweep of the same experiment refuses; its lock dies with it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import pytest
 import sweep_standins
 from sweep_util import runs, start_driver, write_experiment
 
+from harness.sweep import run_sweep
+from synth.locks import LockedError
+
 pytestmark = pytest.mark.faults
 
 
@@ -22,7 +26,7 @@ def _trials(tmp_path) -> dict[str, str]:
         return {}
 
 
-def test_rerun_after_driver_kill_skips_finished(tmp_path, tiny_corpus_dir):
+def test_rerun_after_driver_kill_skips_finished(tmp_path, tiny_corpus_dir, tally):
     exp = write_experiment(
         tmp_path,
         tiny_corpus_dir,
@@ -44,6 +48,10 @@ def test_rerun_after_driver_kill_skips_finished(tmp_path, tiny_corpus_dir):
             assert first.poll() is None, first.communicate()[0]
             assert time.monotonic() < deadline, f"timed out; trials: {_trials(tmp_path)}"
             time.sleep(0.5)
+        # a second sweep of the same experiment and store refuses at once, naming the running one
+        with pytest.raises(LockedError, match=rf"a sweep of experiment 'killed' .* is already running \(pid {first.pid} on "):
+            run_sweep(exp, [], results_dir=tmp_path / "other")
+        assert not (tmp_path / "other").exists()
     finally:
         with contextlib.suppress(ProcessLookupError):  # gone already: the assertion above says why
             os.killpg(first.pid, signal.SIGKILL)
@@ -58,3 +66,4 @@ def test_rerun_after_driver_kill_skips_finished(tmp_path, tiny_corpus_dir):
     assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED"]
     trials = sorted((r.info.run_name, r.info.status) for r in runs(tmp_path, "killed", "trial"))
     assert trials == [("s0", "FINISHED"), ("s1", "FINISHED"), ("s1", "KILLED")]
+    tally(cases=2, faults=1, trials=3)

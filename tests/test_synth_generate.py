@@ -369,3 +369,37 @@ def test_real_server_fields_mode_end_to_end(tmp_path: Path, real_server: Any, mo
     assert manifest["acceptance_rate"] == len(result.corpus)  # the one example: a row, or rejected
     assert len(result.corpus) == 1 or all(json.loads(line)["reason"] for line in rejects) and rejects
     assert len(rejects) == sum(manifest["rejects"].values())
+
+
+@pytest.mark.faults
+def test_a_second_generate_into_one_output_refuses_naming_the_first(tmp_path: Path, tally) -> None:
+    """The first run is another process holding the output's lock; the second stops before any
+    request, in one line; once the holder is killed (SIGKILL: no clean-up) the lock is free."""
+    import signal
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from synth.cli import app
+    from synth.generate import LOCK_FILE
+
+    config = load_synth_config(_config(tmp_path, endpoint={"base_url": "http://127.0.0.1:9/v1"}))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from synth.locks import exclusive\n"
+         "with exclusive(Path(sys.argv[1]), 'x'):\n    print('held', flush=True); time.sleep(600)", str(config.work_dir / LOCK_FILE)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = CliRunner().invoke(app, ["generate", str(_config(tmp_path, endpoint={"base_url": "http://127.0.0.1:9/v1"})), "-q"])
+        assert result.exit_code == 2, result.output
+        assert f"is already running (pid {holder.pid} on" in result.output and "Traceback" not in result.output
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    from synth.locks import exclusive
+
+    with exclusive(config.work_dir / LOCK_FILE, "after the kill"):
+        pass
+    tally(cases=2, faults=1)

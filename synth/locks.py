@@ -1,0 +1,45 @@
+"""One writer at a time: an exclusive lock on a file that the operating system drops when its holder
+dies (``flock``: a SIGKILLed holder leaves no stale lock behind).
+
+Used by ``synth generate`` (one run per output folder) and ``harness sweep`` (one driver per
+experiment and tracking store on a machine). The lock file records who holds it, so the refusal
+names the running one. Drivers on other machines sharing a remote store are not seen by a local
+lock (see README, "Reliability").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock; the message names it."""
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` for the block, or raise :class:`LockedError` at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+            raise LockedError(f"{what} is already running ({holder}); wait for it to end or stop it") from None
+        stamp = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, stamp.encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
