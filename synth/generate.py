@@ -401,6 +401,7 @@ async def _run_requests(
                 **({"level": request.level} if request.level is not None else {}),
                 "content": answer.content, "finish_reason": answer.finish_reason,
                 "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                **({"usage_estimated": True} if answer.usage_estimated else {}),
                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
             writer.append(record)
@@ -445,7 +446,7 @@ async def _stage(
 def journal_usage(records: dict[str, dict[str, Any]]) -> Usage:
     usage = Usage()
     for r in records.values():
-        usage.add(int(r.get("prompt_tokens") or 0), int(r.get("completion_tokens") or 0))
+        usage.add(int(r.get("prompt_tokens") or 0), int(r.get("completion_tokens") or 0), estimated=bool(r.get("usage_estimated")))
     return usage
 
 
@@ -661,6 +662,7 @@ def summary_lines(result: GenerateResult) -> list[str]:
         (
             f"tokens {usage['total_tokens']:,} (in {usage['prompt_tokens']:,}, out {usage['completion_tokens']:,}),"
             f" estimated cost ${usage['estimated_cost_usd']:.4f}"
+            + (f" (tokens {usage['token_count']})" if usage.get("estimated_requests") else "")
         ),
     ]
     if m["rejects"]:

@@ -13,6 +13,7 @@ echoes it back.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +24,8 @@ import openai
 from openai import AsyncOpenAI
 
 from synth.synth_config import Budget, Endpoint
+
+log = logging.getLogger(__name__)
 
 RETRY_STATUS = {408, 409, 429} | set(range(500, 600))
 
@@ -46,12 +49,22 @@ class BadResponse(ValueError):
     """An HTTP 200 whose body is not a usable chat completion; the message says what it was."""
 
 
+# Tokens of an answer whose endpoint sent no `usage` block: OpenAI's rule of thumb for English text
+# (about 4 characters a token). Rough, but it keeps budget.max_tokens binding; the manifest says so.
+CHARS_PER_TOKEN = 4
+
+
+def estimate_tokens(text: str) -> int:
+    return -(-len(text) // CHARS_PER_TOKEN)
+
+
 @dataclass(frozen=True)
 class Completion:
     content: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None
+    usage_estimated: bool = False  # the endpoint sent no token counts: estimated (CHARS_PER_TOKEN)
 
 
 @dataclass
@@ -61,11 +74,13 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     requests: int = 0
+    estimated_requests: int = 0  # answers without a usage block, counted at CHARS_PER_TOKEN
 
-    def add(self, prompt_tokens: int, completion_tokens: int) -> None:
+    def add(self, prompt_tokens: int, completion_tokens: int, *, estimated: bool = False) -> None:
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
         self.requests += 1
+        self.estimated_requests += int(estimated)
 
     @property
     def total_tokens(self) -> int:
@@ -88,6 +103,11 @@ class Usage:
             "price_per_1m_input": budget.price_per_1m_input,
             "price_per_1m_output": budget.price_per_1m_output,
             "max_tokens": budget.max_tokens,
+            "token_count": (
+                "endpoint usage"
+                if not self.estimated_requests
+                else f"estimated at {CHARS_PER_TOKEN} characters a token for {self.estimated_requests} answers without usage"
+            ),
         }
 
 
@@ -122,6 +142,7 @@ class ChatClient:
         self.model = model
         self.usage = usage  # shared with the caller, which may have counted earlier runs in it
         self.retries = 0
+        self._warned = False
         self._extra_body = extra_body or {}
         self._rng = random.Random()
         self._api_key = api_key
@@ -153,7 +174,7 @@ class ChatClient:
         for attempt in range(self.endpoint.max_retries + 1):
             last = attempt == self.endpoint.max_retries
             try:
-                return self._completion(await self._client.chat.completions.create(**kwargs))
+                return self._completion(await self._client.chat.completions.create(**kwargs), messages)
             except openai.APIStatusError as e:
                 if e.status_code not in RETRY_STATUS or last:
                     raise EndpointError(
@@ -179,7 +200,7 @@ class ChatClient:
             await asyncio.sleep(wait)
         raise AssertionError("unreachable: the loop returns or raises")
 
-    def _completion(self, response: Any) -> Completion:
+    def _completion(self, response: Any, messages: list[dict[str, str]]) -> Completion:
         """Check that ``response`` is a chat completion (the client does not validate it)."""
         choices = getattr(response, "choices", None)
         if not isinstance(choices, list) or not choices:
@@ -192,12 +213,23 @@ class ChatClient:
         finish_reason = getattr(choice, "finish_reason", None)
         usage = getattr(response, "usage", None)
         prompt, completion = _tokens(usage, "prompt_tokens"), _tokens(usage, "completion_tokens")
-        self.usage.add(prompt, completion)
+        estimated = prompt + completion == 0  # no usage block (or an empty one): count them here
+        if estimated:
+            prompt = sum(estimate_tokens(str(m.get("content") or "")) for m in messages)
+            completion = estimate_tokens(content or "")
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "%s sends no token usage: counting tokens at %d characters a token (budget and "
+                    "cost are estimates; the manifest says so)", self._client.base_url, CHARS_PER_TOKEN,
+                )
+        self.usage.add(prompt, completion, estimated=estimated)
         return Completion(
             content=valid_unicode(content or ""),
             prompt_tokens=prompt,
             completion_tokens=completion,
             finish_reason=finish_reason if isinstance(finish_reason, str) else None,
+            usage_estimated=estimated,
         )
 
     def _describe(self, what: str, error: Exception, attempt: int) -> str:

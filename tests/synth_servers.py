@@ -238,3 +238,13 @@ def field_answer(prompt: str, seed: int) -> str:
         return query if seed % 3 == 0 else f"The answer about {query}."
     level = next(v for k, v in _LEVEL_MARKERS.items() if k in prompt)
     return f"Unrelated text on {query} L{level}"
+
+
+def without_usage(respond: Responder) -> Responder:
+    """``respond`` with the ``usage`` block left out, as some OpenAI-compatible servers answer."""
+
+    def stripped(body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:
+        status, headers, payload = respond(body)
+        return status, headers, {k: v for k, v in payload.items() if k != "usage"}
+
+    return stripped

@@ -33,7 +33,7 @@ from fault_proxy import BODY_FAULTS, RETRY_AFTER_S, FaultPlan, ProxyLog, Timing,
 from faults_util import PLANTED_KEY, assert_secret_absent, env_with, listen_addresses
 from rich.console import Console
 from sweep_util import write_experiment
-from synth_servers import Recorder, good_with, scripted, serve, synth_config_file
+from synth_servers import Recorder, good_with, scripted, serve, synth_config_file, without_usage
 from typer.testing import CliRunner
 
 from harness.cli import app as harness_app
@@ -201,11 +201,16 @@ def test_malformed_answers_are_retried_or_rejected_with_a_reason_and_never_crash
     damaged = {f"query {seed_of[f]}" for f in ("surrogate", "huge")}
     expected = straight.frame.filter(~straight.frame["query"].is_in(list(damaged)))
     assert sorted(result.corpus.frame["id"]) == sorted(expected["id"])
-    # answers without a usable usage count as 0 tokens; nothing is counted twice
+    # answers without a usable usage are counted by estimate (4 characters a token), and said to
+    # be; the others as the server counted them; nothing is counted twice
     no_usage = sum(f in ("usage_strings", "no_usage", "bare_content") for f in BODY_FAULTS)
+    assert manifest["usage"]["estimated_requests"] == no_usage
+    records = [json.loads(line) for line in (tmp_path / "corpus" / "work" / "journal.jsonl").read_text().splitlines() if line.strip()]
+    estimated = sum(r["prompt_tokens"] + r["completion_tokens"] for r in records if r.get("usage_estimated"))
+    assert estimated > 0
     assert (
         manifest["usage"]["total_tokens"]
-        == straight.manifest["usage"]["total_tokens"] - no_usage * TOKENS_PER_REQUEST
+        == straight.manifest["usage"]["total_tokens"] - no_usage * TOKENS_PER_REQUEST + estimated
     )
     assert journaled_once(tmp_path / "corpus") == REQUESTS
     tally(
@@ -458,3 +463,19 @@ def test_repeated_sigkill_at_random_moments_loses_nothing_and_repeats_nothing(
         assert not again, f"answered before a kill, sent again (seed {seed})"
     assert len(seeds) <= requests + 2 * kills, "more than the requests in flight were repeated"
     tally(cases=kills + 1, faults=kills, rows=len(corpus), lost=len(straight) - len(corpus))
+
+
+def test_the_budget_holds_when_the_endpoint_sends_no_usage(tmp_path: Path, key: str, tally: Any) -> None:
+    """Without a usage block the tokens are estimated (4 characters a token), the budget stops the
+    run, the manifest says the count is an estimate; a rerun without the budget finishes."""
+    recorder = Recorder()
+    with serve(without_usage(scripted()), recorder) as url:
+        first = generate(config(tmp_path, url, concurrency=1, budget={"max_tokens": 10}), progress=False)
+        usage = first.corpus.manifest["usage"]
+        assert not first.complete and "token budget" in first.corpus.manifest["stopped"]
+        assert len(recorder.bodies) == 1, "requests went on past the budget"
+        assert usage["total_tokens"] >= 10 and usage["estimated_requests"] == 1
+        assert "estimated at 4 characters a token" in usage["token_count"]
+        second = generate(config(tmp_path, url, concurrency=4), progress=False)
+    assert second.complete and second.corpus.manifest["usage"]["estimated_requests"] == REQUESTS
+    tally(cases=2, faults=REQUESTS)
