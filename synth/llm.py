@@ -52,6 +52,9 @@ class BadResponse(ValueError):
 # Tokens of an answer whose endpoint sent no `usage` block: OpenAI's rule of thumb for English text
 # (about 4 characters a token). Rough, but it keeps budget.max_tokens binding; the manifest says so.
 CHARS_PER_TOKEN = 4
+# No tokenizer's token is longer than this many characters in practice: an answer longer than
+# max_tokens times this broke the request's limit, and only that much of it is kept (journal, rejects).
+MAX_CHARS_PER_TOKEN = 32
 
 
 def estimate_tokens(text: str) -> int:
@@ -174,7 +177,7 @@ class ChatClient:
         for attempt in range(self.endpoint.max_retries + 1):
             last = attempt == self.endpoint.max_retries
             try:
-                return self._completion(await self._client.chat.completions.create(**kwargs), messages)
+                return self._completion(await self._client.chat.completions.create(**kwargs), messages, max_tokens)
             except openai.APIStatusError as e:
                 if e.status_code not in RETRY_STATUS or last:
                     raise EndpointError(
@@ -200,7 +203,7 @@ class ChatClient:
             await asyncio.sleep(wait)
         raise AssertionError("unreachable: the loop returns or raises")
 
-    def _completion(self, response: Any, messages: list[dict[str, str]]) -> Completion:
+    def _completion(self, response: Any, messages: list[dict[str, str]], max_tokens: int) -> Completion:
         """Check that ``response`` is a chat completion (the client does not validate it)."""
         choices = getattr(response, "choices", None)
         if not isinstance(choices, list) or not choices:
@@ -211,6 +214,9 @@ class ChatClient:
         if not isinstance(content, (str, type(None))):
             raise BadResponse(f"message content is {type(content).__name__}, expected text")
         finish_reason = getattr(choice, "finish_reason", None)
+        limit = max(4096, MAX_CHARS_PER_TOKEN * max_tokens)
+        if content is not None and len(content) > limit:  # more than max_tokens can hold: cut it,
+            content, finish_reason = content[:limit], "length"  # it is rejected as truncated
         usage = getattr(response, "usage", None)
         prompt, completion = _tokens(usage, "prompt_tokens"), _tokens(usage, "completion_tokens")
         estimated = prompt + completion == 0  # no usage block (or an empty one): count them here

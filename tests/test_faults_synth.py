@@ -29,7 +29,15 @@ from typing import Any
 
 import pytest
 from conftest import repeats
-from fault_proxy import BODY_FAULTS, RETRY_AFTER_S, FaultPlan, ProxyLog, Timing, fault_proxy
+from fault_proxy import (
+    BODY_FAULTS,
+    HUGE_CHARS,
+    RETRY_AFTER_S,
+    FaultPlan,
+    ProxyLog,
+    Timing,
+    fault_proxy,
+)
 from faults_util import PLANTED_KEY, assert_secret_absent, env_with, listen_addresses
 from rich.console import Console
 from sweep_util import write_experiment
@@ -195,7 +203,9 @@ def test_malformed_answers_are_retried_or_rejected_with_a_reason_and_never_crash
     reasons = {int(k[:8], 16): r["reason"] for k, r in rejects.items()}
     surrogate = seed_of["surrogate"]
     assert reasons[surrogate] == ("malformed_json" if surrogate % 4 == 0 else INVALID_UNICODE)
-    assert reasons[seed_of["huge"]] == "too_long"
+    assert reasons[seed_of["huge"]] == "truncated"  # more than max_tokens can hold: cut, then rejected
+    assert max(len(r["raw"]) for r in rejects.values()) <= 4096  # nothing stored whole: not the 3 MB
+    assert (tmp_path / "corpus" / "work" / "journal.jsonl").stat().st_size < HUGE_CHARS / 10
     assert sum(manifest["rejects"].values()) == len(rejects)
     # every other answer made the same rows as the clean run
     damaged = {f"query {seed_of[f]}" for f in ("surrogate", "huge")}

@@ -56,6 +56,8 @@ def test_corpus_format_and_manifest(mined: Path) -> None:
     corpus = read_corpus(mined)  # validates schema and sha256
     frame = corpus.frame
     assert frame.height == 240
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (mined / "manifest.json", mined / "samples.parquet")}
+    assert modes["manifest.json"] == modes["samples.parquet"], modes  # mkstemp's 0600 would hide it
     assert frame.group_by("source").len().sort("source").rows() == [("WikiQA", 120), ("snli", 120)]
     snli = frame.filter(pl.col("source") == "snli")
     assert set(snli["task_kind"]) == {"symmetric"} and set(snli["subtask"]) == {"snli"}
