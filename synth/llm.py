@@ -177,7 +177,10 @@ class ChatClient:
         for attempt in range(self.endpoint.max_retries + 1):
             last = attempt == self.endpoint.max_retries
             try:
-                return self._completion(await self._client.chat.completions.create(**kwargs), messages, max_tokens)
+                # the client's timeout is per read: a server sending a byte at a time would hold
+                # the request forever, so the whole request gets the same deadline
+                response = await asyncio.wait_for(self._client.chat.completions.create(**kwargs), self.endpoint.timeout_s)
+                return self._completion(response, messages, max_tokens)
             except openai.APIStatusError as e:
                 if e.status_code not in RETRY_STATUS or last:
                     raise EndpointError(
@@ -187,9 +190,11 @@ class ChatClient:
                 wait = retry_after_s(e)
                 wait = backoff_s(attempt, self.endpoint, self._rng) if wait is None else wait
                 wait = min(wait, self.endpoint.backoff_max_s)
-            except (openai.APITimeoutError, openai.APIConnectionError) as e:
+            except (openai.APITimeoutError, openai.APIConnectionError, TimeoutError) as e:
                 if last:
-                    kind = "timeout" if isinstance(e, openai.APITimeoutError) else "connection"
+                    kind = "connection" if isinstance(e, openai.APIConnectionError) and not isinstance(e, openai.APITimeoutError) else "timeout"
+                    if isinstance(e, TimeoutError) and not str(e):  # our own deadline
+                        e = TimeoutError(f"no complete answer within timeout_s={self.endpoint.timeout_s:g}")
                     message = self._describe(type(e).__name__, e, attempt)
                     raise EndpointError(message, kind=kind) from None
                 wait = backoff_s(attempt, self.endpoint, self._rng)

@@ -2,7 +2,8 @@
 
 Each request gets one fault from a :class:`FaultPlan` (scripted in arrival order, then drawn at
 random with a seed), and the proxy does it for real on the socket: it drops the connection, cuts
-the answer off mid-body, holds the request past the client's timeout, answers slowly, answers 429
+the answer off mid-body, holds the request past the client's timeout, drip-feeds the body a few bytes
+at a time (each read within the timeout, the whole far past it), answers slowly, answers 429
 with ``Retry-After`` or 5xx, or passes the real answer through with its body damaged (not JSON,
 non-UTF-8 bytes, a lone surrogate, a huge answer, fields missing or of the wrong type). Every
 request's arrival time, prompt seed and fault are recorded for the assertions.
@@ -26,7 +27,7 @@ import aiohttp
 from aiohttp import web
 
 # Faults at the transport and HTTP level: the client should retry them.
-TRANSPORT_FAULTS = ("drop", "cut", "hang", "429", "500", "503")
+TRANSPORT_FAULTS = ("drop", "cut", "hang", "drip", "429", "500", "503")
 FATAL_FAULTS = ("401",)  # a bad key: the run stops at once
 # Faults in a 200 answer's body: the client should fail or reject that one answer, never crash.
 BODY_FAULTS = (
@@ -182,6 +183,17 @@ class _Proxy:
         content_type = "application/json"
         if status == 200 and fault in BODY_FAULTS:
             data, content_type = _damage(fault, data)
+        if fault == "drip":  # the whole body, a few bytes at a time: every read is quick, the answer never ends in time
+            response = web.StreamResponse(status=status, headers={"Content-Length": str(len(data))})
+            response.content_type = content_type
+            await response.prepare(request)
+            t0 = time.monotonic()
+            for i in range(0, len(data), 4):
+                if transport is None or transport.is_closing() or time.monotonic() - t0 > self.timing.hang_s:
+                    break
+                await response.write(data[i : i + 4])
+                await asyncio.sleep(self.timing.drip_s)
+            return response
         if fault == "cut":  # announce the whole body, send half, hang up
             response = web.StreamResponse(status=status, headers={"Content-Length": str(len(data))})
             response.content_type = content_type
@@ -198,6 +210,7 @@ class Timing:
     slow_s: float = 0.2  # "slow": the answer comes this much later (under the client's timeout)
     hang_s: float = 10.0  # "hang": held until the client hangs up, or this long
     retry_after_s: float = RETRY_AFTER_S  # "429": the Retry-After header's seconds
+    drip_s: float = 0.1  # "drip": the pause between 4-byte pieces of the body
 
 
 @contextmanager

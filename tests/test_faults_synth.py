@@ -489,3 +489,23 @@ def test_the_budget_holds_when_the_endpoint_sends_no_usage(tmp_path: Path, key: 
         second = generate(config(tmp_path, url, concurrency=4), progress=False)
     assert second.complete and second.corpus.manifest["usage"]["estimated_requests"] == REQUESTS
     tally(cases=2, faults=REQUESTS)
+
+
+def test_a_drip_fed_answer_cannot_hold_a_request_past_its_timeout(
+    tmp_path: Path, key: str, upstream: str, straight: Corpus, tally: Any
+) -> None:
+    """The proxy sends each answer's body 4 bytes per 0.1 s: every read is quick, the whole answer
+    would take tens of seconds. The client gives each request timeout_s in all, retries, and the
+    run finishes with the same corpus once the endpoint heals."""
+    plan = FaultPlan(["drip"] * 3)
+    t0 = time.monotonic()
+    with fault_proxy(upstream, plan, Timing(drip_s=0.1)) as (url, log):
+        result = generate(
+            config(tmp_path, url, concurrency=2, endpoint={"timeout_s": 1.0, "backoff_max_s": 0.1}), progress=False
+        )
+    took = time.monotonic() - t0
+    assert log.injected["drip"] == 3
+    assert result.complete and result.corpus.sha256 == straight.sha256
+    assert result.corpus.manifest["requests"]["retries_this_run"] >= 3
+    assert took < 3 * 1.0 + 15, took  # three deadlines, not three drip-fed answers (~15 s each)
+    tally(cases=1, faults=3, rows=len(result.corpus))
