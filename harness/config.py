@@ -449,6 +449,7 @@ def parse_override(item: str) -> tuple[str, Any]:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
+    parsed = _yaml12_scalar(value.strip(), parsed)
     # YAML 1.1 reads 1e-4 as a string; accept it as a float.
     if isinstance(parsed, str):
         try:
@@ -456,6 +457,23 @@ def parse_override(item: str) -> tuple[str, Any]:
         except ValueError:
             pass
     return AXIS_ALIASES.get(key, key), parsed
+
+
+_YAML12_INT = re.compile(r"[-+]?[0-9]+")
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)")
+
+
+def _yaml12_scalar(text: str, parsed: Any) -> Any:
+    """Undo YAML 1.1's surprises in a ``--set`` value: ``yes``/``on`` as booleans, ``0x10``,
+    ``0o17``, ``1_000`` or ``1:30`` (sexagesimal) as numbers stay the text they are (the field's
+    type then accepts or names them); ``true``/``false`` and plain decimal numbers are unchanged."""
+    if isinstance(parsed, bool):
+        return parsed if text.lower() in ("true", "false") else text
+    if isinstance(parsed, int):
+        return parsed if _YAML12_INT.fullmatch(text) else text
+    if isinstance(parsed, float):
+        return parsed if _YAML12_FLOAT.fullmatch(text) else text
+    return parsed
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -179,3 +179,31 @@ def test_path_parts_never_nest_or_climb():
     for hostile in ("../x", "a/b", "..", "/abs", "a\\b"):
         part = path_part(hostile)
         assert "/" not in part and "\\" not in part and part not in (".", "..") and not part.startswith(".")
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("train.gradient_checkpointing=yes", "yes"),
+        ("train.steps=0x10", "0x10"),
+        ("train.steps=1:30", "1:30"),
+        ("train.steps=1_000", "1_000"),
+        ("train.steps=16", 16),
+        ("train.lr=1e-4", 1e-4),
+        ("train.lr=2.0e-4", 2e-4),
+        ("train.gradient_checkpointing=true", True),
+        ("grid.seed=[1, 2]", [1, 2]),
+    ],
+)
+def test_yaml_1_1_scalars_in_set_stay_text(item, expected, tally):
+    from harness.config import parse_override
+
+    assert parse_override(item)[1] == expected
+    tally(cases=1)
+
+
+def test_a_hex_step_count_is_an_error_not_sixteen(tmp_path):
+    f = _write(tmp_path, "e.yaml", "name: e\ncorpus: {path: c}\n")
+    with pytest.raises(ConfigError, match=r"train\.steps"):
+        load_experiment(f, ["train.steps=0x10"])
