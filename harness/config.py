@@ -26,6 +26,7 @@ TEMPLATES = ("e5", "llm2vec")  # named input formats, see harness/templates.py
 BATCHINGS = ("mixed", "by_task")
 # Sections one sweep shares across its trials: the MLflow experiment and store, the corpus shipped to
 # every trial, Ray's per-trial resources, the MNTP stage, the tables.
+MAX_TRAINING_EXAMPLES = 20_000_000  # a schedule holds every example of the run (~0.3 kB each)
 FIXED_PER_SWEEP = ("name", "description", "corpus", "tracking", "resources", "mntp", "tables", "grid", "search")
 # Short names accepted as grid axes and in --cell, mapped to their dotted field.
 AXIS_ALIASES = {"strategy": "train.strategy", "pooling": "model.pooling", "seed": "train.seed"}
@@ -156,6 +157,16 @@ class TrainSettings(_Strict):
     heldout_before: bool = False  # also score the untrained model (logged as heldout_base/*)
     log_every: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _stream_fits(self) -> TrainSettings:
+        # the schedule is built whole before training (it is logged and checked): bound its size
+        if self.steps * self.batch_size > MAX_TRAINING_EXAMPLES:
+            raise ValueError(
+                f"steps x batch_size = {self.steps * self.batch_size:,} training examples; at most "
+                f"{MAX_TRAINING_EXAMPLES:,} (the paper's full training is 1,600 x 64 = 102,400)"
+            )
+        return self
 
 
 class CorpusBuild(_Strict):

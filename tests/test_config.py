@@ -207,3 +207,9 @@ def test_a_hex_step_count_is_an_error_not_sixteen(tmp_path):
     f = _write(tmp_path, "e.yaml", "name: e\ncorpus: {path: c}\n")
     with pytest.raises(ConfigError, match=r"train\.steps"):
         load_experiment(f, ["train.steps=0x10"])
+
+
+def test_a_stream_too_large_to_build_is_refused_before_anything_runs(tmp_path):
+    f = _write(tmp_path, "e.yaml", "name: e\ncorpus: {path: c}\n")
+    with pytest.raises(ConfigError, match="training examples; at most"):
+        load_experiment(f, ["train.steps=10000000", "train.batch_size=64"])
