@@ -53,7 +53,7 @@ from synth.answers import (
     same_text,
     validate_example,
 )
-from synth.corpus import SYNTH_SUBTASKS, Corpus, RowBuilder, write_corpus
+from synth.corpus import SYNTH_SUBTASKS, Corpus, RowBuilder, check_output_folder, write_corpus
 from synth.journal import Journal
 from synth.llm import ChatClient, EndpointError, Usage
 from synth.locks import exclusive
@@ -459,6 +459,7 @@ class GenerateResult:
 def generate(config: SynthConfig, *, progress: bool = True, console: Console | None = None) -> GenerateResult:
     """Run (or resume) both stages, then build the corpus from the journal. One run per output
     folder at a time: a second one stops at once, naming the first (:mod:`synth.locks`)."""
+    check_output_folder(config.output, "output")
     with exclusive(config.work_dir / LOCK_FILE, f"synth generate into {config.output}"):
         return _generate(config, progress=progress, console=console)
 

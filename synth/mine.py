@@ -38,7 +38,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from rich.console import Console
 
-from synth.corpus import LEVELS, Corpus, RowBuilder, write_corpus
+from synth.corpus import LEVELS, Corpus, RowBuilder, check_output_folder, write_corpus
 from synth.embed import DEFAULT_ENCODER, encode, load_encoder
 from synth.sources import Columns, Pair, PairSet, SourceError, read_hub, read_local
 
@@ -353,6 +353,7 @@ def mine_source(
 
 def mine(config: MineConfig, out: str | os.PathLike[str], *, progress: bool = True) -> Corpus:
     """Mine every source of ``config`` into one corpus at ``out``; return the written corpus."""
+    check_output_folder(out)  # before the model loads and the mining runs
     console = Console(stderr=True, quiet=not progress)
     started = time.perf_counter()
     model = load_encoder(config.model, config.max_seq_length)

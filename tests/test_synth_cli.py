@@ -40,10 +40,16 @@ def test_mine_then_audit(tmp_path: Path, shared_data: Path) -> None:
 
 
 @pytest.mark.faults
-def test_user_errors_exit_2_with_one_line(tmp_path: Path) -> None:
+def test_user_errors_exit_2_with_one_line(tmp_path: Path, tally) -> None:
     config = tmp_path / "mine.yaml"
     config.write_text("sources: [{path: x}]\nbandz: []\n", encoding="utf-8")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"query": "q", "positive": "p"}\n', encoding="utf-8")
+    a_file = tmp_path / "taken.txt"
+    a_file.write_text("not a folder", encoding="utf-8")
     cases = [
+        (["mine", "--source", str(pairs), "--out", str(a_file)], "taken.txt is a file, not a folder"),
+        (["mine", "--source", str(pairs), "--out", str(a_file / "sub")], "taken.txt is a file, not a folder"),
         (["mine", str(config), "--out", str(tmp_path / "o")], "mine.yaml: bandz: Extra inputs are not permitted"),
         (["mine", "--source", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")], "no such file or folder"),
         (["mine", str(config), "--source", "x", "--out", str(tmp_path / "o")], "not both"),
@@ -54,6 +60,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path: Path) -> None:
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, (args, result.output)
         assert "Traceback" not in result.output
+    tally(cases=len(cases))
 
 
 @pytest.mark.faults
