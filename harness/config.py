@@ -20,6 +20,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from synth.textfiles import TextFileError, load_yaml, read_text
+
 STRATEGIES = ("curriculum", "reverse", "random", "level-1", "level-2", "level-3", "level-4", "all")
 POOLINGS = ("eos", "mean", "ata")
 TEMPLATES = ("e5", "llm2vec")  # named input formats, see harness/templates.py
@@ -365,20 +367,13 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = load_yaml(read_text(path), str(path))
     except FileNotFoundError:
         raise ConfigError(f"{path}: experiment file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{path}: broken YAML{at}: {problem}") from None
-    except RecursionError:  # PyYAML composes nested blocks recursively
-        raise ConfigError(f"{path}: broken YAML: nested too deeply") from None
+    except TextFileError as e:  # not UTF-8, broken, nested too deeply, an alias bomb
+        raise ConfigError(f"cannot read {e}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -40,6 +40,7 @@ from harness.models import (
     pick_device,
 )
 from harness.train import lr_lambda, progress_bar, seed_everything
+from synth import textfiles
 
 log = logging.getLogger(__name__)
 META_FILE = "mntp.json"
@@ -90,20 +91,18 @@ def read_texts(sources: Sequence[str], exp: Experiment, corpus_texts: Callable[[
 
 def _read_file(path: Path) -> list[str]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        if path.suffix != ".jsonl":
+            return [line.rstrip("\r\n") for _, line in textfiles.lines(path)]
+        out = []
+        for where, record in textfiles.jsonl(path):
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise MntpError(f"{where}: expected a JSON object with a 'text' field")
+            out.append(record["text"])
+        return out
+    except OSError as e:
         raise MntpError(f"{path}: cannot read ({e})") from None
-    if path.suffix != ".jsonl":
-        return lines
-    out = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append(str(json.loads(line)["text"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise MntpError(f"{path}:{n}: expected a JSON object with a 'text' field") from None
-    return out
+    except textfiles.TextFileError as e:
+        raise MntpError(str(e)) from None
 
 
 def corpus_texts(frame: Any) -> list[str]:

@@ -20,6 +20,8 @@ from typing import Any
 
 import polars as pl
 
+from synth import textfiles
+
 SAMPLES_FILE = "samples.parquet"
 MANIFEST_FILE = "manifest.json"
 LEVELS = (1, 2, 3, 4)
@@ -192,9 +194,9 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise CorpusError(f"{directory}: no {MANIFEST_FILE} (is this a corpus directory?)")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CorpusError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        manifest = textfiles.json_value(textfiles.read_text(path), str(path))
+    except textfiles.TextFileError as e:  # not UTF-8, broken or too deeply nested JSON
+        raise CorpusError(str(e)) from None
     if not isinstance(manifest, dict) or "samples_sha256" not in manifest:
         raise CorpusError(f"{path}: manifest has no 'samples_sha256'")
     return manifest

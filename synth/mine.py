@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from rich.console import Console
 
+from synth import textfiles
 from synth.corpus import LEVELS, Corpus, RowBuilder, check_output_folder, write_corpus
 from synth.embed import DEFAULT_ENCODER, encode, load_encoder
 from synth.sources import Columns, Pair, PairSet, SourceError, read_hub, read_local
@@ -188,9 +188,9 @@ def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | Non
     if not path.is_file():
         raise MineError(f"{path}: mining config not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise MineError(f"{path}: not valid YAML ({e})") from None
+        raw = textfiles.load_yaml(textfiles.read_text(path), str(path)) or {}
+    except textfiles.TextFileError as e:  # not UTF-8, broken YAML, an alias bomb
+        raise MineError(str(e)) from None
     if not isinstance(raw, dict):
         raise MineError(f"{path}: expected a mapping at the top level")
     return build_config(raw, where=str(path), base_dir=path.resolve().parent, overrides=overrides)

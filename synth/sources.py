@@ -13,13 +13,13 @@ Bad input raises :class:`SourceError` naming the file (and line) or the data set
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from synth import textfiles
 
 
 class SourceError(ValueError):
@@ -70,18 +70,13 @@ def pairs_from_records(records: Iterable[tuple[str, Mapping[str, Any]]], columns
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SourceError(f"{where}: not valid JSON ({e.msg})") from None
+    try:
+        for where, record in textfiles.jsonl(path):
             if not isinstance(record, dict):
                 raise SourceError(f"{where}: expected a JSON object, got {type(record).__name__}")
             yield where, record
+    except textfiles.TextFileError as e:  # not UTF-8, broken or too deeply nested JSON
+        raise SourceError(str(e)) from None
 
 
 def read_jsonl_pairs(path: Path, columns: Columns) -> PairSet:
@@ -107,26 +102,29 @@ def read_beir(folder: Path, split: str) -> PairSet:
         raise SourceError(f"{queries_file}: missing (a BEIR folder needs corpus.jsonl, queries.jsonl, qrels/)")
     queries = {str(q.get("_id")): _text(q.get("text")) for _, q in _jsonl(queries_file)}
     pairs = []
-    with qrels.open(encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if header is None or len(header) < 3:
-            raise SourceError(f"{qrels}: expected a header 'query-id, corpus-id, score'")
-        for number, row in enumerate(reader, 2):
-            if len(row) < 3:
-                raise SourceError(f"{qrels}:{number}: expected 3 tab-separated fields, got {len(row)}")
-            qid, did, score = row[:3]
-            try:
-                relevant = float(score) > 0
-            except ValueError:
-                raise SourceError(f"{qrels}:{number}: score {score!r} is not a number") from None
-            if not relevant:
-                continue
-            if not queries.get(qid):
-                raise SourceError(f"{qrels}:{number}: query id {qid!r} is not in {queries_file.name}")
-            if did not in documents:
-                raise SourceError(f"{qrels}:{number}: document id {did!r} is not in corpus.jsonl")
-            pairs.append(Pair(queries[qid], documents[did]))  # type: ignore[arg-type]
+    try:
+        rows = list(textfiles.tsv_rows(qrels))
+    except textfiles.TextFileError as e:
+        raise SourceError(str(e)) from None
+    reader = iter(row for _, row in rows)
+    header = next(reader, None)
+    if header is None or len(header) < 3:
+        raise SourceError(f"{qrels}: expected a header 'query-id, corpus-id, score'")
+    for number, row in enumerate(reader, 2):
+        if len(row) < 3:
+            raise SourceError(f"{qrels}:{number}: expected 3 tab-separated fields, got {len(row)}")
+        qid, did, score = row[:3]
+        try:
+            relevant = float(score) > 0
+        except ValueError:
+            raise SourceError(f"{qrels}:{number}: score {score!r} is not a number") from None
+        if not relevant:
+            continue
+        if not queries.get(qid):
+            raise SourceError(f"{qrels}:{number}: query id {qid!r} is not in {queries_file.name}")
+        if did not in documents:
+            raise SourceError(f"{qrels}:{number}: document id {did!r} is not in corpus.jsonl")
+        pairs.append(Pair(queries[qid], documents[did]))  # type: ignore[arg-type]
     if not pairs:
         raise SourceError(f"{qrels}: no pairs with a positive score")
     return PairSet(origin=str(folder), pairs=pairs, documents=list(documents.values()))

@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from synth import textfiles
 from synth.corpus import SYNTH_SUBTASKS
 
 ResponseFormat = Literal["json_schema", "json_object", "none"]
@@ -159,11 +159,9 @@ def load_synth_config(path: str | os.PathLike[str], *, output: Path | None = Non
     if not path.is_file():
         raise SynthConfigError(f"{path}: synthesis config not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise SynthConfigError(f"{path}: not valid YAML ({e})") from None
-    except RecursionError:  # PyYAML composes nested blocks recursively
-        raise SynthConfigError(f"{path}: not valid YAML (nested too deeply)") from None
+        raw = textfiles.load_yaml(textfiles.read_text(path), str(path)) or {}
+    except textfiles.TextFileError as e:  # not UTF-8, broken YAML, nested too deeply, an alias bomb
+        raise SynthConfigError(str(e)) from None
     if not isinstance(raw, dict):
         raise SynthConfigError(f"{path}: expected a mapping at the top level")
     if output is not None:

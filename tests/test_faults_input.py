@@ -466,3 +466,75 @@ def test_fuzzed_synthesis_configs_load_or_fail_with_a_synth_config_error(
         except SynthConfigError as e:
             assert "synth.yaml" in str(e)
     tally(cases=1)
+
+
+# ---- text inputs: bytes that are not UTF-8, JSON nested past the parser, YAML alias bombs ----------
+
+BAD_BYTES = b"caf\xe9 \xff\xfe"  # Latin-1 and stray bytes: not UTF-8
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8)
+)  # 10^9 values once expanded, a few hundred bytes on disk
+
+
+def _text_input_cases(tmp: Path, shared: Path) -> list[tuple[str, list[str], str]]:
+    """(name, command line, expected fragment) for every text input a user hands the two CLIs."""
+    from synth_servers import synth_config_file
+
+    cases: list[tuple[str, list[str], str]] = []
+    bad_jsonl = tmp / "bad.jsonl"
+    bad_jsonl.write_bytes(b'{"query": "q", "positive": "p"}\n{"query": "' + BAD_BYTES + b'", "positive": "p"}\n')
+    cases.append(("mine --source jsonl, not UTF-8", ["synth", "mine", "--source", str(bad_jsonl), "--out", str(tmp / "o1")], "bad.jsonl:2: not UTF-8"))
+    deep = tmp / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
+    cases.append(("mine --source jsonl, nested", ["synth", "mine", "--source", str(deep), "--out", str(tmp / "o2")], "deep.jsonl:1: JSON nested too deeply"))
+    beir = tmp / "beir"
+    shutil.copytree(shared / "SciFact", beir, ignore=shutil.ignore_patterns("corpus.jsonl"))
+    (beir / "corpus.jsonl").write_text('{"_id": "1", "title": "t", "text": "x"}\n', encoding="utf-8")
+    for split in ("train", "test"):
+        (beir / "qrels" / f"{split}.tsv").write_bytes(b"query-id\tcorpus-id\tscore\n1\t" + BAD_BYTES + b"\t1\n")
+    cases.append(("mine --source BEIR qrels, not UTF-8", ["synth", "mine", "--source", str(beir), "--out", str(tmp / "o3")], ".tsv:2: not UTF-8"))
+    for name, content in (("latin1", BAD_BYTES), ("bomb", ALIAS_BOMB.encode())):
+        mine_cfg = tmp / f"mine-{name}.yaml"
+        mine_cfg.write_bytes(b"sources: [{path: x}]\n" + content if name == "latin1" else content)
+        cases.append((f"mine config, {name}", ["synth", "mine", str(mine_cfg), "--out", str(tmp / "o4")], "not UTF-8" if name == "latin1" else "expands to"))
+        synth_cfg = tmp / f"synth-{name}.yaml"
+        synth_cfg.write_bytes(synth_config_file(tmp / f"s-{name}").read_bytes() + b"\n# " + content if name == "latin1" else content)
+        cases.append((f"synth config, {name}", ["synth", "generate", str(synth_cfg)], "not UTF-8" if name == "latin1" else "expands to"))
+        exp = tmp / f"exp-{name}.yaml"
+        exp.write_bytes(b"name: x\ncorpus: {path: c}\n# " + content if name == "latin1" else content)
+        cases.append((f"experiment file, {name}", ["harness", "check", str(exp)], "not UTF-8" if name == "latin1" else "expands to"))
+    sts = tmp / "STSX"
+    sts.mkdir()
+    (sts / "test.tsv").write_bytes(b"sentence1\tsentence2\tscore\nA dog.\t" + BAD_BYTES + b"\t1\n")
+    cases.append(("eval task tsv, not UTF-8", ["harness", "eval", "packaged:all-minilm-l6-v2", "--tasks", str(sts), "--output-dir", str(tmp / "ev")], "test.tsv:2: not UTF-8"))
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    (corpus / MANIFEST_FILE).write_bytes(b'{"name": "' + BAD_BYTES + b'"}')
+    cases.append(("corpus manifest, not UTF-8", ["synth", "audit", str(corpus)], "manifest.json:1: not UTF-8"))
+    return cases
+
+
+@pytest.mark.faults
+def test_every_text_input_fails_in_one_line_on_bad_bytes_deep_nesting_and_alias_bombs(
+    tmp_path: Path, shared_data: Path, minilm_dir: Path, tally: Any
+) -> None:
+    from synth.cli import app as synth_app
+
+    cases = _text_input_cases(tmp_path, shared_data)
+    for name, (tool, *args), fragment in cases:
+        result = runner.invoke(app if tool == "harness" else synth_app, args)
+        assert result.exit_code == 2, (name, result.output, repr(result.exception))
+        assert fragment in result.output, (name, result.output)
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3, (name, result.output)
+    tally(cases=len(cases), faults=len(cases))
+
+
+def test_mntp_text_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
+    from harness.config import validate
+    from harness.mntp import MntpError, read_texts
+
+    bad = tmp_path / "t.txt"
+    bad.write_bytes(b"fine line\n" + BAD_BYTES + b"\n")
+    exp = validate({"name": "m", "corpus": {"path": "c"}, "mntp": {"output": "o", "text": [str(bad)]}})
+    with pytest.raises(MntpError, match=r"t\.txt:2: not UTF-8"):
+        read_texts(exp.mntp.text, exp)

@@ -16,9 +16,7 @@ metadata: main score ndcg_at_10 / cosine_spearman / accuracy, split ``test``.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import logging
 import random
 from collections.abc import Iterable
@@ -31,6 +29,8 @@ from mteb.abstasks import AbsTaskClassification, AbsTaskRetrieval, AbsTaskSTS
 from mteb.abstasks.abstask import AbsTask
 from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.task_metadata import TaskMetadata
+
+from synth import textfiles
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class LocalFolderTask:
         if any(isinstance(label, str) for label in labels):
             # mteb's Hub sets carry integer labels: number ours the same way (categories.json order)
             names_file = self.folder / "categories.json"
-            names = json.loads(names_file.read_text()) if names_file.is_file() else sorted(set(map(str, labels)))
+            names = textfiles.json_value(textfiles.read_text(names_file), str(names_file)) if names_file.is_file() else sorted(set(map(str, labels)))
             ids = {name: i for i, name in enumerate(names)}
             unknown = sorted(set(map(str, labels)) - ids.keys())
             if unknown:
@@ -217,12 +217,15 @@ class LocalFolderTask:
 def _read_tsv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
     if not path.is_file():
         raise LocalTaskError(f"{path}: file not found ({LAYOUTS})")
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise LocalTaskError(f"{path}: header lacks column(s) {missing} (has {reader.fieldnames})")
-        rows = list(reader)
+    try:
+        numbered = [row for _, row in textfiles.tsv_rows(path)]
+    except textfiles.TextFileError as e:  # not UTF-8
+        raise LocalTaskError(str(e)) from None
+    header = numbered[0] if numbered else []
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise LocalTaskError(f"{path}: header lacks column(s) {missing} (has {header})")
+    rows = [dict(zip(header, row)) for row in numbered[1:]]
     if not rows:
         raise LocalTaskError(f"{path}: no rows")
     return rows
@@ -232,18 +235,14 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
     if not path.is_file():
         raise LocalTaskError(f"{path}: file not found ({LAYOUTS})")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LocalTaskError(f"{path}:{n}: not JSON ({e.msg})") from None
-            missing = [k for k in required if k not in row]
+    try:
+        for where, row in textfiles.jsonl(path):
+            missing = [k for k in required if not isinstance(row, dict) or k not in row]
             if missing:
-                raise LocalTaskError(f"{path}:{n}: missing key(s) {missing}")
+                raise LocalTaskError(f"{where}: missing key(s) {missing}")
             rows.append(row)
+    except textfiles.TextFileError as e:  # not UTF-8, broken or too deeply nested JSON
+        raise LocalTaskError(str(e)) from None
     if not rows:
         raise LocalTaskError(f"{path}: no rows")
     return rows

@@ -26,8 +26,9 @@ from harness.config import EvalSettings
 from harness.evaluation import scores
 from harness.evaluation.encoder import EmbedderEncoder, TextEmbedder
 from harness.evaluation.instructions import Instructions
-from harness.evaluation.local_tasks import LocalFolderTask
+from harness.evaluation.local_tasks import LocalFolderTask, LocalTaskError
 from harness.evaluation.suites import check_hub_access, resolve_tasks, task_entries
+from synth.textfiles import TextFileError
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ def evaluate_embedder(
                     show_progress_bar=False,
                     co2_tracker=False,
                 )
+            except (LocalTaskError, TextFileError):
+                raise  # the user's data: already one line naming the file
             except Exception as e:
                 raise RuntimeError(f"evaluating {meta.name} on {task.metadata.name} failed: {e}") from e
             result = model_result.task_results[0]
