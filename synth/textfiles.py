@@ -70,8 +70,9 @@ def tsv_rows(path: str | os.PathLike[str]) -> Iterator[tuple[int, list[str]]]:
 def load_yaml(text: str, where: str) -> Any:
     """``yaml.safe_load`` with its failures named: broken YAML (line and column), nested too deeply,
     or aliases that expand into more than :data:`MAX_YAML_VALUES` values."""
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # its reader refuses unprintable characters here already
         node = loader.get_single_node()
         if node is None:
             return None
@@ -90,7 +91,8 @@ def load_yaml(text: str, where: str) -> Any:
     except RecursionError:  # PyYAML composes and constructs nested blocks recursively
         raise TextFileError(f"{where}: broken YAML: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
