@@ -357,6 +357,11 @@ mutations = st.lists(
                 "\ufffd",
                 "---\n",
                 "? ",
+                # nested aliases: each level repeats the one before (a "billion laughs" chain)
+                "\nl0: &l0 [x, x, x, x, x, x, x, x, x, x]\n",
+                "\nl1: &l1 [*l0, *l0, *l0, *l0, *l0, *l0, *l0, *l0, *l0, *l0]\n",
+                "\nl2: &l2 [*l1, *l1, *l1, *l1, *l1, *l1, *l1, *l1, *l1, *l1]\n",
+                "\nl3: &l3 [*l2, *l2, *l2, *l2, *l2, *l2, *l2, *l2, *l2, *l2]\n",
             ]
         ),
     ),
@@ -404,6 +409,25 @@ def test_mutated_experiment_files_load_or_fail_with_a_config_error(
             _mutate(yaml.safe_dump(VALID), edits), encoding="utf-8", errors="surrogateescape"
         )
         _load_or_config_error(path)
+    tally(cases=1)
+
+
+@settings(FUZZ, max_examples=repeats(ci=40, full=400))
+@given(depth=st.integers(1, 14), width=st.integers(2, 16), under=st.sampled_from(["", "model", "grid"]))
+def test_alias_chains_load_or_fail_fast_without_eating_memory(depth: int, width: int, under: str, tally: Any) -> None:
+    """A chain of anchors, each a list of ``width`` aliases of the one before: width**depth values
+    once expanded (up to 16**14). It loads (small) or fails with a ConfigError, in well under a
+    second, never building the expansion."""
+    chain = "\n".join(
+        ["  l0: &l0 [x, y]"] + [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, depth + 1)]
+    )
+    text = yaml.safe_dump(VALID) + (f"{under or 'anchors'}:\n" if under != "grid" else "grid:\n") + chain + "\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "chain.yaml"
+        path.write_text(text, encoding="utf-8")
+        started = time.monotonic()
+        _load_or_config_error(path)
+        assert time.monotonic() - started < 5.0
     tally(cases=1)
 
 
