@@ -253,11 +253,9 @@ class Tracker:
         A driver killed with SIGKILL cannot end its runs. Runs started by a live driver, or by a
         driver on another host (whose liveness we cannot see), are left alone.
         """
-        host = socket.gethostname()
         stale: list[str] = []
         for run in self._search("attributes.status = 'RUNNING'"):
-            name, _, pid = run.data.tags.get(DRIVER, "").rpartition(":")
-            if name == host and pid.isdigit() and not _pid_alive(int(pid)):
+            if driver_gone(run.data.tags):
                 self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
                 stale.append(run.info.run_name or run.info.run_id)
         return stale
@@ -297,6 +295,13 @@ def _is_number(value: Any) -> bool:
 def _driver() -> str:
     """``host:pid`` of this process, so a later sweep can tell a dead driver's runs."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def driver_gone(tags: Mapping[str, str]) -> bool:
+    """Whether a RUNNING run's driver was on this host and its process is gone (SIGKILL, a crash).
+    A driver on another host cannot be seen from here: False."""
+    name, _, pid = tags.get(DRIVER, "").rpartition(":")
+    return name == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
 
 
 def _pid_alive(pid: int) -> bool:

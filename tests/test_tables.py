@@ -407,3 +407,33 @@ def test_mean_curve_over_runs_of_different_length() -> None:
     steps, means, stds = mean_curve([[(0, 2.0), (1, 1.0)], [(0, 4.0)]])
     assert steps == [0, 1] and means == [3.0, 1.0]
     assert stds == [pytest.approx(statistics.stdev([2.0, 4.0])), 0.0]
+
+
+@pytest.mark.faults
+def test_a_run_left_running_by_a_dead_driver_shows_as_killed(tmp_path: Path, tally) -> None:
+    """A driver killed with SIGKILL leaves its trial RUNNING in the store until the next sweep;
+    the tables must not present it as running."""
+    import socket
+    import subprocess
+    import sys
+
+    from harness.tracking import DRIVER
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    s = Store(tmp_path)
+    exp_id = s.experiment("dead")
+    for seed, driver in ((0, f"{socket.gethostname()}:{gone.pid}"), (1, "elsewhere:1")):
+        cell = {"train.strategy": "curriculum", "train.seed": seed}
+        run_id = s.client.create_run(
+            exp_id, run_name=f"curriculum-s{seed}",
+            tags={ROLE: "trial", CELL: json.dumps(cell, sort_keys=True), TRIAL_KEY: f"k{seed}", DRIVER: driver},
+        ).info.run_id
+        s.client.log_metric(run_id, "train/loss", 1.0, step=1)
+    fin = {"train.strategy": "reverse", "train.seed": 0}
+    s.trial(exp_id, None, fin, "k2", "FINISHED", {HELDOUT: 0.5}, [1.0])
+    write_tables(None, experiment_name="dead", tracking_uri=s.uri, output_dir=tmp_path / "out")
+    md = (tmp_path / "out" / "ablation.md").read_text(encoding="utf-8")
+    assert "curriculum-s0 (KILLED" in md, md
+    assert "curriculum-s1 (RUNNING" in md, "another host's driver cannot be judged from here"
+    tally(cases=1, faults=1)

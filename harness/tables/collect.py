@@ -33,7 +33,7 @@ from harness.config import (
     trial_key,
     validate,
 )
-from harness.tracking import redact_text
+from harness.tracking import driver_gone, redact_text
 
 ROLE = "harness.role"  # the sweep's tag names (harness/tracking.py)
 CELL = "harness.cell"
@@ -195,7 +195,9 @@ def _trial_run(run: Any) -> TrialRun:
     return TrialRun(
         run_id=run.info.run_id,
         name=run.info.run_name or cell_label(cell),
-        status=run.info.status,
+        # a run left RUNNING by a driver that died (SIGKILL) is shown as what it is, before the
+        # next sweep marks it KILLED in the store
+        status="KILLED" if run.info.status == "RUNNING" and driver_gone(tags) else run.info.status,
         start_time=run.info.start_time or 0,
         trial_key=tags.get(TRIAL_KEY, ""),
         corpus_sha256=tags.get(CORPUS_SHA),
