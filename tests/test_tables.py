@@ -290,7 +290,7 @@ def test_markdown_bold_markers_and_footnotes(written) -> None:
     assert "eos-s2 (never run)" in md
     assert "ata-s2 (FAILED: RuntimeError: CUDA out of memory)" in md
     assert "seed in {0, 1, 2}" in md
-    assert "†: the 95% paired bootstrap interval" in md
+    assert "†: the 95% paired cluster-bootstrap interval" in md and "seeds resampled" in md
     assert "2 older or superseded runs passed over" in md
     tex = (out / "ablation.tex").read_text(encoding="utf-8")
     assert "\\toprule" in tex and "\\bottomrule" in tex and "$^\\dagger$" in tex
@@ -437,3 +437,22 @@ def test_a_run_left_running_by_a_dead_driver_shows_as_killed(tmp_path: Path, tal
     assert "curriculum-s0 (KILLED" in md, md
     assert "curriculum-s1 (RUNNING" in md, "another host's driver cannot be judged from here"
     tally(cases=1, faults=1)
+
+
+def test_the_interval_resamples_seeds_not_pairs() -> None:
+    """Three seeds, twenty tasks each: the tasks of a seed move together (one model). Resampling
+    (seed, task) pairs as if independent gives an interval that excludes 0; the seeds say the
+    difference is noise (two seeds up, one down)."""
+    import numpy as np
+
+    from harness.tables.ablation import bootstrap_interval
+
+    seed_effect = {"s1": 0.05, "s2": 0.04, "s3": -0.03}
+    rng = np.random.default_rng(1)
+    clusters = [s for s in seed_effect for _ in range(20)]
+    diffs = np.array([seed_effect[s] + rng.normal(0, 0.002) for s in clusters])
+    naive = bootstrap_interval(diffs)
+    clustered = bootstrap_interval(diffs, clusters)
+    assert naive[0] > 0, "the naive interval should (wrongly) exclude 0 here"
+    assert clustered[0] < 0 < clustered[1]
+    assert clustered[1] - clustered[0] > 3 * (naive[1] - naive[0])

@@ -4,8 +4,10 @@ baseline row and a paired bootstrap interval for each difference.
 Rows are the combinations of the row axes (``tables.rows``, default every grid axis but the seed);
 the other axes (usually only the seed) are replicates, and a row's statistics are over its runs.
 Each row is compared with the baseline on the main metric (``eval/avg``, else the held-out
-recall@1): the difference of the means, and a paired bootstrap over (replicate, task) pairs, so a
-row is compared with the baseline trained with the same seed, on the same task.
+recall@1): the difference of the means, and a paired cluster bootstrap: a row is compared with the
+baseline trained with the same seed, on the same task, and the seeds are resampled, each with all
+of its tasks (the tasks of one seed share that seed's model, so they are not independent draws;
+resampling (seed, task) pairs would make the interval too narrow).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class Column:
 
 @dataclass(frozen=True)
 class PairedTest:
-    """Paired bootstrap interval of ``mean(row - baseline)`` over (replicate, task) pairs."""
+    """Paired cluster-bootstrap interval of ``mean(row - baseline)``: replicates resampled, tasks kept
+    together within a replicate."""
 
     diff: float
     low: float
@@ -242,16 +245,28 @@ def paired_test(
     if len(replicates) < 2:
         return None
     diffs = np.array([ours[k] - theirs[k] for k in shared])
-    low, high = bootstrap_interval(diffs)
+    clusters = [rep for rep, _ in shared]
+    low, high = bootstrap_interval(diffs, clusters)
     return PairedTest(
         float(diffs.mean()), low, high, len(shared), len(replicates), len({t for _, t in shared})
     )
 
 
-def bootstrap_interval(diffs: np.ndarray) -> tuple[float, float]:
-    """Percentile interval of the mean over resampled pairs (fixed RNG seed: same file every run)."""
+def bootstrap_interval(diffs: np.ndarray, clusters: Sequence[str] | None = None) -> tuple[float, float]:
+    """Percentile interval of the mean difference (fixed RNG seed: the same file every run).
+
+    With ``clusters`` (the replicate of each difference) whole clusters are resampled: a resample
+    draws replicates with replacement and takes every difference of each drawn one. Without, the
+    differences themselves are resampled."""
     rng = np.random.default_rng(BOOTSTRAP_SEED)
-    idx = rng.integers(0, len(diffs), size=(BOOTSTRAP_RESAMPLES, len(diffs)))
-    means = diffs[idx].mean(axis=1)
+    if clusters is None:
+        idx = rng.integers(0, len(diffs), size=(BOOTSTRAP_RESAMPLES, len(diffs)))
+        means = diffs[idx].mean(axis=1)
+    else:
+        names = sorted(set(clusters))
+        sums = np.array([diffs[[c == n for c in clusters]].sum() for n in names])
+        sizes = np.array([sum(c == n for c in clusters) for n in names], dtype=float)
+        draw = rng.integers(0, len(names), size=(BOOTSTRAP_RESAMPLES, len(names)))
+        means = sums[draw].sum(axis=1) / sizes[draw].sum(axis=1)  # the mean over the drawn pairs
     tail = (1 - CONFIDENCE) / 2
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))

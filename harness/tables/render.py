@@ -119,9 +119,10 @@ def notes(table: AblationTable) -> list[str]:
                 for row, t in tested
             )
             out.append(
-                f"{DAGGER}: the {CONFIDENCE:.0%} paired bootstrap interval of the mean difference to the "
-                f"baseline excludes 0 (pairs: {pairs}; {BOOTSTRAP_RESAMPLES} resamples, "
-                f"RNG seed {BOOTSTRAP_SEED}). Intervals: {intervals}."
+                f"{DAGGER}: the {CONFIDENCE:.0%} paired cluster-bootstrap interval of the mean difference "
+                f"to the baseline excludes 0 (pairs: {pairs}; seeds resampled, each with all its "
+                f"{unit}s, since a seed's {unit}s share one model; {BOOTSTRAP_RESAMPLES} resamples, "
+                f"RNG seed {BOOTSTRAP_SEED}; with few seeds the interval is coarse). Intervals: {intervals}."
             )
         elif len(table.rows) > 1:
             out.append("No significance test: it needs at least 2 seeds shared with the baseline.")
