@@ -373,7 +373,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e})") from None
     except TextFileError as e:  # not UTF-8, broken, nested too deeply, an alias bomb
-        raise ConfigError(f"cannot read {e}") from None
+        raise ConfigError(str(e)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

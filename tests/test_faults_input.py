@@ -205,7 +205,7 @@ def test_bad_files_overrides_and_corpus_builds_are_named(
         for name, config in (("typo", typo), ("no-key", no_key))
     }
     cases = [
-        (["check", str(binary)], ["binary.yaml", "cannot read"]),
+        (["check", str(binary)], ["binary.yaml:1: not UTF-8"]),
         (["check", str(good), "--set", "train.lr"], ["expected FIELD=VALUE"]),
         (["check", str(good), "--set", "train.lr=fast"], ["train.lr", "'fast'"]),
         (["check", str(good), "--set", "name.first=x"], ["cannot set 'name.first'"]),

@@ -456,3 +456,27 @@ def test_the_interval_resamples_seeds_not_pairs() -> None:
     assert naive[0] > 0, "the naive interval should (wrongly) exclude 0 here"
     assert clustered[0] < 0 < clustered[1]
     assert clustered[1] - clustered[0] > 3 * (naive[1] - naive[0])
+
+
+def test_a_grown_grid_keeps_every_finished_trial_that_matches_a_cell(tmp_path: Path) -> None:
+    """A first sweep without a seed axis (seed 1 from the base settings), then the grid grown to
+    seeds [1, 2]: the sweep skips the seed-1 trials by trial key, and the tables must count them
+    too (they used to be listed as never run, "outside the grid", leaving n = 1 and no test)."""
+    s = Store(tmp_path)
+    exp_id = s.experiment("grown")
+    for pooling in ("eos", "mean"):
+        for seed, cell in ((1, {"model.pooling": pooling}), (2, {"model.pooling": pooling, "train.seed": 2})):
+            run_id = s.trial(exp_id, None, {**cell, "train.seed": seed}, f"{pooling}{seed}", "FINISHED", {HELDOUT: 0.4 + seed / 100}, [1.0])
+            s.client.set_tag(run_id, CELL, json.dumps(cell, sort_keys=True))  # as the sweep logged it
+            s.client.log_param(run_id, "train.seed", str(seed))
+            s.client.log_param(run_id, "model.pooling", pooling)
+    path = tmp_path / "grown.yaml"
+    path.write_text(
+        f"name: grown\ncorpus: {{path: c}}\ngrid: {{pooling: [eos, mean], seed: [1, 2]}}\ntracking: {{uri: '{s.uri}'}}\n",
+        encoding="utf-8",
+    )
+    write_tables(load_experiment(path), output_dir=tmp_path / "out", log_to_mlflow=False)
+    rows = read_csv(tmp_path / "out" / "ablation.csv")
+    assert {p: int(r["runs"]) for p, r in rows.items()} == {"eos": 2, "mean": 2}
+    md = (tmp_path / "out" / "ablation.md").read_text(encoding="utf-8")
+    assert "never run" not in md and "outside the grid" not in md

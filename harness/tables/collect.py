@@ -16,7 +16,7 @@ import itertools
 import json
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,23 @@ class TrialRun:
     cell: dict[str, Any]
     metrics: dict[str, float]
     error: str | None
+    params: dict[str, str] = field(default_factory=dict)  # every resolved config field, dotted
+
+    def in_cell(self, cell: Mapping[str, Any]) -> bool:
+        """Whether this run trained ``cell``: by the cell it was launched as, or, for an axis that
+        run's grid did not have (a grid grown by more seeds or one more strategy), by the value
+        its resolved config logged."""
+        return all(self._value(axis) == _param_text(value) for axis, value in cell.items())
+
+    def _value(self, axis: str) -> str | None:
+        if axis in self.cell:
+            return _param_text(self.cell[axis])
+        return self.params.get(axis)
+
+
+def _param_text(value: Any) -> str:
+    """A value as MLflow holds it as a param (harness/tracking.py: text as is, the rest as JSON)."""
+    return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
 @dataclass(frozen=True)
@@ -137,8 +154,7 @@ def collect(
         grid, source = _grid_from_runs(trials), "the runs' cells (sorted)"
 
     cells = [_pick(cell, trials, reference) for cell in _cells(grid)]
-    in_grid = {cell_json(c.cell) for c in cells}
-    extra = sum(t.status == "FINISHED" and cell_json(t.cell) not in in_grid for t in trials)
+    extra = sum(t.status == "FINISHED" and not any(t.in_cell(c.cell) for c in cells) for t in trials)
     losses = {
         c.run.run_id: _history(client, c.run.run_id, LOSS) for c in cells if c.run is not None
     }
@@ -204,6 +220,7 @@ def _trial_run(run: Any) -> TrialRun:
         cell=cell,
         metrics=dict(run.data.metrics),
         error=tags.get(ERROR),
+        params=dict(run.data.params),
     )
 
 
@@ -249,10 +266,7 @@ def _cells(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
 
 def _pick(cell: dict[str, Any], trials: Sequence[TrialRun], exp: Experiment | None) -> CellRuns:
     """The newest FINISHED run of ``cell``, preferring those trained with ``exp``'s configuration."""
-    key = cell_json(cell)
-    runs = sorted(
-        (t for t in trials if cell_json(t.cell) == key), key=lambda t: (t.start_time, t.run_id)
-    )
+    runs = sorted((t for t in trials if t.in_cell(cell)), key=lambda t: (t.start_time, t.run_id))
     finished = [t for t in runs if t.status == "FINISHED"]
     matches: bool | None = None
     if finished and exp is not None:
