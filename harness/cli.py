@@ -51,11 +51,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from harness.models import ModelLoadError
     from harness.tracking import TrackingError
     from synth.corpus import CorpusError
+    from harness.evaluation.suites import TaskResolutionError
     from synth.locks import LockedError
     from synth.packaged import PackagedModelError
 
     return (
-        ConfigError, CorpusError, ModelLoadError, PackagedModelError, TrackingError, FileNotFoundError, LockedError
+        ConfigError, CorpusError, ModelLoadError, PackagedModelError, TrackingError, FileNotFoundError, LockedError,
+        TaskResolutionError,
     )
 
 
@@ -223,9 +225,16 @@ def check(experiment: ExperimentArg, set_: SetOpt = None) -> None:
         exp = load_experiment(experiment, set_ or [])
         cells = validated_cells(exp)
         check_init_adapter(exp)
+        tasks = []
+        if exp.eval.enabled:
+            from harness.evaluation.suites import check_eval
+
+            tasks = check_eval(exp.eval, where=str(experiment))
     except _known_errors() as e:
         _fail(str(e))
     typer.echo(f"{experiment}: valid; experiment {exp.name!r}, {len(cells)} trial(s)")
+    if tasks:
+        typer.echo(f"  evaluation: {len(tasks)} task(s): {', '.join(t.metadata.name for t in tasks[:8])}{' ...' if len(tasks) > 8 else ''}")
     for c in cells:
         typer.echo(f"  {cell_label(c)}")
 

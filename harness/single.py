@@ -44,6 +44,10 @@ def train_single(
         console.print(f"[dim]training the base settings; pick a grid cell with --cell (grid: {', '.join(base.grid)})[/]")
     exp = apply_cell(base, cell)
     check_init_adapter(exp)
+    if evaluate and exp.eval.enabled:  # before training: a typo in a task name costs nothing
+        from harness.evaluation.suites import check_eval
+
+        check_eval(exp.eval, where=exp.source)
     label = cell_label(cell) if cell else "train"
     corpus = load_corpus(exp, console)
     prepare_init_adapter(exp, build=mntp_builder(corpus, console))

@@ -510,6 +510,10 @@ def run_sweep(
     if exp.search is None:
         validated_cells(exp)  # before the corpus is built: a typo in the grid costs nothing
     check_init_adapter(exp)
+    if trial_fn is None and exp.eval.enabled:  # the real trial evaluates: its tasks must resolve
+        from harness.evaluation.suites import check_eval
+
+        check_eval(exp.eval, where=exp.source)
     results_dir = (results_dir or Path("results")).resolve()
     uri = resolve_uri(exp.tracking.uri)
     # one driver per experiment and store: taken before the corpus or the MNTP adapter is built

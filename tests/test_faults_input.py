@@ -562,3 +562,22 @@ def test_mntp_text_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
     exp = validate({"name": "m", "corpus": {"path": "c"}, "mntp": {"output": "o", "text": [str(bad)]}})
     with pytest.raises(MntpError, match=r"t\.txt:2: not UTF-8"):
         read_texts(exp.mntp.text, exp)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    ("tasks", "fragment"),
+    [("[/tmp/no-such-task-folder]", "no-such-task-folder: task folder not found"), ("[SciFacts]", "Did you mean: 'SciFact'")],
+)
+def test_a_bad_eval_task_is_refused_before_anything_trains(
+    tasks: str, fragment: str, tmp_path: Path, tiny_corpus_dir: Path, tally: Any
+) -> None:
+    """A missing folder or a misspelled task name used to pass `check` and fail the sweep after
+    training; now `check`, `sweep` and `train --eval` refuse it first."""
+    exp = write_experiment(tmp_path, tiny_corpus_dir, "eval-typo")
+    for command in (["check"], ["sweep"], ["train", "--eval"]):
+        code, out = invoke(command[0], str(exp), *command[1:], "--set", f"eval.tasks={tasks}")
+        assert code == 2 and fragment in " ".join(out.split()), (command, out)
+        assert "Traceback" not in out
+    assert not _ray_started() and not (tmp_path / "mlflow.db").exists(), "it got past the check"
+    tally(cases=3, faults=3)

@@ -172,3 +172,19 @@ def check_hub_access(tasks: Sequence[AbsTask]) -> None:
         f"cannot evaluate {', '.join(missing)}: {why}. Use local task folders instead "
         f"(e.g. --suite local-sts, or a folder path), or run where the Hub is reachable."
     )
+
+
+def check_eval(settings: EvalSettings, *, where: str | None = None, data: str | os.PathLike[str] | None = None) -> list[AbsTask]:
+    """Resolve the evaluation's tasks now, before anything trains: an unknown suite or task name, a
+    missing or malformed local folder, or Hub data that cannot be reached is an error here, not
+    after hours of training. Returns the tasks (local folders are checked, not read); none when no
+    suite or task is configured (the trial reports that itself)."""
+    if not settings.suite and not settings.tasks:
+        return []
+    try:
+        tasks = resolve_tasks(task_entries(settings), data=data, max_docs=settings.max_docs)
+        check_hub_access(tasks)
+    except (TaskResolutionError, ValueError) as e:  # LocalTaskError is a ValueError
+        prefix = f"{where}: eval: " if where else "eval: "
+        raise TaskResolutionError(prefix + str(e)) from None
+    return tasks
