@@ -48,10 +48,10 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from harness.config import ConfigError
+    from harness.evaluation.suites import TaskResolutionError
     from harness.models import ModelLoadError
     from harness.tracking import TrackingError
     from synth.corpus import CorpusError
-    from harness.evaluation.suites import TaskResolutionError
     from synth.locks import LockedError
     from synth.packaged import PackagedModelError
 
