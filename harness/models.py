@@ -5,12 +5,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from harness.config import LoraSettings, ModelSettings
+from harness.config import ConfigError, LoraSettings, ModelSettings
+from harness.init_adapter import read_adapter
 from synth import packaged
 
 log = logging.getLogger(__name__)
@@ -85,7 +87,7 @@ def load_backbone(settings: ModelSettings, device: torch.device, *, lm_head: boo
     bidirectional = set_attention(model, attention or settings.attention, is_decoder=is_decoder)
     if settings.init_adapter:
         _check_pinned(settings.init_adapter, settings.init_adapter_sha256)
-        model = merge_adapter(model, settings.init_adapter, lm_head=lm_head)
+        model = merge_adapter(model, settings.init_adapter)
     if tokenizer.pad_token is None:  # decoder LLMs: pad with EOS (LLM2Vec)
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = settings.padding_side
@@ -133,11 +135,6 @@ def adapter_target(model: nn.Module) -> nn.Module:
 
 def _check_pinned(source: str, sha256: str | None) -> None:
     """A local init adapter must be the one whose hash the trial key was made with."""
-    from pathlib import Path
-
-    from harness.config import ConfigError
-    from harness.init_adapter import read_adapter
-
     if sha256 is None or not Path(source).is_dir():
         return
     try:
@@ -148,7 +145,7 @@ def _check_pinned(source: str, sha256: str | None) -> None:
         raise ModelLoadError(f"model.init_adapter {source}: sha256 {found[:16]}… is not the pinned {sha256[:16]}…")
 
 
-def merge_adapter(model: nn.Module, source: str, *, lm_head: bool = False) -> nn.Module:
+def merge_adapter(model: nn.Module, source: str) -> nn.Module:
     """Merge the PEFT adapter at ``source`` (folder or Hub id) into ``model``'s weights."""
     from peft import PeftModel
 
