@@ -107,20 +107,22 @@ def schedule_batches(exp: Experiment) -> list[list[Example]]:
         batch_size=t.batch_size,
         seed=t.seed,
         negatives_per_query=t.negatives_per_query,
+        batching=t.batching,
     ).batches
 
 
 def st_pairs(
     exp: Experiment, batches: Sequence[Sequence[Example]], eos: str
 ) -> dict[str, list[str]]:
-    """(anchor, positive) columns in schedule order, formatted as the harness feeds them."""
+    """(anchor, positive) columns in schedule order, formatted as the harness feeds them (the
+    experiment above uses the e5 template; symmetric rows' positives carry the instruction too)."""
     from harness.templates import E5
 
     anchors, positives = [], []
     for batch in batches:
         for ex in batch:
             anchors.append(E5.render(ex.query, ex.instruction or None)[0] + eos)
-            positives.append(E5.render(ex.positive, None)[0] + eos)
+            positives.append(E5.render(ex.positive, ex.doc_instruction)[0] + eos)
     return {"anchor": anchors, "positive": positives}
 
 
