@@ -172,7 +172,7 @@ def st_trainer(
 ) -> Any:
     """A SentenceTransformerTrainer with the experiment's model, LoRA, loss and optimizer."""
     from datasets import Dataset
-    from peft import LoraConfig
+    from peft import LoraConfig, get_peft_model
     from sentence_transformers import (
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
@@ -182,14 +182,23 @@ def st_trainer(
     m, t = exp.model, exp.train
     max_length = max(m.max_query_length, m.max_doc_length)
     model = sentence_transformer(resolve(m.name), max_length)
-    model.add_adapter(
-        LoraConfig(
-            r=m.lora.r,
-            lora_alpha=m.lora.alpha,
-            lora_dropout=m.lora.dropout,
-            target_modules=m.lora.target_modules,
-            bias="none",
-        )
+    # peft directly on the transformer inside (as the harness does): transformers >= 5.24 refuses
+    # its own add_adapter route with peft < 0.22, the newest peft the registry has here
+    module = model[0]
+    attr = "auto_model" if hasattr(module, "auto_model") else "model"
+    setattr(
+        module,
+        attr,
+        get_peft_model(
+            getattr(module, attr),
+            LoraConfig(
+                r=m.lora.r,
+                lora_alpha=m.lora.alpha,
+                lora_dropout=m.lora.dropout,
+                target_modules=m.lora.target_modules,
+                bias="none",
+            ),
+        ),
     )
     eos = model.tokenizer.eos_token
     data = Dataset.from_dict(st_pairs(exp, batches, eos))
