@@ -52,7 +52,7 @@ import yaml
 from rich.console import Console
 
 from harness.config import Experiment, validate
-from harness.schedules import Example, build_schedule
+from harness.schedules import Example, schedule_for
 from synth.corpus import read_corpus
 from synth.packaged import resolve
 
@@ -100,15 +100,7 @@ def schedule_batches(exp: Experiment) -> list[list[Example]]:
     """The harness's exact training stream (what train_one builds with heldout_size 0)."""
     t = exp.train
     frame = read_corpus(exp.resolve_path(exp.corpus.path)).frame
-    return build_schedule(
-        frame,
-        t.strategy,
-        steps=t.steps,
-        batch_size=t.batch_size,
-        seed=t.seed,
-        negatives_per_query=t.negatives_per_query,
-        batching=t.batching,
-    ).batches
+    return schedule_for(t, frame).batches
 
 
 def st_pairs(

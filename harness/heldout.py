@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.embedder import Embedder
+from harness.schedules import doc_instruction
 from synth.corpus import LEVELS, NEG_COLUMNS
 
 
@@ -30,7 +31,7 @@ def heldout_metrics(embedder: Embedder, frame: pl.DataFrame, *, batch_size: int 
     docs: list[str] = frame["positive"].to_list()
     # symmetric rows embed their documents with the instruction too (as training does)
     kinds = frame["task_kind"].to_list() if "task_kind" in frame.columns else [None] * frame.height
-    doc_instruction = [ins or None if kind == "symmetric" else None for ins, kind in zip(instructions, kinds)]
+    doc_instructions = [doc_instruction(ins, kind) for ins, kind in zip(instructions, kinds)]
     doc_rows = list(range(frame.height))
     neg_slots: list[tuple[int, int, int]] = []  # (row, level, doc index)
     for level, col in zip(LEVELS, NEG_COLUMNS):
@@ -40,8 +41,8 @@ def heldout_metrics(embedder: Embedder, frame: pl.DataFrame, *, batch_size: int 
                 docs.append(text)
                 doc_rows.append(row)
     d_emb = torch.empty((len(docs), embedder.dimension))
-    for instruction in sorted(set(doc_instruction), key=lambda x: (x is not None, x or "")):
-        idx = [i for i, row in enumerate(doc_rows) if doc_instruction[row] == instruction]
+    for instruction in sorted(set(doc_instructions), key=lambda x: (x is not None, x or "")):
+        idx = [i for i, row in enumerate(doc_rows) if doc_instructions[row] == instruction]
         if idx:
             d_emb[idx] = embedder.encode(
                 [docs[i] for i in idx],

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from harness.config import TrainSettings
 from synth.corpus import LEVELS, NEG_COLUMNS
 
 PHASED = {"curriculum": (4, 3, 2, 1), "reverse": (1, 2, 3, 4)}
@@ -154,11 +155,29 @@ def build_schedule(
                     negatives=tuple(negs[lv - 1] for lv in chosen),
                     levels=chosen,
                     row_id=row_id,
-                    doc_instruction=instruction or None if kinds[i] == "symmetric" else None,
+                    doc_instruction=doc_instruction(instruction, kinds[i]),
                 )
             )
         batches.append(batch)
     return Schedule(strategy=strategy, batches=batches, phases=plan)
+
+
+def doc_instruction(instruction: str | None, task_kind: str | None) -> str | None:
+    """The instruction a row's positive and negatives get: the row's own for symmetric tasks, else none."""
+    return instruction or None if task_kind == "symmetric" else None
+
+
+def schedule_for(train: TrainSettings, frame: pl.DataFrame) -> Schedule:
+    """The stream ``train`` settings make of ``frame`` (what a trial trains on)."""
+    return build_schedule(
+        frame,
+        train.strategy,
+        steps=train.steps,
+        batch_size=train.batch_size,
+        seed=train.seed,
+        negatives_per_query=train.negatives_per_query,
+        batching=train.batching,
+    )
 
 
 def mixed_batches(n_rows: int, *, steps: int, batch_size: int, seed: int) -> list[list[int]]:

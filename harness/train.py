@@ -23,7 +23,7 @@ from harness.embedder import Embedder, Encoded
 from harness.heldout import heldout_metrics
 from harness.loss import duplicate_mask, info_nce
 from harness.models import pick_device
-from harness.schedules import Example, Schedule, build_schedule, split_heldout
+from harness.schedules import Example, Schedule, schedule_for, split_heldout
 from synth.corpus import Corpus
 
 log = logging.getLogger(__name__)
@@ -137,15 +137,7 @@ def train_one(
     seed_everything(t.seed)
     device = pick_device(t.device)
     train_frame, heldout = split_heldout(corpus.frame, t.heldout_size)
-    schedule = build_schedule(
-        train_frame,
-        t.strategy,
-        steps=t.steps,
-        batch_size=t.batch_size,
-        seed=t.seed,
-        negatives_per_query=t.negatives_per_query,
-        batching=t.batching,
-    )
+    schedule = schedule_for(t, train_frame)
     embedder = Embedder.from_settings(
         exp.model, device, lora=True, gradient_checkpointing=t.gradient_checkpointing, name=name, revision=revision
     )
