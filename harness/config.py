@@ -94,6 +94,11 @@ class ModelSettings(_Strict):
     # sha256 of the init adapter's files: filled in by the harness (a trial key input); set it to
     # pin an adapter, and a run refuses one that differs.
     init_adapter_sha256: str | None = None
+    # For an adapter the file's own mntp: block built: the hash of its recipe (base model, MNTP
+    # settings, text). Filled in by the harness; it stands for the adapter in the trial key instead of
+    # the weights' hash, so a store of finished trials stays valid on a machine that rebuilds the
+    # adapter (same recipe, weights equal up to float noise, as a rerun trial's are).
+    init_adapter_recipe: str | None = None
     lora: LoraSettings = LoraSettings()
     max_query_length: int = Field(128, ge=8)
     max_doc_length: int = Field(256, ge=8)
@@ -633,9 +638,13 @@ def trial_params(exp: Experiment) -> dict[str, Any]:
 
 def trial_key(exp: Experiment, corpus_sha256: str) -> str:
     """Hash of everything that changes a trial's result: resolved training config + corpus (and the
-    init adapter's content hash, which stands for the adapter wherever its files lie)."""
+    init adapter's recipe or content hash, which stands for the adapter wherever its files lie)."""
     data = exp.model_dump(mode="json", exclude={"grid", "search", "tables", "tracking", "resources", "description", "mntp"})
-    if data["model"]["init_adapter_sha256"]:
+    if data["model"]["init_adapter_recipe"]:
+        del data["model"]["init_adapter"], data["model"]["init_adapter_sha256"]
+    elif data["model"]["init_adapter_sha256"]:
         data["model"].pop("init_adapter")
+    else:
+        data["model"].pop("init_adapter_recipe")
     blob = json.dumps({"config": data, "corpus": corpus_sha256}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

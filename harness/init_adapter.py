@@ -2,19 +2,25 @@
 and ship its files to trials, which need no shared filesystem.
 
 The hash (``model.init_adapter_sha256``) stands for the adapter in the trial key and the MLflow
-params, wherever its files lie; a file that pins a hash refuses an adapter that differs. A Hub id
-is its own identity (with the download it names) and is not shipped.
+params, wherever its files lie; a file that pins a hash refuses an adapter that differs. An adapter
+the file's own ``mntp:`` block built is identified by its recipe instead
+(``model.init_adapter_recipe``: base model, MNTP settings, text), so a machine that rebuilds it
+keeps the trial keys of a committed store. A Hub id is its own identity (with the download it
+names) and is not shipped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.config import ConfigError, Experiment, is_local_path
 
+# Written by `harness mntp` beside the adapter it trains: base model, settings, text hash.
+MNTP_META = "mntp.json"
 # What makes a PEFT adapter: its config and its weights (README and tokenizer files are not part of it).
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
@@ -94,7 +100,24 @@ def prepare_init_adapter(exp: Experiment, build: Callable[[Experiment, Path], No
         )
     exp.model.init_adapter = str(folder)
     exp.model.init_adapter_sha256 = adapter.sha256
+    exp.model.init_adapter_recipe = mntp_recipe(exp, folder)
     return adapter
+
+
+def mntp_recipe(exp: Experiment, folder: Path) -> str | None:
+    """The recipe hash of an adapter that the file's ``mntp:`` block built with its current settings
+    (None for any other adapter: a foreign one is known only by its weights)."""
+    if exp.mntp is None or not _built_by_mntp(exp, folder):
+        return None
+    try:
+        meta = json.loads((folder / MNTP_META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    settings = exp.mntp.model_dump(mode="json")
+    if not isinstance(meta, dict) or meta.get("base_model") != exp.model.name or meta.get("settings") != settings:
+        return None
+    recipe = {"base_model": exp.model.name, "revision": exp.model.revision, "settings": settings, "text_sha256": meta.get("text_sha256")}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def pin_if_present(exp: Experiment) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from harness.config import Experiment, MntpSettings
+from harness.init_adapter import MNTP_META as META_FILE
 from harness.models import (
     adapter_target,
     apply_lora,
@@ -43,7 +44,6 @@ from harness.train import lr_lambda, progress_bar, seed_everything
 from synth import textfiles
 
 log = logging.getLogger(__name__)
-META_FILE = "mntp.json"
 BLANK_MASK = "_"  # LLM2Vec's mask_token_type "blank"
 MetricsCallback = Callable[[int, dict[str, float]], None]
 
@@ -170,7 +170,7 @@ def train_mntp(
         raise MntpError(f"{exp.source}: no mntp: block")
     seed_everything(m.seed)
     device = pick_device(m.device)
-    settings = exp.model.model_copy(update={"init_adapter": None, "init_adapter_sha256": None})
+    settings = exp.model.model_copy(update={"init_adapter": None, "init_adapter_sha256": None, "init_adapter_recipe": None})
     backbone = load_backbone(settings, device, lm_head=True, attention=m.attention)
     if not backbone.is_decoder:
         raise MntpError(f"{exp.source}: MNTP needs a decoder LLM; {exp.model.name} is an encoder")

@@ -160,3 +160,33 @@ def test_a_missing_init_adapter_stops_before_anything_runs(tmp_path):
         check_init_adapter(exp)
     exp.model.init_adapter = "McGill-NLP/LLM2Vec-Mistral-7B-Instruct-v2-mntp"  # a Hub id: loaded by the trial
     assert prepare_init_adapter(exp) is None and exp.model.init_adapter_sha256 is None
+
+
+def test_an_adapter_built_by_the_files_mntp_block_is_keyed_by_its_recipe(tmp_path):
+    """A committed store stays valid on a machine that rebuilds the MNTP adapter: the trial key
+    follows the recipe (base model, settings, text), not the rebuilt weights' bytes, while the
+    weights' hash is still pinned for provenance. A foreign adapter is keyed by its bytes."""
+    from harness.config import trial_key
+    from harness.init_adapter import prepare_init_adapter
+
+    def build(weights: bytes, *, steps: int = 12, folder: str = "adapter"):
+        exp = _exp(tmp_path, tmp_path / "t.txt", steps=steps)
+        exp.model.init_adapter = str(tmp_path / folder)
+        out = tmp_path / folder
+        out.mkdir(exist_ok=True)
+        (out / "adapter_config.json").write_text("{}", encoding="utf-8")
+        (out / "adapter_model.safetensors").write_bytes(weights)
+        meta = {"base_model": exp.model.name, "settings": exp.mntp.model_dump(mode="json"), "text_sha256": "ab" * 32}
+        (out / "mntp.json").write_text(json.dumps(meta), encoding="utf-8")
+        prepare_init_adapter(exp)
+        return exp
+
+    first, rebuilt = build(b"weights on machine A"), build(b"weights on machine B")
+    assert first.model.init_adapter_sha256 != rebuilt.model.init_adapter_sha256
+    assert first.model.init_adapter_recipe == rebuilt.model.init_adapter_recipe is not None
+    assert trial_key(first, "c" * 64) == trial_key(rebuilt, "c" * 64)
+    longer = build(b"weights on machine B", steps=13)  # another recipe: another key
+    assert trial_key(longer, "c" * 64) != trial_key(rebuilt, "c" * 64)
+    foreign = build(b"weights on machine B", folder="elsewhere")  # not the file's mntp.output
+    assert foreign.model.init_adapter_recipe is None
+    assert trial_key(foreign, "c" * 64) != trial_key(rebuilt, "c" * 64)
