@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Run (or resume) the small-scale ablations and regenerate their tables in results/small/.
+# Safe to kill and rerun: each sweep skips the trials that FINISHED in results/small/mlflow.db
+# (same trial_key), and the corpus and MNTP adapter are built once. Run from anywhere:
+#
+#   NM_SHARED_DATA=/path/to/shared/data experiments/small/run.sh [schedule pooling pooling-causal]
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+mkdir -p results/small
+status=0
+for name in "${@:-schedule pooling pooling-causal}"; do
+  for one in $name; do
+    harness sweep "experiments/small/$one.yaml" || status=1   # a failed trial: the others still count
+    harness tables "experiments/small/$one.yaml" --output "results/small/$one" --no-log || status=1
+  done
+done
+exit $status
