@@ -6,6 +6,7 @@
     harness train EXPERIMENT.yaml      one configuration (the base settings or one grid cell), no Ray
     harness mntp EXPERIMENT.yaml       the file's MNTP adapter (LLM2Vec's bidirectional adaptation)
     harness eval MODEL_OR_RUN          mteb evaluation of a saved model or an MLflow run's model
+    harness audit CORPUS MODEL_OR_RUN  per-level similarity of a corpus's negatives, scored by a model
     harness check EXPERIMENT.yaml      validate a file and print the resolved trials
 """
 
@@ -32,6 +33,14 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a field: --set train.lr=1e-4 (repeatable).", show_default=False),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show library logs.")]
+ModelOrRunArg = Annotated[str, typer.Argument(help="A folder saved by `harness train`, an MLflow run id, or a base model (Hub id, folder, packaged:...).")]
+# How an untrained base model embeds (a saved model or run carries its own settings)
+PoolingOpt = Annotated[str, typer.Option(help="Pooling for an untrained base model: eos, mean or ata.")]
+AttentionOpt = Annotated[str | None, typer.Option(help="For a base model: native, causal or bidirectional.")]
+TemplateOpt = Annotated[str | None, typer.Option(help="For a base model: e5, llm2vec or a custom template.")]
+InitAdapterOpt = Annotated[str | None, typer.Option(help="For a base model: a PEFT adapter merged first (e.g. from harness mntp).")]
+TrackingUriOpt = Annotated[str | None, typer.Option(help="MLflow store of the run (for a run id).")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")]
 
 
 def _quiet(verbose: bool) -> None:
@@ -173,35 +182,41 @@ def ui(
         _fail(str(e))
 
 
-@app.command("eval")
-def eval_(
-    model_or_run: Annotated[str, typer.Argument(help="A folder saved by `harness train`, an MLflow run id, or a base model (Hub id, folder, packaged:...).")],
-    suite: Annotated[str | None, typer.Option(help="Named suite (harness/data/suites.yaml), e.g. local-sts, mteb-en.")] = None,
-    tasks: Annotated[list[str] | None, typer.Option("--tasks", help="mteb task name or local folder (repeatable).")] = None,
-    data_dir: Annotated[str | None, typer.Option(help="Where ${NM_SHARED_DATA} points (default: $NM_SHARED_DATA or shared/data beside the checkout).")] = None,
-    output_dir: Annotated[str, typer.Option(help="Folder for results and mteb's files.")] = "results/eval",
-    pooling: Annotated[str, typer.Option(help="Pooling for an untrained base model: eos, mean or ata.")] = "mean",
-    attention: Annotated[str | None, typer.Option(help="For a base model: native, causal or bidirectional.")] = None,
-    template: Annotated[str | None, typer.Option(help="For a base model: e5, llm2vec or a custom template.")] = None,
-    init_adapter: Annotated[str | None, typer.Option(help="For a base model: a PEFT adapter merged first (e.g. from harness mntp).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 32,
-    max_docs: Annotated[int | None, typer.Option(help="Cap local retrieval corpora (relevant docs always kept).")] = None,
-    no_instructions: Annotated[bool, typer.Option("--no-instructions", help="Embed every text without an instruction.")] = False,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow store of the run (for a run id).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Recompute results mteb has cached.")] = False,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
-    verbose: VerboseOpt = False,
-) -> None:
-    """Evaluate a model with mteb: per-task main scores, category means and the average."""
-    _quiet(verbose)
-    from harness.evaluation.command import ModelNotFoundError, eval_command
-
+def _base_settings(pooling: str, attention: str | None, template: str | None, init_adapter: str | None) -> dict[str, str | None]:
+    """Check the base-model options (before anything loads) and return them as model.* fields."""
     if pooling not in ("eos", "mean", "ata"):
         _fail(f"--pooling {pooling!r}: expected eos, mean or ata")
     if attention not in (None, "native", "causal", "bidirectional"):
         _fail(f"--attention {attention!r}: expected native, causal or bidirectional")
     if template is not None and template not in ("e5", "llm2vec") and "{text}" not in template:
         _fail(f"--template {template!r}: expected e5, llm2vec or a template with {{text}}")
+    return {"attention": attention, "template": template, "init_adapter": init_adapter}
+
+
+@app.command("eval")
+def eval_(
+    model_or_run: ModelOrRunArg,
+    suite: Annotated[str | None, typer.Option(help="Named suite (harness/data/suites.yaml), e.g. local-sts, mteb-en.")] = None,
+    tasks: Annotated[list[str] | None, typer.Option("--tasks", help="mteb task name or local folder (repeatable).")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Where ${NM_SHARED_DATA} points (default: $NM_SHARED_DATA or shared/data beside the checkout).")] = None,
+    output_dir: Annotated[str, typer.Option(help="Folder for results and mteb's files.")] = "results/eval",
+    pooling: PoolingOpt = "mean",
+    attention: AttentionOpt = None,
+    template: TemplateOpt = None,
+    init_adapter: InitAdapterOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 32,
+    max_docs: Annotated[int | None, typer.Option(help="Cap local retrieval corpora (relevant docs always kept).")] = None,
+    no_instructions: Annotated[bool, typer.Option("--no-instructions", help="Embed every text without an instruction.")] = False,
+    tracking_uri: TrackingUriOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Recompute results mteb has cached.")] = False,
+    device: DeviceOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Evaluate a model with mteb: per-task main scores, category means and the average."""
+    _quiet(verbose)
+    from harness.evaluation.command import ModelNotFoundError, eval_command
+
+    base = _base_settings(pooling, attention, template, init_adapter)
     if not suite and not tasks:
         _fail("give --suite NAME or at least one --tasks")
     try:
@@ -209,10 +224,47 @@ def eval_(
             model_or_run, suite, tasks or [], data_dir=data_dir, output_dir=output_dir, pooling=pooling,  # type: ignore[arg-type]
             batch_size=batch_size, max_docs=max_docs, no_instructions=no_instructions,
             tracking_uri=tracking_uri, overwrite=overwrite, device=device,
-            base_settings={"attention": attention, "template": template, "init_adapter": init_adapter},
+            base_settings=base,
         )
     except (*_known_errors(), ModelNotFoundError, ValueError) as e:
         _fail(str(e))
+
+
+@app.command()
+def audit(
+    corpus: Annotated[Path, typer.Argument(help="Corpus folder (samples.parquet + manifest.json).", show_default=False)],
+    model_or_run: ModelOrRunArg,
+    output: Annotated[Path, typer.Option("--out", help="Folder for audit.json and audit.md.")] = Path("results/audit"),
+    max_rows: Annotated[int | None, typer.Option(help="Audit a seeded sample of this many rows.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 32,
+    pooling: PoolingOpt = "mean",
+    attention: AttentionOpt = None,
+    template: TemplateOpt = None,
+    init_adapter: InitAdapterOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+    device: DeviceOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Are the corpus's hard negatives closer to the query and positive than its easy ones, as a
+    (trained) model sees them? Queries and documents are embedded as in training; per level: mean
+    cosine to query and positive, share scored above the positive, Spearman over levels."""
+    _quiet(verbose)
+    from harness.evaluation.command import ModelNotFoundError, load_embedder
+    from harness.heldout import level_audit
+    from synth.audit import print_report, write_report
+    from synth.corpus import read_corpus
+
+    base = _base_settings(pooling, attention, template, init_adapter)
+    try:
+        data = read_corpus(corpus)
+        embedder, _ = load_embedder(model_or_run, pooling=pooling, base_settings=base, tracking_uri=tracking_uri, device=device)  # type: ignore[arg-type]
+        report = level_audit(embedder, data, model=model_or_run, max_rows=max_rows, batch_size=batch_size)
+    except (*_known_errors(), ModelNotFoundError) as e:
+        _fail(str(e))
+    out = Console()
+    print_report(report, out)
+    json_file, md_file = write_report(report, output)
+    out.print(f"wrote {json_file} and {md_file}", highlight=False)
 
 
 @app.command()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy.stats import spearmanr
 
-from synth.corpus import LEVELS, NEG_COLUMNS, read_corpus
+from synth.corpus import LEVELS, NEG_COLUMNS, Corpus, read_corpus
 from synth.embed import DEFAULT_ENCODER, encode, load_encoder
 
 AUDIT_JSON = "audit.json"
@@ -46,10 +47,37 @@ def _falls(means: list[float]) -> bool:
     return len(means) >= 2 and all(a > b for a, b in pairwise(means))
 
 
-def level_similarities(frame: pl.DataFrame, emb: torch.Tensor, index: dict[str, int]) -> dict[str, Any]:
-    """Per-level statistics of one group of rows, given embeddings of every text in it."""
-    query = emb[[index[t] for t in frame["query"]]]
-    positive = emb[[index[t] for t in frame["positive"]]]
+def text_embeddings(frame: pl.DataFrame, emb: torch.Tensor, index: dict[str, int]) -> RowEmbeddings:
+    """Row-aligned embeddings of ``frame`` from one embedding per distinct text (every text embedded
+    the same way, as an independent sentence encoder does)."""
+
+    def rows(col: str) -> torch.Tensor:
+        texts = frame[col].to_list()
+        out = torch.zeros((frame.height, emb.shape[1]), dtype=emb.dtype)
+        present = [i for i, t in enumerate(texts) if t is not None]
+        if present:
+            out[present] = emb[[index[texts[i]] for i in present]]
+        return out
+
+    return RowEmbeddings(rows("query"), rows("positive"), {col: rows(col) for col in NEG_COLUMNS})
+
+
+@dataclass(frozen=True)
+class RowEmbeddings:
+    """Normalized embeddings aligned with a corpus frame's rows: query, positive and each level's
+    negative (rows without that negative hold zeros and are skipped by its null in the frame)."""
+
+    query: torch.Tensor
+    positive: torch.Tensor
+    negatives: dict[str, torch.Tensor]
+
+    def select(self, rows: torch.Tensor) -> RowEmbeddings:
+        return RowEmbeddings(self.query[rows], self.positive[rows], {c: e[rows] for c, e in self.negatives.items()})
+
+
+def level_similarities(frame: pl.DataFrame, emb: RowEmbeddings) -> dict[str, Any]:
+    """Per-level statistics of one group of rows, given their row-aligned embeddings."""
+    query, positive = emb.query, emb.positive
     positive_score = (query * positive).sum(dim=1)
     levels: dict[str, Any] = {}
     pairs_level: list[int] = []
@@ -59,7 +87,7 @@ def level_similarities(frame: pl.DataFrame, emb: torch.Tensor, index: dict[str, 
         present = frame[col].is_not_null().to_torch()
         if not bool(present.any()):
             continue
-        negative = emb[[index[t] for t in frame[col].drop_nulls()]]
+        negative = emb.negatives[col][present]
         to_query = (query[present] * negative).sum(dim=1)
         to_positive = (positive[present] * negative).sum(dim=1)
         levels[str(level)] = {
@@ -82,6 +110,43 @@ def level_similarities(frame: pl.DataFrame, emb: torch.Tensor, index: dict[str, 
     }
 
 
+def audit_report(frame: pl.DataFrame, emb: RowEmbeddings, *, corpus: Corpus, model: str, sampled: bool) -> dict[str, Any]:
+    """The audit of ``frame`` (the corpus or a sample of it): overall and per source."""
+    sources = frame["source"].to_list()
+    return {
+        "corpus": corpus.name,
+        "path": str(corpus.path.resolve()) if corpus.path else None,
+        "samples_sha256": corpus.sha256,
+        "model": model,
+        "sampled_rows": frame.height if sampled else None,
+        **level_similarities(frame, emb),
+        "by_source": {
+            str(name): level_similarities(
+                frame.filter(pl.col("source") == name),
+                emb.select(torch.tensor([s == name for s in sources])),
+            )
+            for name in dict.fromkeys(sources)
+        },
+    }
+
+
+def sample_rows(frame: pl.DataFrame, max_rows: int | None, seed: int) -> pl.DataFrame:
+    """A seeded sample of ``max_rows`` rows in corpus order (the whole frame when smaller)."""
+    if max_rows is not None and frame.height > max_rows:
+        return frame.sample(max_rows, seed=seed).sort("id")
+    return frame
+
+
+def write_report(report: dict[str, Any], directory: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """``audit.json`` and ``audit.md`` in ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    json_file, md_file = directory / AUDIT_JSON, directory / AUDIT_MD
+    json_file.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    md_file.write_text(render_markdown(report), encoding="utf-8")
+    return json_file, md_file
+
+
 def audit_corpus(
     directory: str | os.PathLike[str],
     *,
@@ -94,31 +159,16 @@ def audit_corpus(
     """Audit the corpus at ``directory``, write ``audit.json`` and ``audit.md`` there, return the report."""
     started = time.perf_counter()
     corpus = read_corpus(directory)
-    frame = corpus.frame
-    if max_rows is not None and frame.height > max_rows:
-        frame = frame.sample(max_rows, seed=seed).sort("id")
+    frame = sample_rows(corpus.frame, max_rows, seed)
     texts = list(dict.fromkeys(
         t for col in ("query", "positive", *NEG_COLUMNS) for t in frame[col].drop_nulls()
     ))
     encoder = load_encoder(model)
     emb = encode(encoder, texts, batch_size=batch_size, description="embedding", progress=progress)
     index = {t: i for i, t in enumerate(texts)}
-    report = {
-        "corpus": corpus.name,
-        "path": str(Path(directory).resolve()),
-        "samples_sha256": corpus.sha256,
-        "model": model,
-        "sampled_rows": frame.height if frame.height < len(corpus) else None,
-        **level_similarities(frame, emb, index),
-        "by_source": {
-            str(name): level_similarities(group, emb, index)
-            for (name,), group in frame.group_by("source", maintain_order=True)
-        },
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    directory = Path(directory)
-    (directory / AUDIT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (directory / AUDIT_MD).write_text(render_markdown(report), encoding="utf-8")
+    report = audit_report(frame, text_embeddings(frame, emb, index), corpus=corpus, model=model, sampled=frame.height < len(corpus))
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    write_report(report, directory)
     return report
 
 
@@ -152,7 +202,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Audit of corpus `{report['corpus']}`",
         "",
-        f"Model `{report['model']}`, {report['rows']} rows"
+        f"Model `{report['model']}`" + (f" ({report['pooling']} pooling)" if report.get("pooling") else "")
+        + f", {report['rows']} rows"
         + (" (a seeded sample)" if report["sampled_rows"] else "")
         + f", samples sha256 `{report['samples_sha256'][:12]}…`. Mean ± std of cosine similarity.",
         "",
@@ -185,4 +236,3 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     console.print(table)
     style = "green" if report["monotone_query"] else "red"
     console.print(f"[{style}]{_verdict(report)}[/{style}]")
-    console.print(f"wrote {AUDIT_JSON} and {AUDIT_MD} in {report['path']}")

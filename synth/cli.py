@@ -130,10 +130,12 @@ def audit(
     """Check that negatives get easier from level 1 to 4; write audit.json and audit.md next to it."""
 
     def go() -> None:
-        from synth.audit import audit_corpus, print_report
+        from synth.audit import AUDIT_JSON, AUDIT_MD, audit_corpus, print_report
 
         report = audit_corpus(corpus, model=model, max_rows=max_rows, batch_size=batch_size, progress=not quiet)
-        print_report(report, Console())
+        console = Console()
+        print_report(report, console)
+        console.print(f"wrote {AUDIT_JSON} and {AUDIT_MD} in {report['path']}")
 
     _run(go)
 

@@ -17,13 +17,16 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.config import EvalSettings, ModelSettings, Pooling, TrackingSettings
 from harness.evaluation import scores
 from harness.evaluation.instructions import ALL_TASKS
 from harness.evaluation.run import EvalResult, evaluate_embedder
 from harness.tracking import redact_text
+
+if TYPE_CHECKING:
+    from harness.embedder import Embedder
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 MODEL_ARTIFACT = "model"
@@ -62,22 +65,9 @@ def eval_command(
 
     ``base_settings`` (e.g. ``{"attention": "bidirectional", "template": "llm2vec", "init_adapter": ...}``)
     are ``model.*`` fields for an untrained base model; a saved model carries its own."""
-    from harness.embedder import Embedder
-
-    run = _run_model(model_or_run, tracking_uri) if RUN_ID.match(model_or_run) else None
+    embedder, run = load_embedder(model_or_run, pooling=pooling, base_settings=base_settings, tracking_uri=tracking_uri, device=device)
     if run is not None:
-        embedder = Embedder.load(run.path, device)
         suite = suite or (None if tasks else run.suite)
-    elif (Path(model_or_run) / "embedder.json").is_file():
-        embedder = Embedder.load(model_or_run, device)
-    else:
-        fields = {k: v for k, v in (base_settings or {}).items() if v is not None}
-        if fields.get("init_adapter"):
-            from harness.init_adapter import read_adapter
-
-            if Path(fields["init_adapter"]).is_dir():  # its hash keeps mteb's cached results apart
-                fields["init_adapter_sha256"] = read_adapter(Path(fields["init_adapter"])).sha256
-        embedder = Embedder.from_settings(ModelSettings(name=model_or_run, pooling=pooling, **fields), device)
     settings = EvalSettings(
         suite=suite,
         tasks=tasks,
@@ -93,6 +83,31 @@ def eval_command(
     Console().print(scores.markdown(result.frame), markup=False, highlight=False)
     Console(stderr=True).print(f"results: {result.result_dir}", markup=False, highlight=False)
     return result
+
+
+def load_embedder(
+    model_or_run: str,
+    *,
+    pooling: Pooling = "mean",
+    base_settings: Mapping[str, Any] | None = None,
+    tracking_uri: str | None = None,
+    device: str | None = None,
+) -> tuple[Embedder, RunModel | None]:
+    """The model MODEL_OR_RUN names (see the module docstring) and its run, if it is one."""
+    from harness.embedder import Embedder
+
+    run = _run_model(model_or_run, tracking_uri) if RUN_ID.match(model_or_run) else None
+    if run is not None:
+        return Embedder.load(run.path, device), run
+    if (Path(model_or_run) / "embedder.json").is_file():
+        return Embedder.load(model_or_run, device), None
+    fields = {k: v for k, v in (base_settings or {}).items() if v is not None}
+    if fields.get("init_adapter"):
+        from harness.init_adapter import read_adapter
+
+        if Path(fields["init_adapter"]).is_dir():  # its hash keeps mteb's cached results apart
+            fields["init_adapter_sha256"] = read_adapter(Path(fields["init_adapter"])).sha256
+    return Embedder.from_settings(ModelSettings(name=model_or_run, pooling=pooling, **fields), device), None
 
 
 def _client(tracking_uri: str | None):  # -> MlflowClient
