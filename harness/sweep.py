@@ -409,6 +409,8 @@ class TrackingCallback(tune.Callback):
 
     def _progress(self, trial_id: str, step: int) -> None:
         now = time.time()
+        if step == 0:  # metrics of the untrained model (heldout_before): no loss and no rate yet
+            return
         if now - self._last_print.get(trial_id, 0.0) < PROGRESS_EVERY_S:
             return
         self._last_print[trial_id] = now
