@@ -1,6 +1,6 @@
 # One-command entry points (see README.md).
 #   make smoke  - set everything up, then run the main job on the offline default (CPU smoke sweep + tables)
-#   make test   - set everything up, then run the test suite
+#   make test   - set everything up, check style (ruff lint + format), then run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup smoke test test-all faults clean-results
+.PHONY: setup smoke lint test test-all faults clean-results
 
 setup: $(VENV)/.installed
 
@@ -26,7 +26,11 @@ smoke: setup
 	$(BIN)/harness sweep experiments/smoke.yaml
 	$(BIN)/harness tables experiments/smoke.yaml
 
-test: setup
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest
 
 test-all: setup

@@ -37,7 +37,11 @@ from harness.pooling import ata_weights
 BACKBONES = {
     "causal + e5": {"attention": "causal", "template": "e5"},
     "bidirectional + llm2vec": {"attention": "bidirectional", "template": "llm2vec"},
-    "bidirectional + llm2vec + MNTP": {"attention": "bidirectional", "template": "llm2vec", "mntp": True},
+    "bidirectional + llm2vec + MNTP": {
+        "attention": "bidirectional",
+        "template": "llm2vec",
+        "mntp": True,
+    },
 }
 POOLINGS = ("eos", "mean", "ata")
 
@@ -53,12 +57,16 @@ def sentences(name: str, split: str, n: int, column: int = 0) -> list[str]:
     return list(dict.fromkeys(line.split("\t")[column] for line in lines))[:n]
 
 
-def settings(backbone: dict, pooling: str, mntp_dir: Path | None, lora: bool = False) -> ModelSettings:
+def settings(
+    backbone: dict, pooling: str, mntp_dir: Path | None, lora: bool = False
+) -> ModelSettings:
     from harness.init_adapter import read_adapter
 
     with_mntp = backbone.get("mntp") and mntp_dir is not None
     return ModelSettings(
-        init_adapter_sha256=read_adapter(mntp_dir).sha256 if with_mntp else None,  # keeps mteb's cache apart
+        init_adapter_sha256=read_adapter(mntp_dir).sha256
+        if with_mntp
+        else None,  # keeps mteb's cache apart
         pooling=pooling,
         attention=backbone["attention"],
         template=backbone["template"],
@@ -101,7 +109,10 @@ def sts_scores(emb: Embedder, work: Path) -> dict[str, float]:
     from harness.evaluation.run import evaluate_embedder
 
     evaluated = evaluate_embedder(
-        emb, EvalSettings(tasks=[str(shared_data() / "BIOSSES")]), output_dir=work / "mteb", progress=False
+        emb,
+        EvalSettings(tasks=[str(shared_data() / "BIOSSES")]),
+        output_dir=work / "mteb",
+        progress=False,
     )
     return {k: v for k, v in evaluated.metrics.items() if k.startswith("eval/")}
 
@@ -111,7 +122,9 @@ def mntp_adapter(work: Path, steps: int) -> Path:
 
     text = work / "mntp-text.txt"
     if not text.exists():
-        train = sentences("STSBenchmark", "train", 20000) + sentences("STSBenchmark", "train", 20000, column=1)
+        train = sentences("STSBenchmark", "train", 20000) + sentences(
+            "STSBenchmark", "train", 20000, column=1
+        )
         text.write_text("\n".join(train), encoding="utf-8")
     exp = validate(
         {
@@ -149,7 +162,12 @@ def cached(work: Path, key: str, compute) -> dict:
 
 def main() -> None:
     ap = parser(__doc__, "backbone_fidelity")
-    ap.add_argument("--work", type=Path, default=Path("results/backbone-work"), help="cache of finished cells (resume)")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=Path("results/backbone-work"),
+        help="cache of finished cells (resume)",
+    )
     ap.add_argument("--texts", type=int, default=64, help="unrelated sentences for the anisotropy")
     ap.add_argument("--steps", type=int, default=60, help="LoRA training steps (batch 8)")
     ap.add_argument("--mntp-steps", type=int, default=200)
@@ -177,7 +195,10 @@ def main() -> None:
                 def compute(pooling=pooling, state=state, backbone=backbone, label=label) -> dict:
                     if state == "untrained":
                         emb = Embedder.from_settings(settings(backbone, pooling, mntp_dir), "cpu")
-                        result = {**analyse(emb, texts), **heldout_metrics(emb, heldout, batch_size=8)}
+                        result = {
+                            **analyse(emb, texts),
+                            **heldout_metrics(emb, heldout, batch_size=8),
+                        }
                         if pooling != "eos":
                             result.update(sts_scores(emb, work))
                         return result
@@ -187,14 +208,31 @@ def main() -> None:
                         {
                             "name": "backbone-fidelity",
                             "corpus": {"path": str(corpus_dir)},
-                            "model": settings(backbone, pooling, mntp_dir, lora=True).model_dump(mode="json"),
-                            "train": {"steps": args.steps, "batch_size": 8, "lr": 5e-4, "warmup_steps": 5, "temperature": 0.05, "heldout_size": 64, "device": "cpu", "seed": 1},
+                            "model": settings(backbone, pooling, mntp_dir, lora=True).model_dump(
+                                mode="json"
+                            ),
+                            "train": {
+                                "steps": args.steps,
+                                "batch_size": 8,
+                                "lr": 5e-4,
+                                "warmup_steps": 5,
+                                "temperature": 0.05,
+                                "heldout_size": 64,
+                                "device": "cpu",
+                                "seed": 1,
+                            },
                         }
                     )
-                    out_dir = work / "models" / f"{label}-{pooling}".replace(" ", "_").replace("+", "p")
+                    out_dir = (
+                        work / "models" / f"{label}-{pooling}".replace(" ", "_").replace("+", "p")
+                    )
                     trained = train_one(exp, corpus, output_dir=out_dir, progress=True)
                     emb = Embedder.load(trained.model_dir, "cpu")
-                    return {**analyse(emb, texts), **trained.heldout, "train_seconds": trained.seconds}
+                    return {
+                        **analyse(emb, texts),
+                        **trained.heldout,
+                        "train_seconds": trained.seconds,
+                    }
 
                 result = cached(work, f"{label}-{state}-{pooling}", compute)
                 if result:
@@ -211,11 +249,23 @@ def main() -> None:
         f"batch's positives and hard negatives, batches of 8); BIOSSES: Spearman x 100 (mteb). Training: "
         f"{args.steps} LoRA steps (r 8), batch 8, lr 5e-4, temperature 0.05, seed 1, curriculum. MNTP: "
         f"{mntp_meta['steps']} steps, batch 8, blocks of 128 tokens of STSBenchmark train sentences, held-out "
-        f"masked-token loss {mntp_meta['eval_before']['mntp/eval_loss']:.2f} -> {mntp_meta['eval_after']['mntp/eval_loss']:.2f}, "
-        f"accuracy {mntp_meta['eval_before']['mntp/eval_accuracy']:.3f} -> {mntp_meta['eval_after']['mntp/eval_accuracy']:.3f}."
+        f"masked-token loss {mntp_meta['eval_before']['mntp/eval_loss']:.2f} -> "
+        f"{mntp_meta['eval_after']['mntp/eval_loss']:.2f}, "
+        f"accuracy {mntp_meta['eval_before']['mntp/eval_accuracy']:.3f} -> "
+        f"{mntp_meta['eval_after']['mntp/eval_accuracy']:.3f}."
     )
     report.table(
-        ["backbone", "state", "pooling", "sink share", "first pooled share", "anisotropy", "held-out R@1", "acc level 1", "BIOSSES"],
+        [
+            "backbone",
+            "state",
+            "pooling",
+            "sink share",
+            "first pooled share",
+            "anisotropy",
+            "held-out R@1",
+            "acc level 1",
+            "BIOSSES",
+        ],
         [
             (
                 label,

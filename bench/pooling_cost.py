@@ -65,8 +65,12 @@ def received_cost(emb: Embedder, batch: Batch, reps: int = 3, sync=None) -> floa
     cfg = emb.model.config
     b, length = batch.shape
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    q = torch.randn(b, cfg.num_attention_heads, length, head_dim, device=emb.device, requires_grad=True)
-    k = torch.randn(b, cfg.num_key_value_heads, length, head_dim, device=emb.device, requires_grad=True)
+    q = torch.randn(
+        b, cfg.num_attention_heads, length, head_dim, device=emb.device, requires_grad=True
+    )
+    k = torch.randn(
+        b, cfg.num_key_value_heads, length, head_dim, device=emb.device, requires_grad=True
+    )
     g = torch.randn(b, length, device=emb.device)
     mask = batch.attention_mask.to(emb.device)
 
@@ -134,7 +138,9 @@ def main() -> None:
         own = received_cost(variants["ata"], batch, sync=sync)
         rows.append((length, med, times, need, own))
         print(
-            f"L={length}: " + ", ".join(f"{k} {v:.3f}s" for k, v in med.items()) + f", ata's own work {own:.3f}s",
+            f"L={length}: "
+            + ", ".join(f"{k} {v:.3f}s" for k, v in med.items())
+            + f", ata's own work {own:.3f}s",
             flush=True,
         )
 

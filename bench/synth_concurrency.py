@@ -4,7 +4,8 @@ A tiny OpenAI-compatible server (aiohttp, in a child process like a remote endpo
 ``POST /v1/chat/completions`` after exactly ``--delay`` seconds with a valid answer for either stage
 (a task list for stage 1, a unique query / positive / 4 negatives for stage 2). The real
 ``synth generate`` code path (``synth.generate.generate``: request plan, async client with retries,
-journal flushed per answer and fsynced at most once a second, validation, corpus written at the end) runs against it with
+journal flushed per answer and fsynced at most once a second, validation, corpus written at the
+end) runs against it with
 ``concurrency`` = 1, 8, 32, 128 requests in flight, ``--rounds`` x in-flight stage-2 requests each
 (given task descriptions, so no stage-1 barrier). The bound is in-flight / delay requests/s;
 efficiency = measured / bound, where measured = requests / the whole generate() call. The server
@@ -367,7 +368,8 @@ def main() -> None:
         "corpus write). "
         "Client CPU = process CPU time of the generate() call; busy near 100% means the client, "
         "not the endpoint, is the limit (its ceiling is about 1000 / CPU ms requests/s). Journal "
-        "append = write + flush of each answer (+ an fsync at most once a second), timed around JournalWriter.append; it runs "
+        "append = write + flush of each answer (+ an fsync at most once a second), timed around "
+        "JournalWriter.append; it runs "
         "on the event loop's thread, so while it waits on the disk no other request progresses "
         "(share of the call's wall time)."
     )

@@ -1,13 +1,13 @@
 """The ``harness`` command line: thin wrappers over the library functions.
 
-    harness sweep EXPERIMENT.yaml      run the grid as Ray Tune trials, tracked in MLflow
-    harness ui EXPERIMENT.yaml         the MLflow UI on 127.0.0.1
-    harness tables EXPERIMENT.yaml     ablation tables and plots from MLflow into results/<name>/
-    harness train EXPERIMENT.yaml      one configuration (the base settings or one grid cell), no Ray
-    harness mntp EXPERIMENT.yaml       the file's MNTP adapter (LLM2Vec's bidirectional adaptation)
-    harness eval MODEL_OR_RUN          mteb evaluation of a saved model or an MLflow run's model
-    harness audit CORPUS MODEL_OR_RUN  per-level similarity of a corpus's negatives, scored by a model
-    harness check EXPERIMENT.yaml      validate a file and print the resolved trials
+harness sweep EXPERIMENT.yaml      run the grid as Ray Tune trials, tracked in MLflow
+harness ui EXPERIMENT.yaml         the MLflow UI on 127.0.0.1
+harness tables EXPERIMENT.yaml     ablation tables and plots from MLflow into results/<name>/
+harness train EXPERIMENT.yaml      one configuration (the base settings or one grid cell), no Ray
+harness mntp EXPERIMENT.yaml       the file's MNTP adapter (LLM2Vec's bidirectional adaptation)
+harness eval MODEL_OR_RUN          mteb evaluation of a saved model or an MLflow run's model
+harness audit CORPUS MODEL_OR_RUN  per-level similarity of a corpus's negatives, scored by a model
+harness check EXPERIMENT.yaml      validate a file and print the resolved trials
 """
 
 from __future__ import annotations
@@ -30,15 +30,31 @@ console = Console(stderr=True)
 ExperimentArg = Annotated[Path, typer.Argument(help="Experiment YAML file.", show_default=False)]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a field: --set train.lr=1e-4 (repeatable).", show_default=False),
+    typer.Option(
+        "--set", help="Override a field: --set train.lr=1e-4 (repeatable).", show_default=False
+    ),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show library logs.")]
-ModelOrRunArg = Annotated[str, typer.Argument(help="A folder saved by `harness train`, an MLflow run id, or a base model (Hub id, folder, packaged:...).")]
+ModelOrRunArg = Annotated[
+    str,
+    typer.Argument(
+        help="A folder saved by `harness train`, an MLflow run id, or a base model (Hub id, folder, packaged:...)."
+    ),
+]
 # How an untrained base model embeds (a saved model or run carries its own settings)
-PoolingOpt = Annotated[str, typer.Option(help="Pooling for an untrained base model: eos, mean or ata.")]
-AttentionOpt = Annotated[str | None, typer.Option(help="For a base model: native, causal or bidirectional.")]
-TemplateOpt = Annotated[str | None, typer.Option(help="For a base model: e5, llm2vec or a custom template.")]
-InitAdapterOpt = Annotated[str | None, typer.Option(help="For a base model: a PEFT adapter merged first (e.g. from harness mntp).")]
+PoolingOpt = Annotated[
+    str, typer.Option(help="Pooling for an untrained base model: eos, mean or ata.")
+]
+AttentionOpt = Annotated[
+    str | None, typer.Option(help="For a base model: native, causal or bidirectional.")
+]
+TemplateOpt = Annotated[
+    str | None, typer.Option(help="For a base model: e5, llm2vec or a custom template.")
+]
+InitAdapterOpt = Annotated[
+    str | None,
+    typer.Option(help="For a base model: a PEFT adapter merged first (e.g. from harness mntp)."),
+]
 TrackingUriOpt = Annotated[str | None, typer.Option(help="MLflow store of the run (for a run id).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")]
 
@@ -65,7 +81,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from synth.packaged import PackagedModelError
 
     return (
-        ConfigError, CorpusError, ModelLoadError, PackagedModelError, TrackingError, FileNotFoundError, LockedError,
+        ConfigError,
+        CorpusError,
+        ModelLoadError,
+        PackagedModelError,
+        TrackingError,
+        FileNotFoundError,
+        LockedError,
         TaskResolutionError,
     )
 
@@ -74,8 +96,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 def sweep(
     experiment: ExperimentArg,
     set_: SetOpt = None,
-    address: Annotated[str | None, typer.Option(help="Join a Ray cluster (HOST:PORT); default: a local Ray instance.")] = None,
-    resume: Annotated[bool, typer.Option(help="Skip trials that already FINISHED in MLflow (same trial_key).")] = True,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Join a Ray cluster (HOST:PORT); default: a local Ray instance."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Skip trials that already FINISHED in MLflow (same trial_key).")
+    ] = True,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the experiment's grid (or search) as Ray Tune trials, tracked in MLflow."""
@@ -94,12 +121,18 @@ def train(
     experiment: ExperimentArg,
     cell: Annotated[
         list[str] | None,
-        typer.Option(help="Pick one grid cell: --cell strategy=curriculum,pooling=ata (default: the file's base settings)."),
+        typer.Option(
+            help="Pick one grid cell: --cell strategy=curriculum,pooling=ata (default: the file's base settings)."
+        ),
     ] = None,
     set_: SetOpt = None,
-    output: Annotated[Path | None, typer.Option(help="Output folder (default results/runs/<name>/<cell>).")] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Output folder (default results/runs/<name>/<cell>).")
+    ] = None,
     track: Annotated[bool, typer.Option(help="Log a run to MLflow.")] = True,
-    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Run the eval suite after training.")] = False,
+    evaluate: Annotated[
+        bool, typer.Option("--eval/--no-eval", help="Run the eval suite after training.")
+    ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Train one configuration without Ray: progress bar, held-out score, MLflow run, saved model."""
@@ -107,10 +140,20 @@ def train(
     from harness.single import train_single
 
     try:
-        result = train_single(experiment, set_ or [], cell or [], output=output, track=track, evaluate=evaluate, console=console)
+        result = train_single(
+            experiment,
+            set_ or [],
+            cell or [],
+            output=output,
+            track=track,
+            evaluate=evaluate,
+            console=console,
+        )
     except _known_errors() as e:
         _fail(str(e))
-    console.print(f"saved model: [bold]{result.model_dir}[/]  (reload with harness.embedder.Embedder.load)")
+    console.print(
+        f"saved model: [bold]{result.model_dir}[/]  (reload with harness.embedder.Embedder.load)"
+    )
 
 
 @app.command()
@@ -118,7 +161,9 @@ def mntp(
     experiment: ExperimentArg,
     set_: SetOpt = None,
     track: Annotated[bool, typer.Option(help="Log a run to MLflow.")] = True,
-    force: Annotated[bool, typer.Option(help="Train again even when the adapter exists with the same settings.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Train again even when the adapter exists with the same settings.")
+    ] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Train the file's MNTP adapter (mntp: block); trials use it through model.init_adapter."""
@@ -129,18 +174,38 @@ def mntp(
 
     try:
         exp = load_experiment(experiment, set_ or [])
-        run_mntp(exp, lambda: corpus_texts(load_corpus(exp, console).frame), track=track, force=force, say=console.print)
+        run_mntp(
+            exp,
+            lambda: corpus_texts(load_corpus(exp, console).frame),
+            track=track,
+            force=force,
+            say=console.print,
+        )
     except (*_known_errors(), MntpError) as e:
         _fail(str(e))
 
 
 @app.command()
 def tables(
-    experiment: Annotated[Path | None, typer.Argument(help="Experiment YAML (grid order, rows, baseline, store).", show_default=False)] = None,
-    experiment_name: Annotated[str | None, typer.Option("--experiment", help="MLflow experiment name, when no file is at hand.")] = None,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (overrides the file's).")] = None,
-    output: Annotated[Path | None, typer.Option(help="Output folder (default results/<name>).")] = None,
-    log: Annotated[bool, typer.Option(help="Also log the tables and plots to the latest sweep run.")] = True,
+    experiment: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Experiment YAML (grid order, rows, baseline, store).", show_default=False
+        ),
+    ] = None,
+    experiment_name: Annotated[
+        str | None,
+        typer.Option("--experiment", help="MLflow experiment name, when no file is at hand."),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI (overrides the file's).")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Output folder (default results/<name>).")
+    ] = None,
+    log: Annotated[
+        bool, typer.Option(help="Also log the tables and plots to the latest sweep run.")
+    ] = True,
     set_: SetOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -157,7 +222,13 @@ def tables(
             from harness.init_adapter import pin_if_present
 
             pin_if_present(exp)  # the trial keys of the current configuration include its hash
-        result = write_tables(exp, experiment_name=experiment_name, tracking_uri=tracking_uri, output_dir=output, log_to_mlflow=log)
+        result = write_tables(
+            exp,
+            experiment_name=experiment_name,
+            tracking_uri=tracking_uri,
+            output_dir=output,
+            log_to_mlflow=log,
+        )
     except (*_known_errors(), TablesError) as e:
         _fail(str(e))
     for f in result.files:
@@ -166,9 +237,13 @@ def tables(
 
 @app.command()
 def ui(
-    target: Annotated[str, typer.Argument(help="Experiment YAML file or an MLflow tracking URI.")] = "sqlite:///results/mlflow.db",
+    target: Annotated[
+        str, typer.Argument(help="Experiment YAML file or an MLflow tracking URI.")
+    ] = "sqlite:///results/mlflow.db",
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
-    host: Annotated[str, typer.Option(help="Bind address (loopback unless you mean it).")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Bind address (loopback unless you mean it).")
+    ] = "127.0.0.1",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the UI to answer.")] = 180.0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -182,7 +257,9 @@ def ui(
         _fail(str(e))
 
 
-def _base_settings(pooling: str, attention: str | None, template: str | None, init_adapter: str | None) -> dict[str, str | None]:
+def _base_settings(
+    pooling: str, attention: str | None, template: str | None, init_adapter: str | None
+) -> dict[str, str | None]:
     """Check the base-model options (before anything loads) and return them as model.* fields."""
     if pooling not in ("eos", "mean", "ata"):
         _fail(f"--pooling {pooling!r}: expected eos, mean or ata")
@@ -196,17 +273,34 @@ def _base_settings(pooling: str, attention: str | None, template: str | None, in
 @app.command("eval")
 def eval_(
     model_or_run: ModelOrRunArg,
-    suite: Annotated[str | None, typer.Option(help="Named suite (harness/data/suites.yaml), e.g. local-sts, mteb-en.")] = None,
-    tasks: Annotated[list[str] | None, typer.Option("--tasks", help="mteb task name or local folder (repeatable).")] = None,
-    data_dir: Annotated[str | None, typer.Option(help="Where ${NM_SHARED_DATA} points (default: $NM_SHARED_DATA or shared/data beside the checkout).")] = None,
-    output_dir: Annotated[str, typer.Option(help="Folder for results and mteb's files.")] = "results/eval",
+    suite: Annotated[
+        str | None,
+        typer.Option(help="Named suite (harness/data/suites.yaml), e.g. local-sts, mteb-en."),
+    ] = None,
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option("--tasks", help="mteb task name or local folder (repeatable)."),
+    ] = None,
+    data_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Where ${NM_SHARED_DATA} points (default: $NM_SHARED_DATA or shared/data beside the checkout)."
+        ),
+    ] = None,
+    output_dir: Annotated[
+        str, typer.Option(help="Folder for results and mteb's files.")
+    ] = "results/eval",
     pooling: PoolingOpt = "mean",
     attention: AttentionOpt = None,
     template: TemplateOpt = None,
     init_adapter: InitAdapterOpt = None,
     batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 32,
-    max_docs: Annotated[int | None, typer.Option(help="Cap local retrieval corpora (relevant docs always kept).")] = None,
-    no_instructions: Annotated[bool, typer.Option("--no-instructions", help="Embed every text without an instruction.")] = False,
+    max_docs: Annotated[
+        int | None, typer.Option(help="Cap local retrieval corpora (relevant docs always kept).")
+    ] = None,
+    no_instructions: Annotated[
+        bool, typer.Option("--no-instructions", help="Embed every text without an instruction.")
+    ] = False,
     tracking_uri: TrackingUriOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Recompute results mteb has cached.")] = False,
     device: DeviceOpt = None,
@@ -221,9 +315,18 @@ def eval_(
         _fail("give --suite NAME or at least one --tasks")
     try:
         eval_command(
-            model_or_run, suite, tasks or [], data_dir=data_dir, output_dir=output_dir, pooling=pooling,  # type: ignore[arg-type]
-            batch_size=batch_size, max_docs=max_docs, no_instructions=no_instructions,
-            tracking_uri=tracking_uri, overwrite=overwrite, device=device,
+            model_or_run,
+            suite,
+            tasks or [],
+            data_dir=data_dir,
+            output_dir=output_dir,
+            pooling=pooling,  # type: ignore[arg-type]
+            batch_size=batch_size,
+            max_docs=max_docs,
+            no_instructions=no_instructions,
+            tracking_uri=tracking_uri,
+            overwrite=overwrite,
+            device=device,
             base_settings=base,
         )
     except (*_known_errors(), ModelNotFoundError, ValueError) as e:
@@ -232,10 +335,17 @@ def eval_(
 
 @app.command()
 def audit(
-    corpus: Annotated[Path, typer.Argument(help="Corpus folder (samples.parquet + manifest.json).", show_default=False)],
+    corpus: Annotated[
+        Path,
+        typer.Argument(help="Corpus folder (samples.parquet + manifest.json).", show_default=False),
+    ],
     model_or_run: ModelOrRunArg,
-    output: Annotated[Path, typer.Option("--out", help="Folder for audit.json and audit.md.")] = Path("results/audit"),
-    max_rows: Annotated[int | None, typer.Option(help="Audit a seeded sample of this many rows.")] = None,
+    output: Annotated[
+        Path, typer.Option("--out", help="Folder for audit.json and audit.md.")
+    ] = Path("results/audit"),
+    max_rows: Annotated[
+        int | None, typer.Option(help="Audit a seeded sample of this many rows.")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Encoding batch size.")] = 32,
     pooling: PoolingOpt = "mean",
     attention: AttentionOpt = None,
@@ -257,8 +367,16 @@ def audit(
     base = _base_settings(pooling, attention, template, init_adapter)
     try:
         data = read_corpus(corpus)
-        embedder, _ = load_embedder(model_or_run, pooling=pooling, base_settings=base, tracking_uri=tracking_uri, device=device)  # type: ignore[arg-type]
-        report = level_audit(embedder, data, model=model_or_run, max_rows=max_rows, batch_size=batch_size)
+        embedder, _ = load_embedder(
+            model_or_run,
+            pooling=pooling,
+            base_settings=base,
+            tracking_uri=tracking_uri,
+            device=device,
+        )  # type: ignore[arg-type]
+        report = level_audit(
+            embedder, data, model=model_or_run, max_rows=max_rows, batch_size=batch_size
+        )
     except (*_known_errors(), ModelNotFoundError) as e:
         _fail(str(e))
     out = Console()
@@ -286,7 +404,10 @@ def check(experiment: ExperimentArg, set_: SetOpt = None) -> None:
         _fail(str(e))
     typer.echo(f"{experiment}: valid; experiment {exp.name!r}, {len(cells)} trial(s)")
     if tasks:
-        typer.echo(f"  evaluation: {len(tasks)} task(s): {', '.join(t.metadata.name for t in tasks[:8])}{' ...' if len(tasks) > 8 else ''}")
+        typer.echo(
+            f"  evaluation: {len(tasks)} task(s): "
+            f"{', '.join(t.metadata.name for t in tasks[:8])}{' ...' if len(tasks) > 8 else ''}"
+        )
     for c in cells:
         typer.echo(f"  {cell_label(c)}")
 

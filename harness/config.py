@@ -29,11 +29,23 @@ BATCHINGS = ("mixed", "by_task")
 # Sections one sweep shares across its trials: the MLflow experiment and store, the corpus shipped to
 # every trial, Ray's per-trial resources, the MNTP stage, the tables.
 MAX_TRAINING_EXAMPLES = 20_000_000  # a schedule holds every example of the run (~0.3 kB each)
-FIXED_PER_SWEEP = ("name", "description", "corpus", "tracking", "resources", "mntp", "tables", "grid", "search")
+FIXED_PER_SWEEP = (
+    "name",
+    "description",
+    "corpus",
+    "tracking",
+    "resources",
+    "mntp",
+    "tables",
+    "grid",
+    "search",
+)
 # Short names accepted as grid axes and in --cell, mapped to their dotted field.
 AXIS_ALIASES = {"strategy": "train.strategy", "pooling": "model.pooling", "seed": "train.seed"}
 
-Strategy = Literal["curriculum", "reverse", "random", "level-1", "level-2", "level-3", "level-4", "all"]
+Strategy = Literal[
+    "curriculum", "reverse", "random", "level-1", "level-2", "level-3", "level-4", "all"
+]
 Pooling = Literal["eos", "mean", "ata"]
 
 
@@ -102,7 +114,9 @@ class ModelSettings(_Strict):
     lora: LoraSettings = LoraSettings()
     max_query_length: int = Field(128, ge=8)
     max_doc_length: int = Field(256, ge=8)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
+        "auto"  # auto: bf16 on GPU, fp32 on CPU
+    )
     autocast: Literal["auto", "none", "bf16"] = "auto"  # auto: none (weights already bf16 on GPU)
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     # The input format (harness/templates.py): "e5", "llm2vec", or a custom template with {text}
@@ -114,7 +128,9 @@ class ModelSettings(_Strict):
     @field_validator("init_adapter_sha256", mode="before")
     @classmethod
     def _sha256(cls, v: Any) -> Any:
-        if isinstance(v, int) and not isinstance(v, bool):  # YAML reads an all-digit hash as a number
+        if isinstance(v, int) and not isinstance(
+            v, bool
+        ):  # YAML reads an all-digit hash as a number
             v = f"{v:064d}"
         if isinstance(v, str) and not re.fullmatch(r"[0-9a-f]{64}", v):
             raise ValueError("must be a sha256: 64 lowercase hex digits")
@@ -136,7 +152,9 @@ class ModelSettings(_Strict):
     def _template_name(cls, v: str | TemplateSpec) -> str | TemplateSpec:
         if isinstance(v, str) and v not in TEMPLATES:
             if "{text}" not in v:
-                raise ValueError(f"must be one of {', '.join(TEMPLATES)} or a template with {{text}}")
+                raise ValueError(
+                    f"must be one of {', '.join(TEMPLATES)} or a template with {{text}}"
+                )
             return TemplateSpec(instructed=v)
         return v
 
@@ -213,12 +231,16 @@ class MntpSettings(_Strict):
     mask_probability: float = Field(0.8, gt=0, lt=1)
     # None: the tokenizer's mask token, else "_" (LLM2Vec's "blank" mask for Llama/Mistral)
     mask_token: str | None = None
-    lr: float = Field(5e-5, gt=0, le=1.0)  # LLM2Vec's config sets none: transformers' Trainer default
+    lr: float = Field(
+        5e-5, gt=0, le=1.0
+    )  # LLM2Vec's config sets none: transformers' Trainer default
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     lora: LoraSettings = LoraSettings(r=16, alpha=32, dropout=0.05)  # LLM2Vec: r 16, alpha 2r
     gradient_checkpointing: bool = False
-    eval_blocks: int = Field(32, ge=0)  # blocks kept out to measure the masked-token loss before/after
+    eval_blocks: int = Field(
+        32, ge=0
+    )  # blocks kept out to measure the masked-token loss before/after
     seed: int = Field(42, ge=0, lt=2**32)
     log_every: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -295,7 +317,9 @@ class Experiment(_Strict):
     def _name(cls, v: str) -> str:
         # the name becomes folder names under results/: it must not leave them
         if v.strip(". ") == "" or any(c in v for c in "/\\\0") or any(ord(c) < 32 for c in v):
-            raise ValueError("must be a plain name: no '/', '\\', control characters, and not '.' or '..'")
+            raise ValueError(
+                "must be a plain name: no '/', '\\', control characters, and not '.' or '..'"
+            )
         return v
 
     @field_validator("grid")
@@ -355,7 +379,11 @@ def _format_validation(e: ValidationError, where: str) -> str:
         elif err["type"] == "missing":
             msg = "required field is missing"
         inp = err.get("input")
-        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(inp, dict) else f" (got {inp!r})"
+        shown = (
+            ""
+            if err["type"] in ("missing", "extra_forbidden") or isinstance(inp, dict)
+            else f" (got {inp!r})"
+        )
         lines.append(f"  {loc}: {msg}{shown}")
     return f"{where}: invalid experiment file\n" + "\n".join(lines)
 
@@ -382,7 +410,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys, not {type(data).__name__}"
+        )
     return data
 
 
@@ -428,12 +458,18 @@ def _rebase_paths(data: dict[str, Any], src: Path, dst: Path) -> None:
                 node[keys[-1]] = os.path.relpath(src / p, dst)
     model = data.get("model")
     adapter = model.get("init_adapter") if isinstance(model, dict) else None
-    if isinstance(adapter, str) and is_local_path(adapter) and not os.path.isabs(os.path.expanduser(adapter)):
+    if (
+        isinstance(adapter, str)
+        and is_local_path(adapter)
+        and not os.path.isabs(os.path.expanduser(adapter))
+    ):
         model["init_adapter"] = os.path.relpath(src / adapter, dst)
     mntp = data.get("mntp")
     if isinstance(mntp, dict) and isinstance(mntp.get("text"), list):
         mntp["text"] = [
-            os.path.relpath(src / t, dst) if isinstance(t, str) and t != "corpus" and not os.path.isabs(t) else t
+            os.path.relpath(src / t, dst)
+            if isinstance(t, str) and t != "corpus" and not os.path.isabs(t)
+            else t
             for t in mntp["text"]
         ]
     eval_tasks = data.get("eval", {}).get("tasks") if isinstance(data.get("eval"), dict) else None
@@ -471,7 +507,9 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 _YAML12_INT = re.compile(r"[-+]?[0-9]+")
-_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)")
+_YAML12_FLOAT = re.compile(
+    r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)"
+)
 
 
 def _yaml12_scalar(text: str, parsed: Any) -> Any:
@@ -531,9 +569,7 @@ def validate(data: Mapping[str, Any], where: str = "<experiment>") -> Experiment
     return exp
 
 
-def load_experiment(
-    path: str | os.PathLike[str], overrides: Sequence[str] = ()
-) -> Experiment:
+def load_experiment(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Experiment:
     """Load, merge ``extends``, apply ``--set`` overrides and validate an experiment file."""
     data = load_raw(path)
     for item in overrides:
@@ -564,7 +600,10 @@ def validated_cells(exp: Experiment) -> list[dict[str, Any]]:
     for axis, values in exp.grid.items():  # 1, 1.0 and true are one seed: the field's type decides
         for value in values:
             resolved = flatten(apply_cell(exp, {axis: value}).model_dump(mode="json"))
-            canonical = json.dumps({k: v for k, v in resolved.items() if k == axis or k.startswith(axis + ".")}, sort_keys=True)
+            canonical = json.dumps(
+                {k: v for k, v in resolved.items() if k == axis or k.startswith(axis + ".")},
+                sort_keys=True,
+            )
             if (axis, canonical) in seen:
                 raise ConfigError(
                     f"{exp.source or exp.name}: grid axis {axis!r} repeats a value: {seen[(axis, canonical)]!r} and "
@@ -612,7 +651,9 @@ def parse_cell(items: Iterable[str], exp: Experiment) -> dict[str, Any]:
 def cell_label(cell: Mapping[str, Any]) -> str:
     """Run name of a cell, like ``curriculum-ata-s1`` (strategy, pooling, others, seed last)."""
     order = ["train.strategy", "model.pooling"]
-    keys = [k for k in order if k in cell] + sorted(k for k in cell if k not in (*order, "train.seed"))
+    keys = [k for k in order if k in cell] + sorted(
+        k for k in cell if k not in (*order, "train.seed")
+    )
     parts = [str(cell[k]) if k in order else f"{k.split('.')[-1]}={cell[k]}" for k in keys]
     if "train.seed" in cell:
         parts.append(f"s{cell['train.seed']}")
@@ -639,12 +680,17 @@ def trial_params(exp: Experiment) -> dict[str, Any]:
 def trial_key(exp: Experiment, corpus_sha256: str) -> str:
     """Hash of everything that changes a trial's result: resolved training config + corpus (and the
     init adapter's recipe or content hash, which stands for the adapter wherever its files lie)."""
-    data = exp.model_dump(mode="json", exclude={"grid", "search", "tables", "tracking", "resources", "description", "mntp"})
+    data = exp.model_dump(
+        mode="json",
+        exclude={"grid", "search", "tables", "tracking", "resources", "description", "mntp"},
+    )
     if data["model"]["init_adapter_recipe"]:
         del data["model"]["init_adapter"], data["model"]["init_adapter_sha256"]
     elif data["model"]["init_adapter_sha256"]:
         data["model"].pop("init_adapter")
     else:
         data["model"].pop("init_adapter_recipe")
-    blob = json.dumps({"config": data, "corpus": corpus_sha256}, sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(
+        {"config": data, "corpus": corpus_sha256}, sort_keys=True, separators=(",", ":")
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

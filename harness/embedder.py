@@ -52,7 +52,12 @@ class Batch:
     pool_mask: Tensor
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.position_ids, self.pool_mask)))
+        return Batch(
+            *(
+                t.to(device, non_blocking=True)
+                for t in (self.input_ids, self.attention_mask, self.position_ids, self.pool_mask)
+            )
+        )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -68,7 +73,15 @@ class Encoded:
 
 
 class Embedder(nn.Module):
-    def __init__(self, backbone: Backbone, settings: ModelSettings, device: torch.device, *, name: str | None = None, revision: str = "base"):
+    def __init__(
+        self,
+        backbone: Backbone,
+        settings: ModelSettings,
+        device: torch.device,
+        *,
+        name: str | None = None,
+        revision: str = "base",
+    ):
         super().__init__()
         self.model = backbone.model
         self.tokenizer = backbone.tokenizer
@@ -84,14 +97,24 @@ class Embedder(nn.Module):
             f"-{v}"
             for v in (
                 None if settings.attention == "native" else settings.attention,
-                settings.template if isinstance(settings.template, str) and settings.template != "e5" else None,
-                f"init-{settings.init_adapter_sha256[:10]}" if settings.init_adapter_sha256 else None,
+                settings.template
+                if isinstance(settings.template, str) and settings.template != "e5"
+                else None,
+                f"init-{settings.init_adapter_sha256[:10]}"
+                if settings.init_adapter_sha256
+                else None,
             )
             if v
         )
         if not isinstance(settings.template, str):  # a custom template: name it by its hash
-            variant += "-tpl" + hashlib.sha256(settings.template.model_dump_json().encode()).hexdigest()[:8]
-        self.name = name or f"{Path(settings.name.replace('packaged:', '')).name}-{settings.pooling}{variant}{precision}"
+            variant += (
+                "-tpl"
+                + hashlib.sha256(settings.template.model_dump_json().encode()).hexdigest()[:8]
+            )
+        self.name = (
+            name
+            or f"{Path(settings.name.replace('packaged:', '')).name}-{settings.pooling}{variant}{precision}"
+        )
         self.revision = revision
         self._autocast = autocast_dtype(settings, device)
         self._capture = AttentionCapture(self.model) if settings.pooling == "ata" else None
@@ -100,7 +123,16 @@ class Embedder(nn.Module):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_settings(cls, settings: ModelSettings, device: torch.device | str | None = None, *, lora: bool = False, gradient_checkpointing: bool = False, name: str | None = None, revision: str = "base") -> Embedder:
+    def from_settings(
+        cls,
+        settings: ModelSettings,
+        device: torch.device | str | None = None,
+        *,
+        lora: bool = False,
+        gradient_checkpointing: bool = False,
+        name: str | None = None,
+        revision: str = "base",
+    ) -> Embedder:
         """An embedder of the base model; with ``lora`` the LoRA adapters are added (trainable)."""
         dev = torch.device(device) if device is not None else pick_device("auto")
         backbone = load_backbone(settings, dev)
@@ -115,7 +147,9 @@ class Embedder(nn.Module):
         return emb
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: torch.device | str | None = None) -> Embedder:
+    def load(
+        cls, path: str | os.PathLike[str], device: torch.device | str | None = None
+    ) -> Embedder:
         """Reload a model saved by :meth:`save`: base model, LoRA adapter, pooling and template."""
         path = Path(path)
         meta_file = path / META_FILE
@@ -123,7 +157,9 @@ class Embedder(nn.Module):
             raise FileNotFoundError(f"{path}: not a saved harness model (no {META_FILE})")
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
         settings = ModelSettings.model_validate(meta["settings"])
-        if (path / INIT_ADAPTER_DIR).is_dir():  # the copy saved with the model, wherever it came from
+        if (
+            path / INIT_ADAPTER_DIR
+        ).is_dir():  # the copy saved with the model, wherever it came from
             settings = settings.model_copy(update={"init_adapter": str(path / INIT_ADAPTER_DIR)})
         dev = torch.device(device) if device is not None else pick_device("auto")
         backbone = load_backbone(settings, dev)
@@ -148,7 +184,11 @@ class Embedder(nn.Module):
         if hasattr(self.model, "peft_config"):
             self.model.save_pretrained(path / ADAPTER_DIR)
         source = self.settings.init_adapter
-        if source and Path(source).is_dir() and Path(source).resolve() != (path / INIT_ADAPTER_DIR).resolve():
+        if (
+            source
+            and Path(source).is_dir()
+            and Path(source).resolve() != (path / INIT_ADAPTER_DIR).resolve()
+        ):
             shutil.copytree(source, path / INIT_ADAPTER_DIR, dirs_exist_ok=True)
         meta = {
             "name": self.name,
@@ -172,7 +212,9 @@ class Embedder(nn.Module):
         enc = self._encode(full, budget + 1)
         if len(enc["input_ids"]) > budget:
             closing = full[pool_start + len(text) :]
-            if closing and text:  # cut the text, keep the template's closing (LLM2Vec cuts the text too)
+            if (
+                closing and text
+            ):  # cut the text, keep the template's closing (LLM2Vec cuts the text too)
                 full, pool_start, enc = self._cut_text(text, instruction, budget)
             else:
                 enc = self._encode(full, budget)
@@ -188,12 +230,23 @@ class Embedder(nn.Module):
         return Encoded(ids, pooled)
 
     def _encode(self, full: str, max_length: int) -> Any:
-        return self.tokenizer(full, truncation=True, max_length=max_length, return_offsets_mapping=True, add_special_tokens=True)
+        return self.tokenizer(
+            full,
+            truncation=True,
+            max_length=max_length,
+            return_offsets_mapping=True,
+            add_special_tokens=True,
+        )
 
     def _cut_text(self, text: str, instruction: str | None, budget: int) -> tuple[str, int, Any]:
         """The input with the text cut at a token boundary so that the whole fits ``budget`` tokens."""
         overhead = len(self._encode(self.format("", instruction)[0], budget + 1)["input_ids"])
-        ends = [end for _, end in self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+        ends = [
+            end
+            for _, end in self.tokenizer(
+                text, add_special_tokens=False, return_offsets_mapping=True
+            )["offset_mapping"]
+        ]
         keep = min(len(ends), budget - overhead)
         while keep > 0:
             full, pool_start = self.format(text[: ends[keep - 1]], instruction)
@@ -222,24 +275,50 @@ class Embedder(nn.Module):
         positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
         return Batch(ids, mask, positions, pmask)
 
-    def tokenize(self, texts: Sequence[str], instruction: str | None | Sequence[str | None] = None, *, max_length: int | None = None) -> Batch:
-        instructions = [instruction] * len(texts) if instruction is None or isinstance(instruction, str) else list(instruction)
+    def tokenize(
+        self,
+        texts: Sequence[str],
+        instruction: str | Sequence[str | None] | None = None,
+        *,
+        max_length: int | None = None,
+    ) -> Batch:
+        instructions = (
+            [instruction] * len(texts)
+            if instruction is None or isinstance(instruction, str)
+            else list(instruction)
+        )
         if max_length is None:
-            max_length = self.settings.max_query_length if any(instructions) else self.settings.max_doc_length
-        return self.collate([self.tokenize_one(t, i, max_length) for t, i in zip(texts, instructions)])
+            max_length = (
+                self.settings.max_query_length
+                if any(instructions)
+                else self.settings.max_doc_length
+            )
+        return self.collate(
+            [self.tokenize_one(t, i, max_length) for t, i in zip(texts, instructions)]
+        )
 
     # ------------------------------------------------------------------ forward
 
     def forward(self, batch: Batch) -> Tensor:
         """Embeddings (B, D) in float32, not normalized."""
         batch = batch.to(self.device)
-        amp = torch.autocast(self.device.type, dtype=self._autocast) if self._autocast else nullcontext()
+        amp = (
+            torch.autocast(self.device.type, dtype=self._autocast)
+            if self._autocast
+            else nullcontext()
+        )
         cap = self._capture.capture(batch.attention_mask) if self._capture else nullcontext()
         with amp, cap:
-            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+            out = self.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+            )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         received = self._capture.received if self._capture else None
-        return pool(hidden.float(), batch.attention_mask, batch.pool_mask, self.settings.pooling, received)
+        return pool(
+            hidden.float(), batch.attention_mask, batch.pool_mask, self.settings.pooling, received
+        )
 
     def ata_weights(self, batch: Batch) -> Tensor:
         """The normalized ATA weights of a batch (for analysis and tests)."""
@@ -253,12 +332,22 @@ class Embedder(nn.Module):
         return ata_weights(self._capture.received, batch.pool_mask.to(self.device))
 
     @torch.inference_mode()
-    def encode(self, texts: Sequence[str], *, instruction: str | None = None, batch_size: int = 32, max_length: int | None = None, show_progress: bool = False) -> Tensor:
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        instruction: str | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        show_progress: bool = False,
+    ) -> Tensor:
         """Embed ``texts`` (length-sorted batches to cut padding); (N, D) float32 on the CPU."""
         if not len(texts):
             return torch.empty((0, self.dimension))
         if max_length is None:
-            max_length = self.settings.max_query_length if instruction else self.settings.max_doc_length
+            max_length = (
+                self.settings.max_query_length if instruction else self.settings.max_doc_length
+            )
         items = [self.tokenize_one(t, instruction, max_length) for t in texts]
         order = sorted(range(len(items)), key=lambda i: -len(items[i].ids))
         out: Tensor | None = None
@@ -281,7 +370,11 @@ class Embedder(nn.Module):
 
     @property
     def dimension(self) -> int:
-        cfg = self.model.config if hasattr(self.model, "config") else self.model.get_base_model().config
+        cfg = (
+            self.model.config
+            if hasattr(self.model, "config")
+            else self.model.get_base_model().config
+        )
         return int(cfg.hidden_size)
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -25,7 +25,9 @@ from synth.corpus import LEVELS, NEG_COLUMNS, Corpus
 
 
 @torch.inference_mode()
-def embed_rows(embedder: Embedder, frame: pl.DataFrame, *, batch_size: int = 32, show_progress: bool = False) -> RowEmbeddings:
+def embed_rows(
+    embedder: Embedder, frame: pl.DataFrame, *, batch_size: int = 32, show_progress: bool = False
+) -> RowEmbeddings:
     """Normalized embeddings of every row's query, positive and negatives, formatted as training
     formats them: queries with their instruction, documents plain (symmetric rows: instructed too)."""
     instructions = frame["instruction"].to_list()
@@ -37,25 +39,38 @@ def embed_rows(embedder: Embedder, frame: pl.DataFrame, *, batch_size: int = 32,
         out = torch.zeros((frame.height, embedder.dimension))
         # one encode call per instruction (texts in a call share it)
         for instruction in sorted(set(instruction_of), key=lambda x: (x is not None, x or "")):
-            idx = [i for i, ins in enumerate(instruction_of) if ins == instruction and texts[i] is not None]
+            idx = [
+                i
+                for i, ins in enumerate(instruction_of)
+                if ins == instruction and texts[i] is not None
+            ]
             if idx:
                 out[idx] = embedder.encode(
-                    [texts[i] for i in idx], instruction=instruction, batch_size=batch_size,
-                    max_length=max_length, show_progress=show_progress,
+                    [texts[i] for i in idx],
+                    instruction=instruction,
+                    batch_size=batch_size,
+                    max_length=max_length,
+                    show_progress=show_progress,
                 )
         if not torch.isfinite(out).all():
-            raise FloatingPointError("held-out embeddings are not finite: the model is broken (NaN or inf weights or activations)")
+            raise FloatingPointError(
+                "held-out embeddings are not finite: the model is broken (NaN or inf weights or activations)"
+            )
         return F.normalize(out, dim=-1)
 
     doc_length = embedder.settings.max_doc_length
     return RowEmbeddings(
-        embed("query", [ins or None for ins in instructions], None),  # the query length when instructed
+        embed(
+            "query", [ins or None for ins in instructions], None
+        ),  # the query length when instructed
         embed("positive", doc_instructions, doc_length),
         {col: embed(col, doc_instructions, doc_length) for col in NEG_COLUMNS},
     )
 
 
-def heldout_metrics(embedder: Embedder, frame: pl.DataFrame, *, batch_size: int = 32, show_progress: bool = False) -> dict[str, float]:
+def heldout_metrics(
+    embedder: Embedder, frame: pl.DataFrame, *, batch_size: int = 32, show_progress: bool = False
+) -> dict[str, float]:
     if frame.height == 0:
         return {}
     emb = embed_rows(embedder, frame, batch_size=batch_size, show_progress=show_progress)
@@ -66,7 +81,9 @@ def heldout_metrics(embedder: Embedder, frame: pl.DataFrame, *, batch_size: int 
     for level, col in zip(LEVELS, NEG_COLUMNS):
         present = frame[col].is_not_null().to_torch()
         if bool(present.any()):
-            level_wins = (pos_sim[present] > (q[present] * emb.negatives[col][present]).sum(-1)).float()
+            level_wins = (
+                pos_sim[present] > (q[present] * emb.negatives[col][present]).sum(-1)
+            ).float()
             metrics[f"heldout/acc_level_{level}"] = float(level_wins.double().mean())
             wins.append(level_wins)
     if wins:
@@ -76,7 +93,10 @@ def heldout_metrics(embedder: Embedder, frame: pl.DataFrame, *, batch_size: int 
     hits = 0
     for start in range(0, frame.height, batch_size):
         end = min(start + batch_size, frame.height)
-        negatives = [emb.negatives[col][start:end][frame[col][start:end].is_not_null().to_torch()] for col in NEG_COLUMNS]
+        negatives = [
+            emb.negatives[col][start:end][frame[col][start:end].is_not_null().to_torch()]
+            for col in NEG_COLUMNS
+        ]
         cand = torch.cat([emb.positive[start:end], *negatives])
         scores = q[start:end] @ cand.T
         hits += int((scores.argmax(dim=1) == torch.arange(end - start)).sum())
@@ -84,14 +104,24 @@ def heldout_metrics(embedder: Embedder, frame: pl.DataFrame, *, batch_size: int 
     return metrics
 
 
-def level_audit(embedder: Embedder, corpus: Corpus, *, model: str, max_rows: int | None = None, seed: int = 0, batch_size: int = 32) -> dict[str, Any]:
+def level_audit(
+    embedder: Embedder,
+    corpus: Corpus,
+    *,
+    model: str,
+    max_rows: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict[str, Any]:
     """``synth audit``'s report with ``embedder`` as the scorer, texts formatted as in training: the
     paper's check that hard negatives sit closer to the query than easy ones, seen by the model the
     harness trained (``harness audit``)."""
     started = time.perf_counter()
     frame = sample_rows(corpus.frame, max_rows, seed)
     emb = embed_rows(embedder, frame, batch_size=batch_size, show_progress=True)
-    report = audit_report(frame, emb, corpus=corpus, model=model, sampled=frame.height < len(corpus))
+    report = audit_report(
+        frame, emb, corpus=corpus, model=model, sampled=frame.height < len(corpus)
+    )
     report["pooling"] = embedder.settings.pooling
     report["seconds"] = round(time.perf_counter() - started, 2)
     return report

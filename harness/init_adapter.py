@@ -41,9 +41,13 @@ class AdapterFiles:
 
 def read_adapter(folder: Path) -> AdapterFiles:
     """The adapter files of ``folder`` and their hash (names and bytes, in a fixed order)."""
-    files = {name: (folder / name).read_bytes() for name in ADAPTER_FILES if (folder / name).is_file()}
+    files = {
+        name: (folder / name).read_bytes() for name in ADAPTER_FILES if (folder / name).is_file()
+    }
     if "adapter_config.json" not in files or len(files) < 2:
-        raise ConfigError(f"model.init_adapter {folder}: not a PEFT adapter folder (needs adapter_config.json and adapter_model.*)")
+        raise ConfigError(
+            f"model.init_adapter {folder}: not a PEFT adapter folder (needs adapter_config.json and adapter_model.*)"
+        )
     digest = hashlib.sha256()
     for name in sorted(files):
         digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
@@ -53,7 +57,7 @@ def read_adapter(folder: Path) -> AdapterFiles:
 def local_folder(exp: Experiment) -> Path | None:
     """The init adapter's local folder (None for none or a Hub id)."""
     source = exp.model.init_adapter
-    if not source or not is_local_path(source) and not exp.resolve_path(source).exists():
+    if not source or (not is_local_path(source) and not exp.resolve_path(source).exists()):
         return None
     return exp.resolve_path(source).resolve()
 
@@ -68,7 +72,11 @@ def check_init_adapter(exp: Experiment) -> None:
     folder = local_folder(exp)
     if folder is None or folder.exists() or _built_by_mntp(exp, folder):
         return
-    hint = "" if exp.mntp is None else f" (the file's mntp.output is {exp.resolve_path(exp.mntp.output)})"
+    hint = (
+        ""
+        if exp.mntp is None
+        else f" (the file's mntp.output is {exp.resolve_path(exp.mntp.output)})"
+    )
     raise ConfigError(
         f"{exp.source}: model.init_adapter {folder} does not exist; make it with `harness mntp "
         f"{exp.source}`{hint}"
@@ -79,7 +87,9 @@ def _built_by_mntp(exp: Experiment, folder: Path) -> bool:
     return exp.mntp is not None and exp.resolve_path(exp.mntp.output).resolve() == folder
 
 
-def prepare_init_adapter(exp: Experiment, build: Callable[[Experiment, Path], None] | None = None) -> AdapterFiles | None:
+def prepare_init_adapter(
+    exp: Experiment, build: Callable[[Experiment, Path], None] | None = None
+) -> AdapterFiles | None:
     """Resolve ``exp.model.init_adapter``, building it with MNTP when it is the file's ``mntp.output``
     and missing; pin its hash into ``exp`` (in place). Returns the files to ship (None for none or
     a Hub id)."""
@@ -114,10 +124,21 @@ def mntp_recipe(exp: Experiment, folder: Path) -> str | None:
     except (OSError, ValueError):
         return None
     settings = exp.mntp.model_dump(mode="json")
-    if not isinstance(meta, dict) or meta.get("base_model") != exp.model.name or meta.get("settings") != settings:
+    if (
+        not isinstance(meta, dict)
+        or meta.get("base_model") != exp.model.name
+        or meta.get("settings") != settings
+    ):
         return None
-    recipe = {"base_model": exp.model.name, "revision": exp.model.revision, "settings": settings, "text_sha256": meta.get("text_sha256")}
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    recipe = {
+        "base_model": exp.model.name,
+        "revision": exp.model.revision,
+        "settings": settings,
+        "text_sha256": meta.get("text_sha256"),
+    }
+    return hashlib.sha256(
+        json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def pin_if_present(exp: Experiment) -> None:

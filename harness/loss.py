@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def info_nce(queries: Tensor, docs: Tensor, temperature: float, exclude: Tensor | None = None) -> Tensor:
+def info_nce(
+    queries: Tensor, docs: Tensor, temperature: float, exclude: Tensor | None = None
+) -> Tensor:
     """Mean InfoNCE loss.
 
     ``queries`` (B, D); ``docs`` (B + M, D): the B positives first (query i's positive is doc i),

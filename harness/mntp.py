@@ -68,7 +68,9 @@ class MntpResult:
 # ---------------------------------------------------------------- text
 
 
-def read_texts(sources: Sequence[str], exp: Experiment, corpus_texts: Callable[[], list[str]] | None = None) -> list[str]:
+def read_texts(
+    sources: Sequence[str], exp: Experiment, corpus_texts: Callable[[], list[str]] | None = None
+) -> list[str]:
     """The plain texts of ``mntp.text``: ``corpus`` and/or .txt / .jsonl files or folders of them."""
     texts: list[str] = []
     for source in sources:
@@ -78,9 +80,15 @@ def read_texts(sources: Sequence[str], exp: Experiment, corpus_texts: Callable[[
             texts += corpus_texts()
             continue
         path = exp.resolve_path(source)
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+        files = (
+            sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
+            if path.is_dir()
+            else [path]
+        )
         if not path.exists() or not files:
-            raise MntpError(f"{exp.source}: mntp.text: {path} has no .txt or .jsonl files (or does not exist)")
+            raise MntpError(
+                f"{exp.source}: mntp.text: {path} has no .txt or .jsonl files (or does not exist)"
+            )
         for f in files:
             texts += _read_file(f)
     texts = [t for t in texts if t.strip()]
@@ -107,7 +115,9 @@ def _read_file(path: Path) -> list[str]:
 
 def corpus_texts(frame: Any) -> list[str]:
     """Every distinct text of a corpus (queries, positives, negatives), in a fixed order."""
-    cols = [c for c in ("query", "positive", "neg_1", "neg_2", "neg_3", "neg_4") if c in frame.columns]
+    cols = [
+        c for c in ("query", "positive", "neg_1", "neg_2", "neg_3", "neg_4") if c in frame.columns
+    ]
     seen: dict[str, None] = {}
     for col in cols:
         for text in frame[col].to_list():
@@ -141,7 +151,13 @@ def mask_token_id(tokenizer: Any, setting: str | None) -> int:
     return int(encoded[0])
 
 
-def mask_block(ids: torch.Tensor, special: torch.Tensor, mask_id: int, probability: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_block(
+    ids: torch.Tensor,
+    special: torch.Tensor,
+    mask_id: int,
+    probability: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, labels): a ``probability`` share of the non-special tokens replaced by ``mask_id``;
     labels are the original ids there and -100 elsewhere. The first position is never masked: with
     the decoder's shift nothing predicts it."""
@@ -170,7 +186,9 @@ def train_mntp(
         raise MntpError(f"{exp.source}: no mntp: block")
     seed_everything(m.seed)
     device = pick_device(m.device)
-    settings = exp.model.model_copy(update={"init_adapter": None, "init_adapter_sha256": None, "init_adapter_recipe": None})
+    settings = exp.model.model_copy(
+        update={"init_adapter": None, "init_adapter_sha256": None, "init_adapter_recipe": None}
+    )
     backbone = load_backbone(settings, device, lm_head=True, attention=m.attention)
     if not backbone.is_decoder:
         raise MntpError(f"{exp.source}: MNTP needs a decoder LLM; {exp.model.name} is an encoder")
@@ -178,16 +196,24 @@ def train_mntp(
     mask_id = mask_token_id(tokenizer, m.mask_token)
     blocks = make_blocks(texts, tokenizer, m.max_length)
     special = torch.tensor(
-        [tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True) for row in blocks.tolist()], dtype=torch.bool
+        [
+            tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
+            for row in blocks.tolist()
+        ],
+        dtype=torch.bool,
     )
     generator = torch.Generator().manual_seed(m.seed)
     perm = torch.randperm(blocks.shape[0], generator=generator)
     n_eval = min(m.eval_blocks, blocks.shape[0] // 5)  # keep most of a small text for training
     eval_idx, train_idx = perm[:n_eval], perm[n_eval:]
     if len(train_idx) == 0:
-        raise MntpError(f"{exp.source}: mntp.text gives {blocks.shape[0]} block(s) of {m.max_length} tokens: too little text")
+        raise MntpError(
+            f"{exp.source}: mntp.text gives {blocks.shape[0]} block(s) of {m.max_length} tokens: too little text"
+        )
     # the held-out blocks are masked once, so before/after see the same masks
-    eval_inputs, eval_labels = mask_block(blocks[eval_idx], special[eval_idx], mask_id, m.mask_probability, generator)
+    eval_inputs, eval_labels = mask_block(
+        blocks[eval_idx], special[eval_idx], mask_id, m.mask_probability, generator
+    )
 
     lm.model = apply_lora(adapter_target(lm), m.lora)  # the body only: names match AutoModel's
     if m.gradient_checkpointing:
@@ -199,7 +225,12 @@ def train_mntp(
         inputs, labels = inputs.to(device), labels.to(device)
         positions = torch.arange(inputs.shape[1], device=device).expand_as(inputs)
         with amp():
-            out = lm(input_ids=inputs, attention_mask=torch.ones_like(inputs), position_ids=positions, labels=labels)
+            out = lm(
+                input_ids=inputs,
+                attention_mask=torch.ones_like(inputs),
+                position_ids=positions,
+                labels=labels,
+            )
         # the shift: logits at i - 1 predict the token at i
         predicted = out.logits[:, :-1].argmax(-1)
         target = labels[:, 1:]
@@ -213,18 +244,25 @@ def train_mntp(
         lm.eval()
         total, correct, count = 0.0, 0, 0
         for s in range(0, n_eval, m.batch_size):
-            loss, c, n = loss_of(eval_inputs[s : s + m.batch_size], eval_labels[s : s + m.batch_size])
+            loss, c, n = loss_of(
+                eval_inputs[s : s + m.batch_size], eval_labels[s : s + m.batch_size]
+            )
             total += float(loss) * n
             correct, count = correct + c, count + n
         lm.train()
-        return {"mntp/eval_loss": total / max(count, 1), "mntp/eval_accuracy": correct / max(count, 1)}
+        return {
+            "mntp/eval_loss": total / max(count, 1),
+            "mntp/eval_accuracy": correct / max(count, 1),
+        }
 
     before = evaluate()
     if on_metrics and before:
         on_metrics(0, before)
     params = [p for p in lm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=m.lr, weight_decay=m.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(min(m.warmup_steps, m.steps - 1), m.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(min(m.warmup_steps, m.steps - 1), m.steps)
+    )
     lm.train()
     order: list[int] = []
     loss_value = math.nan
@@ -237,7 +275,9 @@ def train_mntp(
             if len(order) < m.batch_size:  # epochs of a seeded permutation of the training blocks
                 order += train_idx[torch.randperm(len(train_idx), generator=generator)].tolist()
             idx, order = order[: m.batch_size], order[m.batch_size :]
-            inputs, labels = mask_block(blocks[idx], special[idx], mask_id, m.mask_probability, generator)
+            inputs, labels = mask_block(
+                blocks[idx], special[idx], mask_id, m.mask_probability, generator
+            )
             loss, _, _ = loss_of(inputs, labels)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -247,12 +287,16 @@ def train_mntp(
             optimizer.zero_grad(set_to_none=True)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
-                raise FloatingPointError(f"MNTP diverged at step {step}: loss {loss_value} (lower mntp.lr)")
+                raise FloatingPointError(
+                    f"MNTP diverged at step {step}: loss {loss_value} (lower mntp.lr)"
+                )
             rate = len(idx) / (time.perf_counter() - tick)
             if bar is not None:
                 bar.update(task, advance=1, loss=loss_value, rate=rate)
             if on_metrics and (step % m.log_every == 0 or step == m.steps):
-                on_metrics(step, {"mntp/loss": loss_value, "mntp/lr": lr, "mntp/blocks_per_s": rate})
+                on_metrics(
+                    step, {"mntp/loss": loss_value, "mntp/lr": lr, "mntp/blocks_per_s": rate}
+                )
     seconds = time.perf_counter() - started
     after = evaluate()
     if on_metrics and after:
@@ -295,7 +339,9 @@ def is_done(exp: Experiment, output: Path) -> bool:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    return meta.get("base_model") == exp.model.name and meta.get("settings") == exp.mntp.model_dump(mode="json")
+    return meta.get("base_model") == exp.model.name and meta.get("settings") == exp.mntp.model_dump(
+        mode="json"
+    )
 
 
 def run_mntp(
@@ -317,14 +363,27 @@ def run_mntp(
         raise MntpError(f"{exp.source}: no mntp: block (see README, 'The LLM2Vec backbone')")
     output = output or exp.resolve_path(exp.mntp.output)
     if not force and is_done(exp, output):
-        say(f"MNTP adapter {output} is already trained with these settings (--force to train again)")
+        say(
+            f"MNTP adapter {output} is already trained with these settings (--force to train again)"
+        )
         return None
     texts = read_texts(exp.mntp.text, exp, load_corpus_texts)
     tracker = run_id = None
     if track:
         tracker = Tracker(exp.tracking, exp.name, exp.source)
-        params = flatten({"mntp": exp.mntp.model_dump(mode="json"), "model": {"name": exp.model.name, "revision": exp.model.revision, "dtype": exp.model.dtype}})
-        run_id = tracker.start_trial(None, name="mntp", params=params, tags={"mntp.output": str(output)}, role="mntp")
+        params = flatten(
+            {
+                "mntp": exp.mntp.model_dump(mode="json"),
+                "model": {
+                    "name": exp.model.name,
+                    "revision": exp.model.revision,
+                    "dtype": exp.model.dtype,
+                },
+            }
+        )
+        run_id = tracker.start_trial(
+            None, name="mntp", params=params, tags={"mntp.output": str(output)}, role="mntp"
+        )
         say(f"MLflow run {run_id} in experiment {exp.name!r} ({tracker.display_uri})")
 
     def on_metrics(step: int, metrics: dict[str, float]) -> None:
@@ -342,6 +401,14 @@ def run_mntp(
             tracker.fail_trial(run_id, describe_error(e))
         raise
     b, a = result.eval_before, result.eval_after
-    scores = f"; held-out masked-token loss {b['mntp/eval_loss']:.3f} -> {a['mntp/eval_loss']:.3f}, accuracy {b['mntp/eval_accuracy']:.3f} -> {a['mntp/eval_accuracy']:.3f}" if b and a else ""
-    say(f"MNTP: {result.steps} steps on {result.blocks} blocks ({result.tokens} tokens) in {result.seconds:.0f} s{scores}; adapter in {output}")
+    scores = (
+        f"; held-out masked-token loss {b['mntp/eval_loss']:.3f} -> {a['mntp/eval_loss']:.3f}, "
+        f"accuracy {b['mntp/eval_accuracy']:.3f} -> {a['mntp/eval_accuracy']:.3f}"
+        if b and a
+        else ""
+    )
+    say(
+        f"MNTP: {result.steps} steps on {result.blocks} blocks ({result.tokens} tokens) in "
+        f"{result.seconds:.0f} s{scores}; adapter in {output}"
+    )
     return result

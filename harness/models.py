@@ -55,14 +55,22 @@ def autocast_dtype(settings: ModelSettings, device: torch.device) -> torch.dtype
 def pick_attention(setting: str, device: torch.device) -> str:
     if setting != "auto":
         if setting == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            raise ModelLoadError("attn_implementation flash_attention_2 needs the flash-attn package")
+            raise ModelLoadError(
+                "attn_implementation flash_attention_2 needs the flash-attn package"
+            )
         return setting
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
 
 
-def load_backbone(settings: ModelSettings, device: torch.device, *, lm_head: bool = False, attention: str | None = None) -> Backbone:
+def load_backbone(
+    settings: ModelSettings,
+    device: torch.device,
+    *,
+    lm_head: bool = False,
+    attention: str | None = None,
+) -> Backbone:
     """Load tokenizer and base transformer (no LM head unless ``lm_head``) for embedding.
 
     ``attention`` overrides ``settings.attention``; ``settings.init_adapter`` is merged into the
@@ -80,7 +88,9 @@ def load_backbone(settings: ModelSettings, device: torch.device, *, lm_head: boo
     try:
         config = AutoConfig.from_pretrained(path, revision=settings.revision)
         tokenizer = AutoTokenizer.from_pretrained(path, revision=settings.revision)
-        model = auto.from_pretrained(path, revision=settings.revision, dtype=dtype, attn_implementation=attn)
+        model = auto.from_pretrained(
+            path, revision=settings.revision, dtype=dtype, attn_implementation=attn
+        )
     except OSError as e:  # missing id/folder, or the Hub unreachable
         raise ModelLoadError(f"cannot load model {settings.name!r}: {e}".splitlines()[0]) from None
     is_decoder = not getattr(config, "is_encoder_decoder", False) and _is_decoder(config)
@@ -92,7 +102,13 @@ def load_backbone(settings: ModelSettings, device: torch.device, *, lm_head: boo
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = settings.padding_side
     model.to(device)
-    return Backbone(model=model, tokenizer=tokenizer, is_decoder=is_decoder, path=path, bidirectional=bidirectional)
+    return Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        is_decoder=is_decoder,
+        path=path,
+        bidirectional=bidirectional,
+    )
 
 
 def set_attention(model: nn.Module, mode: str, *, is_decoder: bool) -> bool:
@@ -106,7 +122,9 @@ def set_attention(model: nn.Module, mode: str, *, is_decoder: bool) -> bool:
     """
     if not is_decoder:
         if mode == "causal":
-            raise ModelLoadError("model.attention 'causal' needs a decoder LLM; this model is an encoder")
+            raise ModelLoadError(
+                "model.attention 'causal' needs a decoder LLM; this model is an encoder"
+            )
         return True
     if mode == "native":
         mode = "causal"
@@ -115,14 +133,20 @@ def set_attention(model: nn.Module, mode: str, *, is_decoder: bool) -> bool:
         config.is_causal = causal
     modules = [m for m in model.modules() if hasattr(m, "is_causal") and isinstance(m, nn.Module)]
     if not modules:
-        raise ModelLoadError(f"model.attention {mode!r}: no attention module with an is_causal switch in {type(model).__name__}")
+        raise ModelLoadError(
+            f"model.attention {mode!r}: no attention module with an is_causal switch in {type(model).__name__}"
+        )
     for m in modules:
         m.is_causal = causal
     return not causal
 
 
 def _configs(model: nn.Module) -> list[Any]:
-    return [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")]
+    return [
+        m.config
+        for m in model.modules()
+        if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")
+    ]
 
 
 def adapter_target(model: nn.Module) -> nn.Module:
@@ -142,7 +166,9 @@ def _check_pinned(source: str, sha256: str | None) -> None:
     except ConfigError as e:
         raise ModelLoadError(str(e)) from None
     if found != sha256:
-        raise ModelLoadError(f"model.init_adapter {source}: sha256 {found[:16]}… is not the pinned {sha256[:16]}…")
+        raise ModelLoadError(
+            f"model.init_adapter {source}: sha256 {found[:16]}… is not the pinned {sha256[:16]}…"
+        )
 
 
 def merge_adapter(model: nn.Module, source: str) -> nn.Module:
@@ -153,7 +179,9 @@ def merge_adapter(model: nn.Module, source: str) -> nn.Module:
     try:
         merged = PeftModel.from_pretrained(target, source).merge_and_unload()
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"model.init_adapter {source!r}: cannot load the adapter: {e}".splitlines()[0]) from None
+        raise ModelLoadError(
+            f"model.init_adapter {source!r}: cannot load the adapter: {e}".splitlines()[0]
+        ) from None
     if target is model:
         return merged
     model.model = merged

@@ -52,7 +52,9 @@ def pool(
     instruction excluded); ``received`` (B, L) is the attention each token receives (``ata`` only).
     """
     if method == "eos":
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        return hidden[
+            torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)
+        ]
     if method == "mean":
         weights = pool_mask.to(hidden.dtype)
     elif method == "ata":
@@ -78,7 +80,12 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
 
 
 def received_attention(
-    query: Tensor, key: Tensor, scaling: float, token_mask: Tensor, causal: bool, chunk: int = _QUERY_CHUNK
+    query: Tensor,
+    key: Tensor,
+    scaling: float,
+    token_mask: Tensor,
+    causal: bool,
+    chunk: int = _QUERY_CHUNK,
 ) -> Tensor:
     """Attention each key position receives: (B, L), summed over heads and real query rows.
 
@@ -90,7 +97,9 @@ def received_attention(
     """
     if query.shape[1] % key.shape[1]:
         raise ValueError(f"{query.shape[1]} query heads cannot share {key.shape[1]} key heads")
-    return _ReceivedAttention.apply(query, key, token_mask.bool(), float(scaling), bool(causal), int(chunk))
+    return _ReceivedAttention.apply(
+        query, key, token_mask.bool(), float(scaling), bool(causal), int(chunk)
+    )
 
 
 class _ReceivedAttention(torch.autograd.Function):
@@ -109,7 +118,9 @@ class _ReceivedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, query: Tensor, key: Tensor, real: Tensor, scaling: float, causal: bool, chunk: int) -> Tensor:
+    def forward(
+        ctx: Any, query: Tensor, key: Tensor, real: Tensor, scaling: float, causal: bool, chunk: int
+    ) -> Tensor:
         ctx.save_for_backward(query, key, real)
         ctx.args = (scaling, causal, chunk)
         total = query.new_zeros((query.shape[0], query.shape[2]), dtype=_work_dtype(query))
@@ -137,7 +148,9 @@ class _ReceivedAttention(torch.autograd.Function):
                 row = torch.matmul(ds, g_col)  # (B, KV, G*c, 1): sum_k P_ik g_k
                 ds.mul_(g_row - row).mul_((w * scaling)[:, None, :, None])
                 if dq is not None:
-                    dq[:, :, s : s + c] = torch.matmul(ds, kf).view(b, kv, h // kv, c, d).reshape(b, h, c, d)
+                    dq[:, :, s : s + c] = (
+                        torch.matmul(ds, kf).view(b, kv, h // kv, c, d).reshape(b, h, c, d)
+                    )
                 if dk is not None:
                     dk += torch.matmul(ds.transpose(-1, -2), qg)
         return dq, None if dk is None else dk.to(key.dtype), None, None, None, None
@@ -152,7 +165,9 @@ def _no_autocast(t: Tensor) -> torch.autocast:
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
-def _chunks(query: Tensor, real: Tensor, kv: int, chunk: int) -> Iterator[tuple[int, int, Tensor, Tensor]]:
+def _chunks(
+    query: Tensor, real: Tensor, kv: int, chunk: int
+) -> Iterator[tuple[int, int, Tensor, Tensor]]:
     """Per chunk of query rows: its start and size, the query rows (float32 at least) grouped by
     the key head they read (B, KV, G*c, d), and the row weights (B, G*c): 1 on real tokens, 0 on
     padding."""
@@ -165,7 +180,9 @@ def _chunks(query: Tensor, real: Tensor, kv: int, chunk: int) -> Iterator[tuple[
         yield s, c, qg, real[:, s : s + c].to(qg.dtype).repeat(1, group)
 
 
-def _chunk_probs(qg: Tensor, kf: Tensor, real: Tensor, start: int, c: int, scaling: float, causal: bool) -> Tensor:
+def _chunk_probs(
+    qg: Tensor, kf: Tensor, real: Tensor, start: int, c: int, scaling: float, causal: bool
+) -> Tensor:
     """softmax_j(scale q_i . k_j) over allowed keys (real, and j <= i if causal): (B, KV, G*c, L)."""
     length = kf.shape[2]
     scores = torch.matmul(qg, kf.transpose(-1, -2)).mul_(scaling)
@@ -214,7 +231,9 @@ class AttentionCapture:
     def _on_attention(self, module: nn.Module, query: Tensor, key: Tensor, scaling: float) -> None:
         if self.token_mask is None:
             return
-        self.received = received_attention(query, key, scaling, self.token_mask, bool(getattr(module, "is_causal", True)))
+        self.received = received_attention(
+            query, key, scaling, self.token_mask, bool(getattr(module, "is_causal", True))
+        )
 
 
 def _last_attention_module(model: nn.Module) -> nn.Module:
@@ -238,21 +257,29 @@ def _checkpointed_layer(model: nn.Module, attention: nn.Module) -> nn.Module | N
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     for m in model.modules():
-        if isinstance(m, GradientCheckpointingLayer) and any(sub is attention for sub in m.modules()):
+        if isinstance(m, GradientCheckpointingLayer) and any(
+            sub is attention for sub in m.modules()
+        ):
             return m
     return None
 
 
 def _has_qk(m: nn.Module) -> bool:
-    return (hasattr(m, "q_proj") and hasattr(m, "k_proj")) or (hasattr(m, "query") and hasattr(m, "key"))
+    return (hasattr(m, "q_proj") and hasattr(m, "k_proj")) or (
+        hasattr(m, "query") and hasattr(m, "key")
+    )
 
 
-def _ata_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any, **kwargs: Any):
+def _ata_attention(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any, **kwargs: Any
+):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     base_name = module._harness_ata_base
     base: Callable[..., Any] = (
-        ALL_ATTENTION_FUNCTIONS[base_name] if base_name in ALL_ATTENTION_FUNCTIONS else _eager_of(module)
+        ALL_ATTENTION_FUNCTIONS[base_name]
+        if base_name in ALL_ATTENTION_FUNCTIONS
+        else _eager_of(module)
     )
     out = base(module, query, key, value, attention_mask, **kwargs)
     scaling = kwargs.get("scaling")

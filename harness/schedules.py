@@ -46,7 +46,9 @@ class Example:
     negatives: tuple[str, ...]
     levels: tuple[int, ...]  # the level of each negative
     row_id: str
-    doc_instruction: str | None = None  # the instruction of the positive and negatives (symmetric rows)
+    doc_instruction: str | None = (
+        None  # the instruction of the positive and negatives (symmetric rows)
+    )
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,9 @@ def build_schedule(
 ) -> Schedule:
     """The exact training stream (see the module docstring)."""
     if frame.height < batch_size:
-        raise ValueError(f"the corpus has {frame.height} training rows, fewer than batch_size={batch_size}")
+        raise ValueError(
+            f"the corpus has {frame.height} training rows, fewer than batch_size={batch_size}"
+        )
     columns = ["id", "instruction", "query", "positive", *NEG_COLUMNS]
     kinds = frame["task_kind"].to_list() if "task_kind" in frame.columns else [None] * frame.height
     rows = frame.select(columns).rows()
@@ -143,7 +147,9 @@ def build_schedule(
         for i in idx:
             row_id, instruction, query, positive, *negs = rows[i]
             available = [lv for lv, text in zip(LEVELS, negs) if text is not None]
-            target = level_rng.randint(1, 4) if level == "random" else (1 if level == "all" else level)
+            target = (
+                level_rng.randint(1, 4) if level == "random" else (1 if level == "all" else level)
+            )
             chosen = nearest_levels(target, available, k) if k else ()
             if level == "all":
                 chosen = tuple(available)
@@ -205,7 +211,9 @@ def task_groups(frame: pl.DataFrame) -> list[list[int]]:
     return [groups[key] for key in sorted(groups)]
 
 
-def by_task_batches(groups: Sequence[Sequence[int]], *, steps: int, batch_size: int, seed: int) -> list[list[int]]:
+def by_task_batches(
+    groups: Sequence[Sequence[int]], *, steps: int, batch_size: int, seed: int
+) -> list[list[int]]:
     """Row indices per step, each batch from one group (see the module docstring)."""
     if not any(len(g) >= batch_size for g in groups):
         sizes = sorted((len(g) for g in groups), reverse=True)[:5]

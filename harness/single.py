@@ -41,7 +41,9 @@ def train_single(
     validated_cells(base)  # the whole file is checked, whichever cell runs
     cell = parse_cell(cell_items, base)
     if base.grid and not cell:
-        console.print(f"[dim]training the base settings; pick a grid cell with --cell (grid: {', '.join(base.grid)})[/]")
+        console.print(
+            f"[dim]training the base settings; pick a grid cell with --cell (grid: {', '.join(base.grid)})[/]"
+        )
     exp = apply_cell(base, cell)
     check_init_adapter(exp)
     if evaluate and exp.eval.enabled:  # before training: a typo in a task name costs nothing
@@ -58,9 +60,20 @@ def train_single(
     tracker = run_id = None
     if track:
         tracker = Tracker(exp.tracking, exp.name, exp.source)
-        tags = {TRIAL_KEY: key, "corpus_sha256": corpus.sha256, "git_sha": git_sha(), CELL: json.dumps(cell, sort_keys=True, default=str)}
-        run_id = tracker.start_trial(None, name=label, params=trial_params(exp), tags=tags, role="train")
-        tracker.log_text(run_id, redact_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)), "config.yaml")
+        tags = {
+            TRIAL_KEY: key,
+            "corpus_sha256": corpus.sha256,
+            "git_sha": git_sha(),
+            CELL: json.dumps(cell, sort_keys=True, default=str),
+        }
+        run_id = tracker.start_trial(
+            None, name=label, params=trial_params(exp), tags=tags, role="train"
+        )
+        tracker.log_text(
+            run_id,
+            redact_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)),
+            "config.yaml",
+        )
         console.print(f"MLflow run {run_id} in experiment {exp.name!r} ({tracker.display_uri})")
 
     def on_metrics(step: int, metrics: dict[str, float]) -> None:
@@ -68,7 +81,15 @@ def train_single(
             tracker.log_metrics(run_id, metrics, step=step)
 
     try:
-        result = train_one(exp, corpus, output_dir=out, on_metrics=on_metrics, progress=True, name=f"{exp.name}/{label}-{key}", revision=key)
+        result = train_one(
+            exp,
+            corpus,
+            output_dir=out,
+            on_metrics=on_metrics,
+            progress=True,
+            name=f"{exp.name}/{label}-{key}",
+            revision=key,
+        )
         if result.heldout_before:
             console.print("held-out before training: " + _scores(result.heldout_before))
         console.print("held-out: " + _scores(result.heldout))
@@ -81,12 +102,23 @@ def train_single(
             from harness.embedder import Embedder
             from harness.evaluation.run import evaluate_embedder
 
-            evaluated = evaluate_embedder(Embedder.load(result.model_dir), exp.eval, output_dir=out / "mteb", name=f"{exp.name}/{label}-{key}")
+            evaluated = evaluate_embedder(
+                Embedder.load(result.model_dir),
+                exp.eval,
+                output_dir=out / "mteb",
+                name=f"{exp.name}/{label}-{key}",
+            )
             if tracker is not None:
                 tracker.log_metrics(run_id, evaluated.metrics, step=exp.train.steps)
                 tracker.log_artifacts(run_id, Path(evaluated.result_dir), "mteb")
         if tracker is not None:
-            tracker.set_tags(run_id, {"model_dir": str(Path(result.model_dir).resolve()), "harness.level_order": ",".join(map(str, result.level_order))})
+            tracker.set_tags(
+                run_id,
+                {
+                    "model_dir": str(Path(result.model_dir).resolve()),
+                    "harness.level_order": ",".join(map(str, result.level_order)),
+                },
+            )
             tracker.log_artifacts(run_id, Path(result.model_dir), "model")
             tracker.finish_trial(run_id)
     except BaseException as e:

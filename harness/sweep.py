@@ -141,7 +141,11 @@ def store_lock(uri: str, name: str) -> Path:
     """The lock file of one experiment in one tracking store: next to a SQLite store, else in the
     temp folder (a lock is per machine: see synth/locks.py)."""
     key = hashlib.sha256(f"{uri}\0{name}".encode()).hexdigest()[:16]
-    base = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else Path(tempfile.gettempdir())
+    base = (
+        Path(uri[len("sqlite:///") :]).parent
+        if uri.startswith("sqlite:///")
+        else Path(tempfile.gettempdir())
+    )
     return base / ".harness-locks" / f"{path_part(name)}-{key}.lock"
 
 
@@ -259,7 +263,9 @@ def cluster_capacity(per_trial: Mapping[str, float]) -> int:
     return total
 
 
-def print_plan(console: Console, exp: Experiment, plan: Plan, per_trial: Mapping[str, float], concurrency: int) -> None:
+def print_plan(
+    console: Console, exp: Experiment, plan: Plan, per_trial: Mapping[str, float], concurrency: int
+) -> None:
     wanted = {k: v for k, v in per_trial.items() if v}
     n = plan.search_samples if exp.search else len(plan.pending)
     what = f"{n} Optuna samples toward {exp.search.metric}" if exp.search else f"{n} trials"
@@ -283,7 +289,9 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     hostport = re.sub(r"^\w+://", "", address)
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise SweepError(f"--address {address!r}: expected HOST:PORT (the address `ray start --head` printed)")
+        raise SweepError(
+            f"--address {address!r}: expected HOST:PORT (the address `ray start --head` printed)"
+        )
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
@@ -378,7 +386,9 @@ class TrackingCallback(tune.Callback):
         self.records[trial.trial_id] = TrialRecord(spec.label, spec.key, "RUNNING", run_id)
         self.console.print(f"[cyan]start[/] {spec.label} ({spec.key})")
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
         record = self.records[trial.trial_id]
         kind = result.pop(KIND, None)
         tags = result.pop(TAGS, {})
@@ -386,7 +396,10 @@ class TrackingCallback(tune.Callback):
         metrics = {
             k: float(v)
             for k, v in result.items()
-            if "/" in k and not k.startswith("harness/") and isinstance(v, (int, float)) and not isinstance(v, bool)
+            if "/" in k
+            and not k.startswith("harness/")
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
         }
         if kind == "step":
             step = int(result[STEP])
@@ -430,7 +443,9 @@ class TrackingCallback(tune.Callback):
         record.status = "FINISHED"
         if record.seconds is None:
             record.seconds = time.time() - self._started[trial.trial_id]
-        self.console.print(f"[green]done[/]  {record.label} in {record.seconds:.0f} s {_key_metrics(record)}")
+        self.console.print(
+            f"[green]done[/]  {record.label} in {record.seconds:.0f} s {_key_metrics(record)}"
+        )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         record = self.records.get(trial.trial_id)
@@ -475,7 +490,10 @@ def git_sha() -> str:
     repo = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
@@ -519,7 +537,9 @@ def run_sweep(
     results_dir = (results_dir or Path("results")).resolve()
     uri = resolve_uri(exp.tracking.uri)
     # one driver per experiment and store: taken before the corpus or the MNTP adapter is built
-    with exclusive(store_lock(uri, exp.name), f"a sweep of experiment {exp.name!r} on {redact_text(uri)}"):
+    with exclusive(
+        store_lock(uri, exp.name), f"a sweep of experiment {exp.name!r} on {redact_text(uri)}"
+    ):
         corpus = load_corpus(exp, console)
         init_adapter = prepare_init_adapter(exp, build=mntp_builder(corpus, console))
         for cell in [{}] if exp.search else grid_cells(exp):
@@ -547,7 +567,9 @@ def run_sweep(
             concurrency = max(1, min(limits))
             print_plan(console, exp, plan, per_trial, concurrency if n else 0)
             if n == 0:
-                console.print("nothing to run: every trial already FINISHED (use --no-resume to rerun)")
+                console.print(
+                    "nothing to run: every trial already FINISHED (use --no-resume to rerun)"
+                )
                 summary = SweepSummary(exp.name, tracker.uri, None, skipped, time.time() - t0, 0)
                 print_summary(console, summary)
                 return summary
@@ -556,26 +578,36 @@ def run_sweep(
                 params={
                     "experiment_file": Path(exp_path).name,
                     "grid": json.dumps(exp.grid, default=str),
-                    "search": json.dumps(exp.search.model_dump(mode="json") if exp.search else None),
+                    "search": json.dumps(
+                        exp.search.model_dump(mode="json") if exp.search else None
+                    ),
                     "corpus_sha256": corpus.sha256,
                     "trials": n,
                     "skipped": len(plan.skipped) + len(plan.warm_start),
                     "concurrency": concurrency,
                 },
                 tags={"harness.experiment_file": str(exp_path), "git_sha": git_sha()},
-                config_yaml=redact_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)),
+                config_yaml=redact_text(
+                    yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)
+                ),
             )
             callback = TrackingCallback(
                 tracker,
                 parent_id,
                 exp,
                 corpus.sha256,
-                {"corpus_sha256": corpus.sha256, "git_sha": git_sha(), SWEEP_KEY: sweep_key(exp, corpus.sha256)},
+                {
+                    "corpus_sha256": corpus.sha256,
+                    "git_sha": git_sha(),
+                    SWEEP_KEY: sweep_key(exp, corpus.sha256),
+                },
                 console,
             )
             _fit(exp, plan, corpus, trial_fn, callback, results_dir, per_trial, init_adapter)
             records = skipped + list(callback.records.values())
-            summary = SweepSummary(exp.name, tracker.uri, parent_id, records, time.time() - t0, concurrency)
+            summary = SweepSummary(
+                exp.name, tracker.uri, parent_id, records, time.time() - t0, concurrency
+            )
             tracker.end_sweep(
                 parent_id,
                 failed=summary.failed,
@@ -588,7 +620,6 @@ def run_sweep(
             )
         print_summary(console, summary)
         return summary
-
 
 
 def _fit(
@@ -616,7 +647,10 @@ def _fit(
         from harness.search import make_searcher
 
         param_space: dict[str, Any] = {}
-        sampling = {"search_alg": make_searcher(exp, plan.warm_start), "num_samples": plan.search_samples}
+        sampling = {
+            "search_alg": make_searcher(exp, plan.warm_start),
+            "num_samples": plan.search_samples,
+        }
         # Streamed training steps carry no search metric; Optuna reads the final result only.
         env = {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
     else:
@@ -651,9 +685,17 @@ def _trial_name(trial: Any) -> str:
 
 def print_summary(console: Console, summary: SweepSummary) -> None:
     """The closing table: one row per trial with its status, time and key metrics; errors below."""
-    metric_keys = ["train/loss"] + sorted(
-        {k for r in summary.records for k in r.metrics if k.startswith(("heldout/recall", "eval/avg"))}
-    )
+    metric_keys = [
+        "train/loss",
+        *sorted(
+            {
+                k
+                for r in summary.records
+                for k in r.metrics
+                if k.startswith(("heldout/recall", "eval/avg"))
+            }
+        ),
+    ]
     table = Table(title=f"sweep {summary.experiment}")
     for col in ("trial", "key", "status", "s", *metric_keys):
         table.add_column(col, no_wrap=col in ("trial", "key"))

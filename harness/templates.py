@@ -83,13 +83,21 @@ def chat_user_turn(tokenizer: Any) -> tuple[str, str]:
     a, b, c = "\x00user-one\x00", "\x00assistant-two\x00", "\x00user-three\x00"
     try:
         rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": a}, {"role": "assistant", "content": b}, {"role": "user", "content": c}],
+            [
+                {"role": "user", "content": a},
+                {"role": "assistant", "content": b},
+                {"role": "user", "content": c},
+            ],
             tokenize=False,
         )
-    except Exception as e:  # noqa: BLE001  (a template's own jinja error: raise_exception, role checks)
-        raise TemplateError(f"model.template 'llm2vec': the chat template cannot render a user turn: {e}") from None
+    except Exception as e:
+        raise TemplateError(
+            f"model.template 'llm2vec': the chat template cannot render a user turn: {e}"
+        ) from None
     if not (rendered.find(a) < rendered.find(b) < rendered.find(c)) or rendered.find(a) < 0:
-        raise TemplateError("model.template 'llm2vec': the chat template drops or reorders messages")
+        raise TemplateError(
+            "model.template 'llm2vec': the chat template drops or reorders messages"
+        )
     between = rendered[rendered.index(b) + len(b) : rendered.index(c)]
     closing = rendered[rendered.index(c) + len(c) :]
     if not closing.strip() or not between.startswith(closing.rstrip()):

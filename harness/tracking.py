@@ -40,7 +40,9 @@ MAX_PARAM_CHARS = 6000  # MLflow's param value limit (8000 in recent versions; s
 MAX_ERROR_CHARS = 1000
 _BATCH = 900  # MLflow caps log_batch at 1000 metrics / 100 params
 _METRIC_BAD = re.compile(r"[^\w\-. :/]")
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|authorization|credential)", re.IGNORECASE)
+_SECRET_KEY = re.compile(
+    r"(api[_-]?key|token|secret|password|passwd|authorization|credential)", re.IGNORECASE
+)
 _SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_-]{12,}|hf_[A-Za-z0-9]{20,}|Bearer\s+\S+)")
 # credentials inside URIs: the userinfo of scheme://user:pass@host, and secret-named query parameters
 _URI_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/\s@?#]+@")
@@ -162,7 +164,9 @@ class Tracker:
 
     # ------------------------------------------------------------ parent run
 
-    def start_sweep(self, *, params: Mapping[str, Any], tags: Mapping[str, str], config_yaml: str) -> str:
+    def start_sweep(
+        self, *, params: Mapping[str, Any], tags: Mapping[str, str], config_yaml: str
+    ) -> str:
         """Create the parent run, log what the sweep was asked to do, return its id."""
         run = self.client.create_run(
             self.experiment_id,
@@ -240,7 +244,9 @@ class Tracker:
             if key:
                 cell = json.loads(run.data.tags.get(CELL, "{}"))
                 sweep_key = run.data.tags.get(SWEEP_KEY)
-                out[key] = FinishedTrial(run.info.run_id, key, cell, dict(run.data.metrics), sweep_key)
+                out[key] = FinishedTrial(
+                    run.info.run_id, key, cell, dict(run.data.metrics), sweep_key
+                )
         return out
 
     def finished_in_sweep(self, sweep_key: str) -> list[FinishedTrial]:
@@ -273,7 +279,11 @@ class Tracker:
     ) -> None:
         now = int(time.time() * 1000)
         p = [Param(k, _param_value(v)) for k, v in redact(params or {}).items()]
-        m = [Metric(metric_name(k), float(v), now, step) for k, v in (metrics or {}).items() if _is_number(v)]
+        m = [
+            Metric(metric_name(k), float(v), now, step)
+            for k, v in (metrics or {}).items()
+            if _is_number(v)
+        ]
         t = [RunTag(k, str(v)) for k, v in redact(tags or {}).items()]
         for i in range(0, len(p), 100):
             self.client.log_batch(run_id, params=p[i : i + 100], synchronous=True)
@@ -329,10 +339,14 @@ class UIError(RuntimeError):
     """The MLflow UI could not be started."""
 
 
-def start_ui(uri: str, port: int, host: str = "127.0.0.1", timeout: float = 180.0) -> subprocess.Popen[bytes]:
+def start_ui(
+    uri: str, port: int, host: str = "127.0.0.1", timeout: float = 180.0
+) -> subprocess.Popen[bytes]:
     """Start the MLflow UI and return once ``/health`` answers (the caller stops the process)."""
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(ui_command(resolve_uri(uri), port, host), env=env, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ui_command(resolve_uri(uri), port, host), env=env, stdout=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -351,7 +365,10 @@ def start_ui(uri: str, port: int, host: str = "127.0.0.1", timeout: float = 180.
 
 
 def serve_ui(
-    exp_path_or_uri: str | os.PathLike[str], port: int = 5000, host: str = "127.0.0.1", timeout: float = 180.0
+    exp_path_or_uri: str | os.PathLike[str],
+    port: int = 5000,
+    host: str = "127.0.0.1",
+    timeout: float = 180.0,
 ) -> None:
     """``harness ui``: serve the store of an experiment file (or a tracking URI) until Ctrl-C."""
     target = str(exp_path_or_uri)
@@ -359,9 +376,13 @@ def serve_ui(
         from harness.config import load_experiment
 
         target = load_experiment(target).tracking.uri
-    print(f"starting the MLflow UI for {resolve_uri(target)} on http://{host}:{port} ...", flush=True)
+    print(
+        f"starting the MLflow UI for {resolve_uri(target)} on http://{host}:{port} ...", flush=True
+    )
     proc = start_ui(target, port, host, timeout=timeout)
-    print(f"MLflow UI for {resolve_uri(target)}: http://{host}:{port}  (Ctrl-C to stop)", flush=True)
+    print(
+        f"MLflow UI for {resolve_uri(target)}: http://{host}:{port}  (Ctrl-C to stop)", flush=True
+    )
     try:
         proc.wait()
     except KeyboardInterrupt:

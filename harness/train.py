@@ -82,10 +82,18 @@ class StepRunner:
 
     def tokenize(self, batch: Sequence[Example]) -> tuple[list[Encoded], list[Encoded], list[str]]:
         s = self.embedder.settings
-        queries = [self.embedder.tokenize_one(ex.query, ex.instruction or None, s.max_query_length) for ex in batch]
+        queries = [
+            self.embedder.tokenize_one(ex.query, ex.instruction or None, s.max_query_length)
+            for ex in batch
+        ]
         doc_texts = [ex.positive for ex in batch] + [n for ex in batch for n in ex.negatives]
-        doc_instructions = [ex.doc_instruction for ex in batch] + [ex.doc_instruction for ex in batch for _ in ex.negatives]
-        docs = [self.embedder.tokenize_one(t, i, s.max_doc_length) for t, i in zip(doc_texts, doc_instructions)]
+        doc_instructions = [ex.doc_instruction for ex in batch] + [
+            ex.doc_instruction for ex in batch for _ in ex.negatives
+        ]
+        docs = [
+            self.embedder.tokenize_one(t, i, s.max_doc_length)
+            for t, i in zip(doc_texts, doc_instructions)
+        ]
         return queries, docs, doc_texts
 
     def __call__(self, batch: Sequence[Example]) -> float:
@@ -99,7 +107,9 @@ class StepRunner:
             return float(loss.detach())
         return self._grad_cache(queries, docs, exclude)
 
-    def _grad_cache(self, queries: list[Encoded], docs: list[Encoded], exclude: torch.Tensor) -> float:
+    def _grad_cache(
+        self, queries: list[Encoded], docs: list[Encoded], exclude: torch.Tensor
+    ) -> float:
         """GradCache (Gao et al. 2021): embed without graph, take the loss gradient w.r.t. the
         embeddings, then re-embed chunk by chunk with the graph and back-propagate those gradients.
         Same gradients as the full batch, memory of one chunk."""
@@ -139,11 +149,19 @@ def train_one(
     train_frame, heldout = split_heldout(corpus.frame, t.heldout_size)
     schedule = schedule_for(t, train_frame)
     embedder = Embedder.from_settings(
-        exp.model, device, lora=True, gradient_checkpointing=t.gradient_checkpointing, name=name, revision=revision
+        exp.model,
+        device,
+        lora=True,
+        gradient_checkpointing=t.gradient_checkpointing,
+        name=name,
+        revision=revision,
     )
     before: dict[str, float] = {}
     if t.heldout_before and heldout.height:
-        before = {k.replace("heldout/", "heldout_base/"): v for k, v in heldout_metrics(embedder, heldout, batch_size=t.batch_size).items()}
+        before = {
+            k.replace("heldout/", "heldout_base/"): v
+            for k, v in heldout_metrics(embedder, heldout, batch_size=t.batch_size).items()
+        }
         if on_metrics:
             on_metrics(0, before)
     started = time.perf_counter()
@@ -170,19 +188,29 @@ def train_one(
     )
 
 
-def _optimize(embedder: Embedder, schedule: Schedule, exp: Experiment, on_metrics: MetricsCallback | None, progress: bool) -> float:
+def _optimize(
+    embedder: Embedder,
+    schedule: Schedule,
+    exp: Experiment,
+    on_metrics: MetricsCallback | None,
+    progress: bool,
+) -> float:
     t = exp.train
     params = embedder.trainable_parameters()
     if not params:
         raise ValueError("nothing to train: no trainable parameters (check model.lora)")
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(min(t.warmup_steps, t.steps - 1), t.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(min(t.warmup_steps, t.steps - 1), t.steps)
+    )
     runner = StepRunner(embedder, t.temperature, t.grad_cache_chunk)
     embedder.train()
     bar = progress_bar() if progress else None
     loss = math.nan
     with bar or nullcontext():
-        task = bar.add_task("training", total=len(schedule), loss=math.nan, rate=0.0) if bar else None
+        task = (
+            bar.add_task("training", total=len(schedule), loss=math.nan, rate=0.0) if bar else None
+        )
         for step, batch in enumerate(schedule, start=1):
             tick = time.perf_counter()
             loss = runner(batch)
@@ -193,7 +221,9 @@ def _optimize(embedder: Embedder, schedule: Schedule, exp: Experiment, on_metric
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if not math.isfinite(loss):
-                raise FloatingPointError(f"training diverged at step {step}: loss {loss} (lower train.lr or raise train.temperature)")
+                raise FloatingPointError(
+                    f"training diverged at step {step}: loss {loss} (lower train.lr or raise train.temperature)"
+                )
             rate = len(batch) / (time.perf_counter() - tick)
             if bar is not None:
                 bar.update(task, advance=1, loss=loss, rate=rate)
@@ -210,7 +240,11 @@ def _optimize(embedder: Embedder, schedule: Schedule, exp: Experiment, on_metric
 def check_finite(model: torch.nn.Module, step: int) -> None:
     """Raise unless every trainable weight is finite: the last update can diverge after the last
     loss was seen, and a model of NaNs would still score (argmax of NaN picks index 0)."""
-    bad = [name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    bad = [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and not bool(torch.isfinite(p).all())
+    ]
     if bad:
         raise FloatingPointError(
             f"training diverged by step {step}: {len(bad)} trainable tensors hold NaN or inf "

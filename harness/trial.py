@@ -77,8 +77,12 @@ def train_and_evaluate(exp: Experiment, corpus: Corpus, ctx: TrialContext) -> Tr
     """The real trial: LoRA training with a held-out score, then the mteb suite."""
     from harness.train import train_one
 
-    name = f"{exp.name}/{ctx.label}-{ctx.key}"  # unique per trial: mteb caches results by model name
-    result = train_one(exp, corpus, output_dir=ctx.workdir, on_metrics=ctx.report, progress=False, name=name)
+    name = (
+        f"{exp.name}/{ctx.label}-{ctx.key}"  # unique per trial: mteb caches results by model name
+    )
+    result = train_one(
+        exp, corpus, output_dir=ctx.workdir, on_metrics=ctx.report, progress=False, name=name
+    )
     out = TrialOutput(
         metrics=dict(result.heldout),
         artifacts={"model": Path(result.model_dir)},
@@ -138,7 +142,11 @@ def run_trial(
     host = socket.gethostname()
     tags = {
         **output.tags,
-        **{f"{name}_dir": f"{host}:{path}" for name, path in output.artifacts.items() if name in left_out},
+        **{
+            f"{name}_dir": f"{host}:{path}"
+            for name, path in output.artifacts.items()
+            if name in left_out
+        },
         "harness.host": host,
         "harness.node_id": _node_id(),
     }

@@ -109,7 +109,7 @@ def extract_json(text: str, *, truncated: bool = False) -> Any:
     if not starts:
         raise Rejected(TRUNCATED if truncated else MALFORMED_JSON, "no JSON object in the answer")
     try:
-        value, _ = json.JSONDecoder().raw_decode(body[min(starts):])
+        value, _ = json.JSONDecoder().raw_decode(body[min(starts) :])
     except json.JSONDecodeError as e:
         raise Rejected(TRUNCATED if truncated else MALFORMED_JSON, e.msg) from None
     return value
@@ -157,7 +157,9 @@ def parse_example(text: str, limits: Validation, *, truncated: bool = False) -> 
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise Rejected(_PYDANTIC_REASONS.get(first["type"], WRONG_TYPE), f"{where}: {first['msg']}") from None
+        raise Rejected(
+            _PYDANTIC_REASONS.get(first["type"], WRONG_TYPE), f"{where}: {first['msg']}"
+        ) from None
     return validate_example(example, limits)
 
 
@@ -181,7 +183,9 @@ def validate_example(example: Example, limits: Validation) -> Example:
     return example
 
 
-_LABEL = re.compile(r"^(?:query|input|output|answer|result|text|passage|sentence|title)\s*:\s*", re.IGNORECASE)
+_LABEL = re.compile(
+    r"^(?:query|input|output|answer|result|text|passage|sentence|title)\s*:\s*", re.IGNORECASE
+)
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019"}
 
 
@@ -191,8 +195,14 @@ def _unquote(text: str) -> str:
     return text
 
 
-def parse_field(text: str, limits: Validation, echoes: Sequence[str] = (), *, field: str = "text",
-                truncated: bool = False) -> str:
+def parse_field(
+    text: str,
+    limits: Validation,
+    echoes: Sequence[str] = (),
+    *,
+    field: str = "text",
+    truncated: bool = False,
+) -> str:
     """One plain-text answer (``stage2: fields``): its first paragraph, without a leading label
     ("Query: ...") or wrapping quotes, whitespace collapsed; rejected when truncated, out of the
     length limits, or when it copies a phrase of its own prompt (``echoes``)."""

@@ -34,7 +34,10 @@ AUDIT_MD = "audit.md"
 
 
 def _spread(values: torch.Tensor) -> dict[str, float]:
-    return {"mean": round(float(values.mean()), 4), "std": round(float(values.std(correction=0)), 4)}
+    return {
+        "mean": round(float(values.mean()), 4),
+        "std": round(float(values.std(correction=0)), 4),
+    }
 
 
 def _spearman(levels: list[int], sims: list[float]) -> float | None:
@@ -72,7 +75,9 @@ class RowEmbeddings:
     negatives: dict[str, torch.Tensor]
 
     def select(self, rows: torch.Tensor) -> RowEmbeddings:
-        return RowEmbeddings(self.query[rows], self.positive[rows], {c: e[rows] for c, e in self.negatives.items()})
+        return RowEmbeddings(
+            self.query[rows], self.positive[rows], {c: e[rows] for c, e in self.negatives.items()}
+        )
 
 
 def level_similarities(frame: pl.DataFrame, emb: RowEmbeddings) -> dict[str, Any]:
@@ -110,7 +115,9 @@ def level_similarities(frame: pl.DataFrame, emb: RowEmbeddings) -> dict[str, Any
     }
 
 
-def audit_report(frame: pl.DataFrame, emb: RowEmbeddings, *, corpus: Corpus, model: str, sampled: bool) -> dict[str, Any]:
+def audit_report(
+    frame: pl.DataFrame, emb: RowEmbeddings, *, corpus: Corpus, model: str, sampled: bool
+) -> dict[str, Any]:
     """The audit of ``frame`` (the corpus or a sample of it): overall and per source."""
     sources = frame["source"].to_list()
     return {
@@ -160,13 +167,21 @@ def audit_corpus(
     started = time.perf_counter()
     corpus = read_corpus(directory)
     frame = sample_rows(corpus.frame, max_rows, seed)
-    texts = list(dict.fromkeys(
-        t for col in ("query", "positive", *NEG_COLUMNS) for t in frame[col].drop_nulls()
-    ))
+    texts = list(
+        dict.fromkeys(
+            t for col in ("query", "positive", *NEG_COLUMNS) for t in frame[col].drop_nulls()
+        )
+    )
     encoder = load_encoder(model)
     emb = encode(encoder, texts, batch_size=batch_size, description="embedding", progress=progress)
     index = {t: i for i, t in enumerate(texts)}
-    report = audit_report(frame, text_embeddings(frame, emb, index), corpus=corpus, model=model, sampled=frame.height < len(corpus))
+    report = audit_report(
+        frame,
+        text_embeddings(frame, emb, index),
+        corpus=corpus,
+        model=model,
+        sampled=frame.height < len(corpus),
+    )
     report["seconds"] = round(time.perf_counter() - started, 2)
     write_report(report, directory)
     return report
@@ -177,12 +192,19 @@ def _fmt(spread: dict[str, float]) -> str:
 
 
 def _level_rows(report: dict[str, Any]) -> list[list[str]]:
-    rows = [["positive", str(report["rows"]), _fmt(report["positive_to_query"]), "1.000 ± 0.000", ""]]
+    rows = [
+        ["positive", str(report["rows"]), _fmt(report["positive_to_query"]), "1.000 ± 0.000", ""]
+    ]
     for level, s in report["levels"].items():
-        rows.append([
-            f"level {level}", str(s["count"]), _fmt(s["query"]), _fmt(s["positive"]),
-            f"{100 * s['above_positive']:.1f}%",
-        ])
+        rows.append(
+            [
+                f"level {level}",
+                str(s["count"]),
+                _fmt(s["query"]),
+                _fmt(s["positive"]),
+                f"{100 * s['above_positive']:.1f}%",
+            ]
+        )
     return rows
 
 
@@ -202,7 +224,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Audit of corpus `{report['corpus']}`",
         "",
-        f"Model `{report['model']}`" + (f" ({report['pooling']} pooling)" if report.get("pooling") else "")
+        f"Model `{report['model']}`"
+        + (f" ({report['pooling']} pooling)" if report.get("pooling") else "")
         + f", {report['rows']} rows"
         + (" (a seeded sample)" if report["sampled_rows"] else "")
         + f", samples sha256 `{report['samples_sha256'][:12]}…`. Mean ± std of cosine similarity.",
@@ -219,9 +242,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---|" + "---|" * (len(LEVELS) + 2),
     ]
     for name, s in report["by_source"].items():
-        means = [f"{s['levels'][str(lv)]['query']['mean']:.3f}" if str(lv) in s["levels"] else "-" for lv in LEVELS]
+        means = [
+            f"{s['levels'][str(lv)]['query']['mean']:.3f}" if str(lv) in s["levels"] else "-"
+            for lv in LEVELS
+        ]
         lines.append(
-            f"| {name} | {s['rows']} | " + " | ".join(means)
+            f"| {name} | {s['rows']} | "
+            + " | ".join(means)
             + f" | {s['spearman_query']} | {'yes' if s['monotone_query'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"

@@ -38,8 +38,17 @@ def user_errors() -> tuple[type[Exception], ...]:
     from synth.synth_config import SynthConfigError
     from synth.templates import PromptError
 
-    return (CorpusError, MineError, SourceError, PackagedModelError,
-            SynthConfigError, EndpointError, ServerError, PromptError, LockedError)
+    return (
+        CorpusError,
+        MineError,
+        SourceError,
+        PackagedModelError,
+        SynthConfigError,
+        EndpointError,
+        ServerError,
+        PromptError,
+        LockedError,
+    )
 
 
 def _run(fn: Callable[[], None]) -> None:
@@ -60,15 +69,33 @@ def mine(
     ] = None,
     source: Annotated[
         list[str] | None,
-        typer.Option("--source", "-s", help="Instead of CONFIG: a .jsonl, a folder, a BEIR folder or hf:NAME (repeatable)."),
+        typer.Option(
+            "--source",
+            "-s",
+            help="Instead of CONFIG: a .jsonl, a folder, a BEIR folder or hf:NAME (repeatable).",
+        ),
     ] = None,
-    task_kind: Annotated[str, typer.Option(help="With --source: retrieval, symmetric or asymmetric.")] = "retrieval",
-    instruction: Annotated[str | None, typer.Option(help="With --source: the rows' instruction.")] = None,
-    data_root: Annotated[Path | None, typer.Option(help="Base folder for relative source paths in CONFIG.")] = None,
-    model: Annotated[str | None, typer.Option(help="Embedding model (default packaged:all-minilm-l6-v2).")] = None,
-    relative_margin: Annotated[float | None, typer.Option(help="Skip candidates within this margin of the positive.")] = None,
-    max_rows: Annotated[int | None, typer.Option(help="Sample at most this many pairs per source.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for sampling pairs and picking within bands.")] = None,
+    task_kind: Annotated[
+        str, typer.Option(help="With --source: retrieval, symmetric or asymmetric.")
+    ] = "retrieval",
+    instruction: Annotated[
+        str | None, typer.Option(help="With --source: the rows' instruction.")
+    ] = None,
+    data_root: Annotated[
+        Path | None, typer.Option(help="Base folder for relative source paths in CONFIG.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Embedding model (default packaged:all-minilm-l6-v2).")
+    ] = None,
+    relative_margin: Annotated[
+        float | None, typer.Option(help="Skip candidates within this margin of the positive.")
+    ] = None,
+    max_rows: Annotated[
+        int | None, typer.Option(help="Sample at most this many pairs per source.")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for sampling pairs and picking within bands.")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Encoder batch size.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
@@ -79,15 +106,21 @@ def mine(
         from synth.mine import mine as run_mine
 
         overrides = {
-            "model": model, "relative_margin": relative_margin, "max_rows": max_rows, "seed": seed,
-            "batch_size": batch_size, "data_root": str(data_root.resolve()) if data_root else None,
+            "model": model,
+            "relative_margin": relative_margin,
+            "max_rows": max_rows,
+            "seed": seed,
+            "batch_size": batch_size,
+            "data_root": str(data_root.resolve()) if data_root else None,
         }
         if (config is None) == (not source):
             raise MineError("give a mining CONFIG file or --source (one or more), not both")
         if config is not None:
             cfg = load_config(config, overrides)
         else:
-            cfg = config_from_sources(source or [], task_kind=task_kind, instruction=instruction, **overrides)
+            cfg = config_from_sources(
+                source or [], task_kind=task_kind, instruction=instruction, **overrides
+            )
         run_mine(cfg, out, progress=not quiet)
 
     _run(go)
@@ -95,8 +128,12 @@ def mine(
 
 @app.command()
 def generate(
-    config: Annotated[Path, typer.Argument(help="Synthesis YAML (see synth/data/local-smollm2.yaml).")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Corpus folder (overrides `output`).")] = None,
+    config: Annotated[
+        Path, typer.Argument(help="Synthesis YAML (see synth/data/local-smollm2.yaml).")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Corpus folder (overrides `output`).")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Synthesize a graded corpus (MGH) over an OpenAI-compatible endpoint; rerun to resume."""
@@ -109,7 +146,9 @@ def generate(
         try:
             result = run_generate(load_synth_config(config, output=out), progress=not quiet)
         except KeyboardInterrupt:
-            err.print("interrupted: every finished answer is journaled; run the same command to resume")
+            err.print(
+                "interrupted: every finished answer is journaled; run the same command to resume"
+            )
             raise typer.Exit(130) from None
         for line in summary_lines(result):
             Console().print(line, soft_wrap=True)
@@ -121,9 +160,15 @@ def generate(
 
 @app.command()
 def audit(
-    corpus: Annotated[Path, typer.Argument(help="Corpus folder (samples.parquet + manifest.json).")],
-    model: Annotated[str, typer.Option(help="Embedding model for the audit.")] = "packaged:all-minilm-l6-v2",
-    max_rows: Annotated[int | None, typer.Option(help="Audit a seeded sample of this many rows.")] = None,
+    corpus: Annotated[
+        Path, typer.Argument(help="Corpus folder (samples.parquet + manifest.json).")
+    ],
+    model: Annotated[
+        str, typer.Option(help="Embedding model for the audit.")
+    ] = "packaged:all-minilm-l6-v2",
+    max_rows: Annotated[
+        int | None, typer.Option(help="Audit a seeded sample of this many rows.")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Encoder batch size.")] = 64,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -132,7 +177,9 @@ def audit(
     def go() -> None:
         from synth.audit import AUDIT_JSON, AUDIT_MD, audit_corpus, print_report
 
-        report = audit_corpus(corpus, model=model, max_rows=max_rows, batch_size=batch_size, progress=not quiet)
+        report = audit_corpus(
+            corpus, model=model, max_rows=max_rows, batch_size=batch_size, progress=not quiet
+        )
         console = Console()
         print_report(report, console)
         console.print(f"wrote {AUDIT_JSON} and {AUDIT_MD} in {report['path']}")

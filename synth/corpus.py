@@ -97,7 +97,9 @@ def validate_frame(frame: pl.DataFrame, where: str = "corpus") -> pl.DataFrame:
     frame = frame.select([pl.col(c).cast(pl.String) for c in SCHEMA])
     for col in REQUIRED_NON_NULL:
         bad = frame.filter(pl.col(col).is_null() | (pl.col(col).str.strip_chars() == ""))
-        if col == "instruction":  # an empty instruction is allowed (symmetric data sets); null is not
+        if (
+            col == "instruction"
+        ):  # an empty instruction is allowed (symmetric data sets); null is not
             bad = frame.filter(pl.col(col).is_null())
         if bad.height:
             first = bad.row(0, named=True).get("id")
@@ -106,7 +108,9 @@ def validate_frame(frame: pl.DataFrame, where: str = "corpus") -> pl.DataFrame:
             )
     kinds = set(frame["task_kind"].unique().to_list()) - set(TASK_KINDS)
     if kinds:
-        raise CorpusError(f"{where}: unknown task_kind {sorted(kinds)}; expected one of {TASK_KINDS}")
+        raise CorpusError(
+            f"{where}: unknown task_kind {sorted(kinds)}; expected one of {TASK_KINDS}"
+        )
     dup = frame.height - frame["id"].n_unique()
     if dup:
         raise CorpusError(f"{where}: {dup} duplicate id(s)")
@@ -138,7 +142,9 @@ def check_output_folder(path: str | os.PathLike[str], what: str = "--out") -> Pa
     path = Path(path)
     for p in (path, *path.parents):
         if p.exists() and not p.is_dir():
-            raise CorpusError(f"{what} {path}: {p} is a file, not a folder (the corpus is written as a folder)")
+            raise CorpusError(
+                f"{what} {path}: {p} is a file, not a folder (the corpus is written as a folder)"
+            )
         if p.exists():
             break
     return path
@@ -185,7 +191,9 @@ def write_corpus(
         "samples_sha256": digest,
         **dict(extra or {}),
     }
-    _atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    _atomic_write_text(
+        directory / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    )
     return Corpus(frame=frame, manifest=manifest, sha256=digest, path=directory)
 
 
@@ -261,4 +269,6 @@ class RowBuilder:
     def frame(self) -> pl.DataFrame:
         if not self.rows:
             return pl.DataFrame(schema=SCHEMA)
-        return pl.DataFrame(self.rows, schema=SCHEMA).unique("id", keep="first", maintain_order=True)
+        return pl.DataFrame(self.rows, schema=SCHEMA).unique(
+            "id", keep="first", maintain_order=True
+        )

@@ -25,7 +25,9 @@ DEFAULT_ENCODER = "packaged:all-minilm-l6-v2"
 
 
 @lru_cache(maxsize=4)
-def load_encoder(name: str = DEFAULT_ENCODER, max_seq_length: int | None = None) -> SentenceTransformer:
+def load_encoder(
+    name: str = DEFAULT_ENCODER, max_seq_length: int | None = None
+) -> SentenceTransformer:
     """A sentence-transformers model by Hub id, local folder or ``packaged:`` name (cached)."""
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
@@ -58,7 +60,10 @@ def encode(
     chunk = batch_size * 4
     console = Console(stderr=True)
     columns = (
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
     )
     started = time.perf_counter()
     reported = 0

@@ -78,7 +78,9 @@ class Request:
     messages: list[dict[str, str]] = field(compare=False, hash=False)
     level: int | None = None  # a `stage2: fields` negative's level
     echoes: tuple[str, ...] = field(default=(), compare=False, hash=False)  # see parse_field
-    given: tuple[str, ...] = field(default=(), compare=False, hash=False)  # texts a `fields` request was given
+    given: tuple[str, ...] = field(
+        default=(), compare=False, hash=False
+    )  # texts a `fields` request was given
 
     @property
     def seed(self) -> int:
@@ -113,11 +115,19 @@ class RunState:
 
 
 def request_key(
-    stage: Stage, model_id: str, prompt: str, subtask: str, task: str | None, index: int, seed: int,
+    stage: Stage,
+    model_id: str,
+    prompt: str,
+    subtask: str,
+    task: str | None,
+    index: int,
+    seed: int,
     *context: object,
 ) -> str:
     """The journal key; ``context`` (the text a `fields` request was given, its level) joins the hash."""
-    payload = json.dumps([stage, model_id, prompt, subtask, task, index, seed, *context], ensure_ascii=False)
+    payload = json.dumps(
+        [stage, model_id, prompt, subtask, task, index, seed, *context], ensure_ascii=False
+    )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 
@@ -132,8 +142,14 @@ def task_kind(subtask: str) -> str:
 def brainstorm_plan(config: SynthConfig, prompts: PromptSet, model_id: str) -> list[Request]:
     return [
         Request(
-            stage="brainstorm", subtask=subtask, index=i, task=None, prompt=prompts.brainstorm,
-            key=request_key("brainstorm", model_id, prompts.brainstorm, subtask, None, i, config.tasks.seed),
+            stage="brainstorm",
+            subtask=subtask,
+            index=i,
+            task=None,
+            prompt=prompts.brainstorm,
+            key=request_key(
+                "brainstorm", model_id, prompts.brainstorm, subtask, None, i, config.tasks.seed
+            ),
             messages=prompts.brainstorm_messages(subtask),
         )
         for subtask in subtasks_of(config)
@@ -141,24 +157,36 @@ def brainstorm_plan(config: SynthConfig, prompts: PromptSet, model_id: str) -> l
     ]
 
 
-def task_pools(config: SynthConfig, stage1: list[Request], journal: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+def task_pools(
+    config: SynthConfig, stage1: list[Request], journal: dict[str, dict[str, Any]]
+) -> dict[str, list[str]]:
     """Unique task descriptions per subtask: the given ones, then the brainstormed ones in plan
     order (not arrival order, so the pool is the same whatever order answers came in)."""
-    pools: dict[str, list[str]] = {s: list(dict.fromkeys(config.tasks.given.get(s, []))) for s in subtasks_of(config)}
+    pools: dict[str, list[str]] = {
+        s: list(dict.fromkeys(config.tasks.given.get(s, []))) for s in subtasks_of(config)
+    }
     for request in stage1:
         record = journal.get(request.key)
         if record is None:
             continue
         try:
-            tasks = parse_tasks(record["content"], config.validation, truncated=record.get("finish_reason") == "length")
+            tasks = parse_tasks(
+                record["content"],
+                config.validation,
+                truncated=record.get("finish_reason") == "length",
+            )
         except Rejected:
             continue
         seen = {t.casefold() for t in pools[request.subtask]}
-        pools[request.subtask] += [t for t in tasks if t.casefold() not in seen and not seen.add(t.casefold())]
+        pools[request.subtask] += [
+            t for t in tasks if t.casefold() not in seen and not seen.add(t.casefold())
+        ]
     return pools
 
 
-def generate_plan(config: SynthConfig, prompts: PromptSet, model_id: str, pools: dict[str, list[str]]) -> list[Request]:
+def generate_plan(
+    config: SynthConfig, prompts: PromptSet, model_id: str, pools: dict[str, list[str]]
+) -> list[Request]:
     """Stage-2 requests: tasks drawn with replacement from each pool by a per-subtask seeded RNG,
     interleaved across subtasks so a run stopped by its budget still covers every subtask."""
     plan = []
@@ -168,11 +196,19 @@ def generate_plan(config: SynthConfig, prompts: PromptSet, model_id: str, pools:
         rng = random.Random(f"{config.tasks.seed}/{subtask}")
         for i in range(config.tasks.examples[subtask]):
             task = rng.choice(pool)
-            plan.append(Request(
-                stage="generate", subtask=subtask, index=i, task=task, prompt=prompts.generate,
-                key=request_key("generate", model_id, prompts.generate, subtask, task, i, config.tasks.seed),
-                messages=prompts.generate_messages(subtask, task),
-            ))
+            plan.append(
+                Request(
+                    stage="generate",
+                    subtask=subtask,
+                    index=i,
+                    task=task,
+                    prompt=prompts.generate,
+                    key=request_key(
+                        "generate", model_id, prompts.generate, subtask, task, i, config.tasks.seed
+                    ),
+                    messages=prompts.generate_messages(subtask, task),
+                )
+            )
     return sorted(plan, key=lambda r: (r.index, SYNTH_SUBTASKS.index(r.subtask)))
 
 
@@ -180,8 +216,13 @@ def field_answer(config: SynthConfig, request: Request, record: dict[str, Any]) 
     """The cleaned text of a `fields` answer, or :class:`Rejected` (also when it repeats the query
     or the positive it was given: a small model often copies its input)."""
     name = request.stage if request.level is None else f"negative level {request.level}"
-    text = parse_field(record["content"], config.validation, request.echoes, field=name,
-                       truncated=record.get("finish_reason") == "length")
+    text = parse_field(
+        record["content"],
+        config.validation,
+        request.echoes,
+        field=name,
+        truncated=record.get("finish_reason") == "length",
+    )
     for given, reason in zip(request.given, FIELD_EQUALS[request.stage]):
         if same_text(text, given):
             raise Rejected(reason, name)
@@ -189,7 +230,11 @@ def field_answer(config: SynthConfig, request: Request, record: dict[str, Any]) 
 
 
 # What a `fields` text must not equal: the texts it was given, in Request.given order.
-FIELD_EQUALS = {"query": (), "positive": (QUERY_EQUALS_POSITIVE,), "negative": (NEGATIVE_EQUALS_QUERY, NEGATIVE_EQUALS_POSITIVE)}
+FIELD_EQUALS = {
+    "query": (),
+    "positive": (QUERY_EQUALS_POSITIVE,),
+    "negative": (NEGATIVE_EQUALS_QUERY, NEGATIVE_EQUALS_POSITIVE),
+}
 
 
 @dataclass(frozen=True)
@@ -207,7 +252,9 @@ class Slot:
         return self.text is None and not self.pending
 
 
-def _slot(config: SynthConfig, attempt: Callable[[int], Request], records: dict[str, dict[str, Any]]) -> Slot:
+def _slot(
+    config: SynthConfig, attempt: Callable[[int], Request], records: dict[str, dict[str, Any]]
+) -> Slot:
     requests: list[Request] = []
     rejected: list[tuple[Request, Rejected, str]] = []
     for n in range(config.stage2_attempts):
@@ -217,7 +264,12 @@ def _slot(config: SynthConfig, attempt: Callable[[int], Request], records: dict[
         if record is None:
             return Slot(tuple(requests), None, tuple(rejected), pending=True)
         try:
-            return Slot(tuple(requests), field_answer(config, request, record), tuple(rejected), pending=False)
+            return Slot(
+                tuple(requests),
+                field_answer(config, request, record),
+                tuple(rejected),
+                pending=False,
+            )
         except Rejected as e:
             rejected.append((request, e, record["content"]))
     return Slot(tuple(requests), None, tuple(rejected), pending=False)
@@ -235,23 +287,36 @@ class FieldExample:
 
 
 def field_examples(
-    config: SynthConfig, fields: FieldPrompts, model_id: str, examples: list[Request],
+    config: SynthConfig,
+    fields: FieldPrompts,
+    model_id: str,
+    examples: list[Request],
     records: dict[str, dict[str, Any]],
 ) -> list[FieldExample]:
     """Each planned example's requests given the journal. Keys hash the query a request was given
     and, for a repeat, its attempt number, so the plan is the same on every rerun."""
     seed, version = config.tasks.seed, fields.fields
 
-    def make(step: Stage, ex: Request, given: tuple[str, ...] = (), level: int | None = None) -> Callable[[int], Request]:
+    def make(
+        step: Stage, ex: Request, given: tuple[str, ...] = (), level: int | None = None
+    ) -> Callable[[int], Request]:
         sub, task = ex.subtask, ex.task
         assert task is not None
         context = [*given[:1], *([level] if level is not None else [])]
         query = given[0] if given else None
         return lambda n: Request(
-            stage=step, subtask=sub, index=ex.index, task=task, prompt=version, level=level,
-            key=request_key(step, model_id, version, sub, task, ex.index, seed, *context, *([n] if n else [])),
+            stage=step,
+            subtask=sub,
+            index=ex.index,
+            task=task,
+            prompt=version,
+            level=level,
+            key=request_key(
+                step, model_id, version, sub, task, ex.index, seed, *context, *([n] if n else [])
+            ),
             messages=fields.messages(step, sub, task, query, level),
-            echoes=tuple(fields.echoes(step, sub, level)), given=given,
+            echoes=tuple(fields.echoes(step, sub, level)),
+            given=given,
         )
 
     out = []
@@ -264,7 +329,10 @@ def field_examples(
         if positive.text is None:
             out.append(FieldExample((query, positive)))
             continue
-        negatives = [_slot(config, make("negative", ex, (query.text, positive.text), level), records) for level in LEVELS]
+        negatives = [
+            _slot(config, make("negative", ex, (query.text, positive.text), level), records)
+            for level in LEVELS
+        ]
         out.append(FieldExample((query, positive, *negatives)))
     return out
 
@@ -301,9 +369,14 @@ def open_endpoint(config: SynthConfig) -> Iterator[Endpoint]:
     if config.server is not None:
         with local_server(config.server, log_dir=config.work_dir) as server:
             yield Endpoint(
-                base_url=server.base_url, model=server.model, model_id=config.server.model,
+                base_url=server.base_url,
+                model=server.model,
+                model_id=config.server.model,
                 api_key="local",  # transformers serve checks no key
-                extra_body={**server.sampling_body(sampling.temperature, sampling.top_p), **config.endpoint.extra_body},
+                extra_body={
+                    **server.sampling_body(sampling.temperature, sampling.top_p),
+                    **config.endpoint.extra_body,
+                },
             )
         return
     model = config.endpoint.model
@@ -317,22 +390,34 @@ def open_endpoint(config: SynthConfig) -> Iterator[Endpoint]:
         )
     yield Endpoint(
         base_url=config.endpoint.base_url or os.environ.get("OPENAI_BASE_URL"),
-        model=model, model_id=model, api_key=api_key, extra_body=dict(config.endpoint.extra_body),
+        model=model,
+        model_id=model,
+        api_key=api_key,
+        extra_body=dict(config.endpoint.extra_body),
     )
 
 
 class _Progress:
     """One bar per stage with requests done/total, rejects, tokens, cost, token rate and ETA."""
 
-    def __init__(self, config: SynthConfig, state: RunState, enabled: bool, console: Console | None) -> None:
+    def __init__(
+        self, config: SynthConfig, state: RunState, enabled: bool, console: Console | None
+    ) -> None:
         self._config, self._state = config, state
         self._start_tokens = state.usage.total_tokens
         self._t0 = time.monotonic()
         self._bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("rejects {task.fields[rejects]}"), TextColumn("{task.fields[tokens]:,} tok"),
-            TextColumn("${task.fields[cost]:.4f}"), TextColumn("{task.fields[rate]:.1f} tok/s"),
-            TimeRemainingColumn(), console=console, disable=not enabled, transient=False,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("rejects {task.fields[rejects]}"),
+            TextColumn("{task.fields[tokens]:,} tok"),
+            TextColumn("${task.fields[cost]:.4f}"),
+            TextColumn("{task.fields[rate]:.1f} tok/s"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+            transient=False,
         )
         self._tasks: dict[str, Any] = {}
 
@@ -350,7 +435,9 @@ class _Progress:
             now = self._bar.tasks[self._bar.task_ids.index(task)]
             self._bar.update(task, total=(now.total or 0) + total, completed=now.completed + done)
         else:
-            task = self._tasks[name] = self._bar.add_task(name, total=total, completed=done, **self._fields())
+            task = self._tasks[name] = self._bar.add_task(
+                name, total=total, completed=done, **self._fields()
+            )
 
         def advance() -> None:
             self._bar.update(task, advance=1, **self._fields())
@@ -360,15 +447,21 @@ class _Progress:
     def _fields(self) -> dict[str, Any]:
         usage = self._state.usage
         elapsed = max(time.monotonic() - self._t0, 1e-6)
-        return dict(
-            rejects=sum(self._state.rejects.values()), tokens=usage.total_tokens,
-            cost=usage.cost(self._config.budget), rate=(usage.total_tokens - self._start_tokens) / elapsed,
-        )
+        return {
+            "rejects": sum(self._state.rejects.values()),
+            "tokens": usage.total_tokens,
+            "cost": usage.cost(self._config.budget),
+            "rate": (usage.total_tokens - self._start_tokens) / elapsed,
+        }
 
 
 async def _run_requests(
-    requests: list[Request], config: SynthConfig, client: ChatClient, writer: Any,
-    state: RunState, advance: Callable[[], None],
+    requests: list[Request],
+    config: SynthConfig,
+    client: ChatClient,
+    writer: Any,
+    state: RunState,
+    advance: Callable[[], None],
 ) -> None:
     """Send ``requests`` with ``config.concurrency`` in flight; journal each answer at once."""
     pending = iter(requests)
@@ -376,17 +469,26 @@ async def _run_requests(
     async def worker() -> None:
         for request in pending:  # one shared iterator: each request is taken by one worker
             if state.usage.exhausted(config.budget):
-                state.stopped = f"token budget of {config.budget.max_tokens:,} reached (raise budget.max_tokens to go on)"
+                state.stopped = (
+                    f"token budget of {config.budget.max_tokens:,} reached"
+                    " (raise budget.max_tokens to go on)"
+                )
             elif state.deadline is not None and time.monotonic() > state.deadline:
-                state.stopped = f"time budget of {config.budget.max_seconds:.0f}s reached (run again to go on)"
+                state.stopped = (
+                    f"time budget of {config.budget.max_seconds:.0f}s reached (run again to go on)"
+                )
             if state.stopped:
                 return
             try:
                 answer = await client.complete(
                     request.messages,
-                    max_tokens=config.sampling.brainstorm_max_tokens if request.stage == "brainstorm" else config.sampling.generate_max_tokens,
-                    temperature=config.sampling.temperature, top_p=config.sampling.top_p,
-                    seed=request.seed, response_format=response_format(config, request.stage),
+                    max_tokens=config.sampling.brainstorm_max_tokens
+                    if request.stage == "brainstorm"
+                    else config.sampling.generate_max_tokens,
+                    temperature=config.sampling.temperature,
+                    top_p=config.sampling.top_p,
+                    seed=request.seed,
+                    response_format=response_format(config, request.stage),
                 )
             except EndpointError as e:
                 if e.fatal:
@@ -396,11 +498,17 @@ async def _run_requests(
                 state.last_error = str(e)
                 continue
             record = {
-                "key": request.key, "stage": request.stage, "subtask": request.subtask,
-                "index": request.index, "task": request.task, "prompt": request.prompt,
+                "key": request.key,
+                "stage": request.stage,
+                "subtask": request.subtask,
+                "index": request.index,
+                "task": request.task,
+                "prompt": request.prompt,
                 **({"level": request.level} if request.level is not None else {}),
-                "content": answer.content, "finish_reason": answer.finish_reason,
-                "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                "content": answer.content,
+                "finish_reason": answer.finish_reason,
+                "prompt_tokens": answer.prompt_tokens,
+                "completion_tokens": answer.completion_tokens,
                 **({"usage_estimated": True} if answer.usage_estimated else {}),
                 "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
@@ -421,8 +529,13 @@ async def _run_requests(
 
 
 async def _stage(
-    name: str, plan: list[Request], config: SynthConfig, endpoint: Endpoint, journal: Journal,
-    state: RunState, progress: _Progress,
+    name: str,
+    plan: list[Request],
+    config: SynthConfig,
+    endpoint: Endpoint,
+    journal: Journal,
+    state: RunState,
+    progress: _Progress,
 ) -> None:
     if not plan:
         return
@@ -432,8 +545,12 @@ async def _stage(
     if not todo:
         return
     client = ChatClient(
-        config.endpoint, base_url=endpoint.base_url, model=endpoint.model, api_key=endpoint.api_key,
-        usage=state.usage, extra_body=endpoint.extra_body,
+        config.endpoint,
+        base_url=endpoint.base_url,
+        model=endpoint.model,
+        api_key=endpoint.api_key,
+        usage=state.usage,
+        extra_body=endpoint.extra_body,
     )
     try:
         with journal.open() as writer:
@@ -446,7 +563,11 @@ async def _stage(
 def journal_usage(records: dict[str, dict[str, Any]]) -> Usage:
     usage = Usage()
     for r in records.values():
-        usage.add(int(r.get("prompt_tokens") or 0), int(r.get("completion_tokens") or 0), estimated=bool(r.get("usage_estimated")))
+        usage.add(
+            int(r.get("prompt_tokens") or 0),
+            int(r.get("completion_tokens") or 0),
+            estimated=bool(r.get("usage_estimated")),
+        )
     return usage
 
 
@@ -456,7 +577,9 @@ class GenerateResult:
     complete: bool  # every planned request answered (no failures, no budget stop)
 
 
-def generate(config: SynthConfig, *, progress: bool = True, console: Console | None = None) -> GenerateResult:
+def generate(
+    config: SynthConfig, *, progress: bool = True, console: Console | None = None
+) -> GenerateResult:
     """Run (or resume) both stages, then build the corpus from the journal. One run per output
     folder at a time: a second one stops at once, naming the first (:mod:`synth.locks`)."""
     check_output_folder(config.output, "output")
@@ -467,7 +590,11 @@ def generate(config: SynthConfig, *, progress: bool = True, console: Console | N
 def _generate(config: SynthConfig, *, progress: bool, console: Console | None) -> GenerateResult:
     t0 = time.monotonic()
     prompts = PromptSet(config.prompts.brainstorm, config.prompts.generate, config.prompts.subtasks)
-    fields = FieldPrompts(config.prompts.fields, config.prompts.subtasks) if config.stage2 == "fields" else None
+    fields = (
+        FieldPrompts(config.prompts.fields, config.prompts.subtasks)
+        if config.stage2 == "fields"
+        else None
+    )
     journal = Journal(config.work_dir / JOURNAL_FILE)
     state = RunState(usage=journal_usage(journal.read()))
     if config.budget.max_seconds is not None:
@@ -484,7 +611,9 @@ def _generate(config: SynthConfig, *, progress: bool, console: Console | None) -
             if state.stopped is None and fields is not None:
                 _run_fields(stage2, fields, config, endpoint, journal, state, bar)
             elif state.stopped is None:
-                asyncio.run(_stage("stage 2 examples", stage2, config, endpoint, journal, state, bar))
+                asyncio.run(
+                    _stage("stage 2 examples", stage2, config, endpoint, journal, state, bar)
+                )
         elif state.stopped is None:
             state.stopped = "stage 1 incomplete (failed requests; run again to retry them)"
     records = journal.read()
@@ -496,14 +625,30 @@ def _generate(config: SynthConfig, *, progress: bool, console: Console | None) -
         requests = [r for ex in examples for r in ex.requests()]
         candidates = field_candidates(config, examples, records)
     complete = stage1_done and all(r.key in records for r in requests)
-    corpus = build_corpus(config, prompts, endpoint, stage1, requests, candidates, pools, records, state,
-                          seconds=time.monotonic() - t0, complete=complete)
+    corpus = build_corpus(
+        config,
+        prompts,
+        endpoint,
+        stage1,
+        requests,
+        candidates,
+        pools,
+        records,
+        state,
+        seconds=time.monotonic() - t0,
+        complete=complete,
+    )
     return GenerateResult(corpus=corpus, complete=complete)
 
 
 def _run_fields(
-    examples: list[Request], fields: FieldPrompts, config: SynthConfig, endpoint: Endpoint,
-    journal: Journal, state: RunState, bar: _Progress,
+    examples: list[Request],
+    fields: FieldPrompts,
+    config: SynthConfig,
+    endpoint: Endpoint,
+    journal: Journal,
+    state: RunState,
+    bar: _Progress,
 ) -> None:
     """Stage 2 one text per request, in chunks of examples: queries, positives, then negatives,
     each step repeated while rejected texts have attempts left."""
@@ -512,11 +657,15 @@ def _run_fields(
         for step in ("query", "positive", "negative"):
             for _ in range(config.stage2_attempts):
                 records = journal.read()
-                planned = field_examples(config, fields, endpoint.model_id, examples[start : start + size], records)
+                planned = field_examples(
+                    config, fields, endpoint.model_id, examples[start : start + size], records
+                )
                 plan = [r for ex in planned for r in ex.requests() if r.stage == step]
                 if all(r.key in records for r in plan):
                     break
-                asyncio.run(_stage(f"stage 2 {step} texts", plan, config, endpoint, journal, state, bar))
+                asyncio.run(
+                    _stage(f"stage 2 {step} texts", plan, config, endpoint, journal, state, bar)
+                )
                 if state.stopped is not None:
                     return
 
@@ -526,19 +675,32 @@ def _run_fields(
 Candidate = tuple[Request, "Example | Rejected", str, bool]
 
 
-def json_candidates(config: SynthConfig, stage2: list[Request], records: dict[str, dict[str, Any]]) -> Iterator[Candidate]:
+def json_candidates(
+    config: SynthConfig, stage2: list[Request], records: dict[str, dict[str, Any]]
+) -> Iterator[Candidate]:
     """Each answered stage-2 request's example (one JSON answer each)."""
     for request in stage2:
         record = records.get(request.key)
         if record is None:
             continue
         try:
-            yield request, parse_example(record["content"], config.validation, truncated=record.get("finish_reason") == "length"), record["content"], True
+            yield (
+                request,
+                parse_example(
+                    record["content"],
+                    config.validation,
+                    truncated=record.get("finish_reason") == "length",
+                ),
+                record["content"],
+                True,
+            )
         except Rejected as e:
             yield request, e, record["content"], True
 
 
-def field_candidates(config: SynthConfig, examples: list[FieldExample], records: dict[str, dict[str, Any]]) -> Iterator[Candidate]:
+def field_candidates(
+    config: SynthConfig, examples: list[FieldExample], records: dict[str, dict[str, Any]]
+) -> Iterator[Candidate]:
     """Every rejected `fields` text, and each example once settled: its texts validated together,
     or rejected with the reason of a text that used up its attempts."""
     for ex in examples:
@@ -548,21 +710,42 @@ def field_candidates(config: SynthConfig, examples: list[FieldExample], records:
                 settles = slot.exhausted and n == len(slot.rejected) and not settled
                 settled |= settles
                 yield request, why, raw, settles
-        if any(slot.pending or slot.exhausted for slot in ex.slots) or len(ex.slots) != 2 + len(LEVELS):
+        if any(slot.pending or slot.exhausted for slot in ex.slots) or len(ex.slots) != 2 + len(
+            LEVELS
+        ):
             continue
         texts = [slot.text or "" for slot in ex.slots]
-        raw = json.dumps({"query": texts[0], "positive": texts[1], "negatives": texts[2:]}, ensure_ascii=False)
+        raw = json.dumps(
+            {"query": texts[0], "positive": texts[1], "negatives": texts[2:]}, ensure_ascii=False
+        )
         first = replace(ex.slots[0].requests[-1], stage="generate")  # the example as a whole
         try:
-            yield first, validate_example(Example(query=texts[0], positive=texts[1], negatives=texts[2:]), config.validation), raw, True
+            yield (
+                first,
+                validate_example(
+                    Example(query=texts[0], positive=texts[1], negatives=texts[2:]),
+                    config.validation,
+                ),
+                raw,
+                True,
+            )
         except Rejected as e:
             yield first, e, raw, True
 
 
 def build_corpus(
-    config: SynthConfig, prompts: PromptSet, endpoint: Endpoint, stage1: list[Request],
-    stage2: list[Request], candidates: Iterable[Candidate], pools: dict[str, list[str]],
-    records: dict[str, dict[str, Any]], state: RunState, *, seconds: float, complete: bool,
+    config: SynthConfig,
+    prompts: PromptSet,
+    endpoint: Endpoint,
+    stage1: list[Request],
+    stage2: list[Request],
+    candidates: Iterable[Candidate],
+    pools: dict[str, list[str]],
+    records: dict[str, dict[str, Any]],
+    state: RunState,
+    *,
+    seconds: float,
+    complete: bool,
 ) -> Corpus:
     """Validate every journaled answer of the plan, dedup, write the corpus and ``rejects.jsonl``."""
     rows, rejects = RowBuilder(), []
@@ -570,9 +753,18 @@ def build_corpus(
 
     def reject(request: Request, reason: str, detail: str, raw: str) -> None:
         reasons[f"{request.stage}/{reason}"] += 1
-        rejects.append({"key": request.key, "stage": request.stage, "subtask": request.subtask,
-                        "index": request.index, "task": request.task, "reason": reason,
-                        "detail": detail, "raw": raw})
+        rejects.append(
+            {
+                "key": request.key,
+                "stage": request.stage,
+                "subtask": request.subtask,
+                "index": request.index,
+                "task": request.task,
+                "reason": reason,
+                "detail": detail,
+                "raw": raw,
+            }
+        )
 
     for request in stage1:
         record = records.get(request.key)
@@ -595,9 +787,15 @@ def build_corpus(
         queries.add(example.query)
         positives.add(example.positive)
         assert request.task is not None
-        rows.add(source="synthetic", task_kind=task_kind(request.subtask), subtask=request.subtask,
-                 instruction=request.task, query=example.query, positive=example.positive,
-                 negatives=example.negatives)
+        rows.add(
+            source="synthetic",
+            task_kind=task_kind(request.subtask),
+            subtask=request.subtask,
+            instruction=request.task,
+            query=example.query,
+            positive=example.positive,
+            negatives=example.negatives,
+        )
     config.output.mkdir(parents=True, exist_ok=True)
     _write_jsonl(config.output / REJECTS_FILE, rejects)
     examples_planned = sum(config.tasks.examples[s] for s in pools if pools[s])
@@ -606,12 +804,25 @@ def build_corpus(
         "kind": "synthesis",
         "method": "MGH (two stages: brainstorm tasks, then query/positive/4 graded negatives)",
         "stage2": config.stage2,  # json: one JSON answer per example; fields: one text per request
-        "endpoint": {"base_url": endpoint.base_url, "model": endpoint.model_id,
-                     "response_format": config.endpoint.response_format},
+        "endpoint": {
+            "base_url": endpoint.base_url,
+            "model": endpoint.model_id,
+            "response_format": config.endpoint.response_format,
+        },
         "local_server": config.server.model_dump() if config.server else None,
-        "prompts": {**prompts.versions(), **(
-            {"fields": {"version": config.prompts.fields, "sha256": text_sha256(config.prompts.fields)}}
-            if config.stage2 == "fields" else {})},
+        "prompts": {
+            **prompts.versions(),
+            **(
+                {
+                    "fields": {
+                        "version": config.prompts.fields,
+                        "sha256": text_sha256(config.prompts.fields),
+                    }
+                }
+                if config.stage2 == "fields"
+                else {}
+            ),
+        },
         "sampling": config.sampling.model_dump(),
         "tasks": config.tasks.model_dump(),
         "concurrency": config.concurrency,
@@ -619,12 +830,24 @@ def build_corpus(
     }
     extra = {
         "requests": {
-            "brainstorm": {"planned": len(stage1), "answered": sum(r.key in records for r in stage1)},
+            "brainstorm": {
+                "planned": len(stage1),
+                "answered": sum(r.key in records for r in stage1),
+            },
             "generate": {"planned": examples_planned, "answered": resolved},
-            **({"texts": {step: {"planned": sum(r.stage == step for r in stage2),
-                                 "answered": sum(r.stage == step and r.key in records for r in stage2)}
-                          for step in ("query", "positive", "negative")}}
-               if config.stage2 == "fields" else {}),
+            **(
+                {
+                    "texts": {
+                        step: {
+                            "planned": sum(r.stage == step for r in stage2),
+                            "answered": sum(r.stage == step and r.key in records for r in stage2),
+                        }
+                        for step in ("query", "positive", "negative")
+                    }
+                }
+                if config.stage2 == "fields"
+                else {}
+            ),
             "failed_this_run": state.failed,
             "failures_this_run": dict(sorted(state.failures.items())),
             "last_error": state.last_error,
@@ -633,13 +856,22 @@ def build_corpus(
         "task_pool_sizes": {subtask: len(pool) for subtask, pool in pools.items()},
         "rejects": dict(sorted(reasons.items())),
         "acceptance_rate": round(len(rows.rows) / resolved, 4) if resolved else None,
-        "timing": {"this_run_s": round(seconds, 1), "first_answer": times[0] if times else None,
-                   "last_answer": times[-1] if times else None},
+        "timing": {
+            "this_run_s": round(seconds, 1),
+            "first_answer": times[0] if times else None,
+            "last_answer": times[-1] if times else None,
+        },
         "stopped": state.stopped,
         "complete": complete,  # every planned request answered (else a rerun resumes it)
     }
-    return write_corpus(rows.frame(), config.output, name=config.name, build=build,
-                        usage=state.usage.report(config.budget), extra=extra)
+    return write_corpus(
+        rows.frame(),
+        config.output,
+        name=config.name,
+        build=build,
+        usage=state.usage.report(config.budget),
+        extra=extra,
+    )
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -675,5 +907,7 @@ def summary_lines(result: GenerateResult) -> list[str]:
             f"last error: {requests['last_error']}"
         )
     if not result.complete:
-        lines.append(f"incomplete: {m['stopped'] or 'some requests failed (run again to retry them)'}")
+        lines.append(
+            f"incomplete: {m['stopped'] or 'some requests failed (run again to retry them)'}"
+        )
     return lines

@@ -109,7 +109,8 @@ class Usage:
             "token_count": (
                 "endpoint usage"
                 if not self.estimated_requests
-                else f"estimated at {CHARS_PER_TOKEN} characters a token for {self.estimated_requests} answers without usage"
+                else f"estimated at {CHARS_PER_TOKEN} characters a token"
+                f" for {self.estimated_requests} answers without usage"
             ),
         }
 
@@ -138,8 +139,14 @@ class ChatClient:
     """``complete(messages, ...)`` with retries; one instance per run, shared by all workers."""
 
     def __init__(
-        self, endpoint: Endpoint, *, base_url: str | None, model: str, api_key: str,
-        usage: Usage, extra_body: dict[str, Any] | None = None,
+        self,
+        endpoint: Endpoint,
+        *,
+        base_url: str | None,
+        model: str,
+        api_key: str,
+        usage: Usage,
+        extra_body: dict[str, Any] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.model = model
@@ -166,10 +173,14 @@ class ChatClient:
         seed: int,
         response_format: dict[str, Any] | None,
     ) -> Completion:
-        kwargs: dict[str, Any] = dict(
-            model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature,
-            top_p=top_p, seed=seed,
-        )
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+        }
         if response_format is not None:
             kwargs["response_format"] = response_format
         if self._extra_body:
@@ -179,22 +190,32 @@ class ChatClient:
             try:
                 # the client's timeout is per read: a server sending a byte at a time would hold
                 # the request forever, so the whole request gets the same deadline
-                response = await asyncio.wait_for(self._client.chat.completions.create(**kwargs), self.endpoint.timeout_s)
+                response = await asyncio.wait_for(
+                    self._client.chat.completions.create(**kwargs), self.endpoint.timeout_s
+                )
                 return self._completion(response, messages, max_tokens)
             except openai.APIStatusError as e:
                 if e.status_code not in RETRY_STATUS or last:
                     raise EndpointError(
                         self._describe(f"HTTP {e.status_code}", e, attempt),
-                        fatal=e.status_code in FATAL_STATUS, kind=f"http_{e.status_code}",
+                        fatal=e.status_code in FATAL_STATUS,
+                        kind=f"http_{e.status_code}",
                     ) from None
                 wait = retry_after_s(e)
                 wait = backoff_s(attempt, self.endpoint, self._rng) if wait is None else wait
                 wait = min(wait, self.endpoint.backoff_max_s)
             except (openai.APITimeoutError, openai.APIConnectionError, TimeoutError) as e:
                 if last:
-                    kind = "connection" if isinstance(e, openai.APIConnectionError) and not isinstance(e, openai.APITimeoutError) else "timeout"
+                    kind = (
+                        "connection"
+                        if isinstance(e, openai.APIConnectionError)
+                        and not isinstance(e, openai.APITimeoutError)
+                        else "timeout"
+                    )
                     if isinstance(e, TimeoutError) and not str(e):  # our own deadline
-                        e = TimeoutError(f"no complete answer within timeout_s={self.endpoint.timeout_s:g}")
+                        e = TimeoutError(
+                            f"no complete answer within timeout_s={self.endpoint.timeout_s:g}"
+                        )
                     message = self._describe(type(e).__name__, e, attempt)
                     raise EndpointError(message, kind=kind) from None
                 wait = backoff_s(attempt, self.endpoint, self._rng)
@@ -208,7 +229,9 @@ class ChatClient:
             await asyncio.sleep(wait)
         raise AssertionError("unreachable: the loop returns or raises")
 
-    def _completion(self, response: Any, messages: list[dict[str, str]], max_tokens: int) -> Completion:
+    def _completion(
+        self, response: Any, messages: list[dict[str, str]], max_tokens: int
+    ) -> Completion:
         """Check that ``response`` is a chat completion (the client does not validate it)."""
         choices = getattr(response, "choices", None)
         if not isinstance(choices, list) or not choices:
@@ -232,7 +255,9 @@ class ChatClient:
                 self._warned = True
                 log.warning(
                     "%s sends no token usage: counting tokens at %d characters a token (budget and "
-                    "cost are estimates; the manifest says so)", self._client.base_url, CHARS_PER_TOKEN,
+                    "cost are estimates; the manifest says so)",
+                    self._client.base_url,
+                    CHARS_PER_TOKEN,
                 )
         self.usage.add(prompt, completion, estimated=estimated)
         return Completion(

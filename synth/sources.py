@@ -56,14 +56,18 @@ def _text(value: Any) -> str | None:
     return (value.strip() or None) if isinstance(value, str) else None
 
 
-def pairs_from_records(records: Iterable[tuple[str, Mapping[str, Any]]], columns: Columns) -> list[Pair]:
+def pairs_from_records(
+    records: Iterable[tuple[str, Mapping[str, Any]]], columns: Columns
+) -> list[Pair]:
     """Records ``(where, mapping)`` -> pairs; a missing or empty query/positive is an error at ``where``."""
     pairs = []
     for where, record in records:
         for name in (columns.query, columns.positive):
             if _text(record.get(name)) is None:
                 state = "missing" if name not in record else "empty or not a string"
-                raise SourceError(f"{where}: field {name!r} is {state} (fields: {', '.join(record)})")
+                raise SourceError(
+                    f"{where}: field {name!r} is {state} (fields: {', '.join(record)})"
+                )
         negative = _text(record.get(columns.negative)) if columns.negative else None
         pairs.append(Pair(_text(record[columns.query]), _text(record[columns.positive]), negative))  # type: ignore[arg-type]
     return pairs
@@ -90,16 +94,22 @@ def read_beir(folder: Path, split: str) -> PairSet:
     qrels = folder / "qrels" / f"{split}.tsv"
     if not qrels.is_file():
         found = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
-        raise SourceError(f"{qrels}: no qrels for split {split!r} (found: {', '.join(found) or 'none'})")
+        raise SourceError(
+            f"{qrels}: no qrels for split {split!r} (found: {', '.join(found) or 'none'})"
+        )
     documents: dict[str, str] = {}
     for where, doc in _jsonl(folder / "corpus.jsonl"):
         text = " ".join(t for t in (_text(doc.get("title")), _text(doc.get("text"))) if t)
         if "_id" not in doc or not text:
-            raise SourceError(f"{where}: a BEIR document needs '_id' and a non-empty 'title' or 'text'")
+            raise SourceError(
+                f"{where}: a BEIR document needs '_id' and a non-empty 'title' or 'text'"
+            )
         documents[str(doc["_id"])] = text
     queries_file = folder / "queries.jsonl"
     if not queries_file.is_file():
-        raise SourceError(f"{queries_file}: missing (a BEIR folder needs corpus.jsonl, queries.jsonl, qrels/)")
+        raise SourceError(
+            f"{queries_file}: missing (a BEIR folder needs corpus.jsonl, queries.jsonl, qrels/)"
+        )
     queries = {str(q.get("_id")): _text(q.get("text")) for _, q in _jsonl(queries_file)}
     pairs = []
     try:
@@ -176,9 +186,11 @@ def read_hub(name: str, subset: str | None, split: str, columns: Columns) -> Pai
 
     try:
         data = datasets.load_dataset(name, subset, split=split)
-    except Exception as e:  # noqa: BLE001 -- datasets raises many types for "not found / offline / no such split"
+    except Exception as e:
         hint = " (HF_HUB_OFFLINE is set: only cached data sets load)" if offline else ""
-        raise SourceError(f"hf:{name}: cannot load split {split!r}{hint}: {type(e).__name__}: {e}") from None
+        raise SourceError(
+            f"hf:{name}: cannot load split {split!r}{hint}: {type(e).__name__}: {e}"
+        ) from None
     missing = [c for c in (columns.query, columns.positive) if c not in data.column_names]
     if missing:
         raise SourceError(

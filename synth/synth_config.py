@@ -83,9 +83,7 @@ class Tasks(_Strict):
     """
 
     brainstorm_requests: int = Field(2, ge=0)
-    examples: dict[str, int] = Field(
-        default_factory=lambda: {subtask: 20 for subtask in SYNTH_SUBTASKS}
-    )
+    examples: dict[str, int] = Field(default_factory=lambda: dict.fromkeys(SYNTH_SUBTASKS, 20))
     given: dict[str, list[str]] = Field(default_factory=dict)
     seed: int = 0
 
@@ -93,7 +91,9 @@ class Tasks(_Strict):
     def _known_subtasks(self) -> Tasks:
         unknown = sorted((set(self.examples) | set(self.given)) - set(SYNTH_SUBTASKS))
         if unknown:
-            raise ValueError(f"unknown subtask(s) {unknown}; expected some of {list(SYNTH_SUBTASKS)}")
+            raise ValueError(
+                f"unknown subtask(s) {unknown}; expected some of {list(SYNTH_SUBTASKS)}"
+            )
         if any(n < 0 for n in self.examples.values()):
             raise ValueError("example counts must be >= 0")
         if self.brainstorm_requests == 0:
@@ -138,7 +138,9 @@ class SynthConfig(_Strict):
     @model_validator(mode="after")
     def _endpoint_or_server(self) -> SynthConfig:
         if self.server is not None and self.endpoint.base_url is not None:
-            raise ValueError("give either `server` (start a local model) or `endpoint.base_url`, not both")
+            raise ValueError(
+                "give either `server` (start a local model) or `endpoint.base_url`, not both"
+            )
         return self
 
     @property

@@ -17,7 +17,14 @@ from string import Template
 
 from synth.corpus import SYNTH_SUBTASKS
 
-_SUBTASK_KEYS = ("kind_name", "kind_description", "example", "query_spec", "positive_spec", "negative_spec")
+_SUBTASK_KEYS = (
+    "kind_name",
+    "kind_description",
+    "example",
+    "query_spec",
+    "positive_spec",
+    "negative_spec",
+)
 
 
 class PromptError(ValueError):
@@ -28,8 +35,14 @@ class PromptError(ValueError):
 def load_text(version: str) -> str:
     path = resources.files("synth") / "prompts" / f"{version}.txt"
     if not path.is_file():
-        known = sorted(p.name[:-4] for p in (resources.files("synth") / "prompts").iterdir() if p.name.endswith(".txt"))
-        raise PromptError(f"prompt version {version!r} not found in synth/prompts (known: {', '.join(known)})")
+        known = sorted(
+            p.name[:-4]
+            for p in (resources.files("synth") / "prompts").iterdir()
+            if p.name.endswith(".txt")
+        )
+        raise PromptError(
+            f"prompt version {version!r} not found in synth/prompts (known: {', '.join(known)})"
+        )
     return path.read_text(encoding="utf-8")
 
 
@@ -47,7 +60,9 @@ def subtask_specs(version: str) -> dict[str, dict[str, str]]:
             raise PromptError(f"synth/prompts/{version}.txt: no section [{subtask}]")
         missing = [k for k in _SUBTASK_KEYS if not parser.has_option(subtask, k)]
         if missing:
-            raise PromptError(f"synth/prompts/{version}.txt: [{subtask}] lacks {', '.join(missing)}")
+            raise PromptError(
+                f"synth/prompts/{version}.txt: [{subtask}] lacks {', '.join(missing)}"
+            )
         specs[subtask] = {k: parser.get(subtask, k) for k in _SUBTASK_KEYS}
     return specs
 
@@ -70,7 +85,11 @@ class PromptSet:
         """Version name and content hash of each template, for the manifest."""
         return {
             role: {"version": v, "sha256": text_sha256(v)}
-            for role, v in (("brainstorm", self.brainstorm), ("generate", self.generate), ("subtasks", self.subtasks))
+            for role, v in (
+                ("brainstorm", self.brainstorm),
+                ("generate", self.generate),
+                ("subtasks", self.subtasks),
+            )
         }
 
     @staticmethod
@@ -78,7 +97,9 @@ class PromptSet:
         try:
             content = Template(load_text(version)).substitute(values)
         except KeyError as e:
-            raise PromptError(f"synth/prompts/{version}.txt: unknown placeholder ${e.args[0]}") from None
+            raise PromptError(
+                f"synth/prompts/{version}.txt: unknown placeholder ${e.args[0]}"
+            ) from None
         return [{"role": "user", "content": content.strip()}]
 
 
@@ -114,7 +135,9 @@ class FieldPrompts:
     fields: str
     subtasks: str
 
-    def values(self, subtask: str, task: str, query: str | None = None, level: int | None = None) -> dict[str, str]:
+    def values(
+        self, subtask: str, task: str, query: str | None = None, level: int | None = None
+    ) -> dict[str, str]:
         values = {**subtask_specs(self.subtasks)[subtask], "task": task}
         if query is not None:
             values["query"] = query
@@ -122,18 +145,24 @@ class FieldPrompts:
             values["level_spec"] = field_templates(self.fields)[1][level]
         return values
 
-    def messages(self, step: str, subtask: str, task: str, query: str | None = None, level: int | None = None) -> list[dict[str, str]]:
+    def messages(
+        self, step: str, subtask: str, task: str, query: str | None = None, level: int | None = None
+    ) -> list[dict[str, str]]:
         template = field_templates(self.fields)[0][step]
         try:
             content = Template(template).substitute(self.values(subtask, task, query, level))
         except KeyError as e:
-            raise PromptError(f"synth/prompts/{self.fields}.txt: [{step}] uses unknown placeholder {e}") from None
+            raise PromptError(
+                f"synth/prompts/{self.fields}.txt: [{step}] uses unknown placeholder {e}"
+            ) from None
         return [{"role": "user", "content": content}]
 
     def echoes(self, step: str, subtask: str, level: int | None = None) -> list[str]:
         """Prompt phrases an answer must not contain (a small model copies its instructions)."""
         specs = subtask_specs(self.subtasks)[subtask]
-        spec = {"query": "query_spec", "positive": "positive_spec", "negative": "negative_spec"}[step]
+        spec = {"query": "query_spec", "positive": "positive_spec", "negative": "negative_spec"}[
+            step
+        ]
         phrases = [specs[spec], "answer with the text only"]
         if level is not None:
             phrases.append(field_templates(self.fields)[1][level])

@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
-MAX_YAML_VALUES = 100_000  # values of a YAML file once its aliases are expanded; configs hold hundreds
+MAX_YAML_VALUES = (
+    100_000  # values of a YAML file once its aliases are expanded; configs hold hundreds
+)
 
 
 class TextFileError(ValueError):
@@ -33,7 +35,9 @@ def lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise TextFileError(f"{path}:{number}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+                raise TextFileError(
+                    f"{path}:{number}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                ) from None
 
 
 def read_text(path: str | os.PathLike[str]) -> str:

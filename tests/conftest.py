@@ -49,7 +49,8 @@ def snli_frame(shared: Path, n: int = 200, seed: int = 0):
     from synth.corpus import RowBuilder
 
     rows = [
-        json.loads(l) for l in (shared / "SNLI-triplets" / "train.jsonl").open(encoding="utf-8")
+        json.loads(line)
+        for line in (shared / "SNLI-triplets" / "train.jsonl").open(encoding="utf-8")
     ]
     rows = [r for r in rows if r.get("negative")][: n * 2]
     rng = random.Random(seed)

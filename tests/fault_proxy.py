@@ -183,13 +183,19 @@ class _Proxy:
         content_type = "application/json"
         if status == 200 and fault in BODY_FAULTS:
             data, content_type = _damage(fault, data)
-        if fault == "drip":  # the whole body, a few bytes at a time: every read is quick, the answer never ends in time
+        if (
+            fault == "drip"
+        ):  # the whole body, a few bytes at a time: every read is quick, the answer never ends in time
             response = web.StreamResponse(status=status, headers={"Content-Length": str(len(data))})
             response.content_type = content_type
             await response.prepare(request)
             t0 = time.monotonic()
             for i in range(0, len(data), 4):
-                if transport is None or transport.is_closing() or time.monotonic() - t0 > self.timing.hang_s:
+                if (
+                    transport is None
+                    or transport.is_closing()
+                    or time.monotonic() - t0 > self.timing.hang_s
+                ):
                     break
                 await response.write(data[i : i + 4])
                 await asyncio.sleep(self.timing.drip_s)

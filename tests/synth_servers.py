@@ -221,7 +221,12 @@ def scripted(faults: dict[str, list[int]] | None = None, delay_s: float = 0.0) -
     return respond
 
 
-_LEVEL_MARKERS = {"same topic": 1, "related topic, partly": 2, "loosely related": 3, "different topic": 4}
+_LEVEL_MARKERS = {
+    "same topic": 1,
+    "related topic, partly": 2,
+    "loosely related": 3,
+    "different topic": 4,
+}
 
 
 def field_answer(prompt: str, seed: int) -> str:

@@ -16,7 +16,10 @@ from synth.mine import config_from_sources, mine
 def mined_snli(tmp_path_factory, shared_data) -> Path:
     out = tmp_path_factory.mktemp("audit") / "snli-mined"
     config = config_from_sources(
-        [str(shared_data / "SNLI-triplets")], task_kind="symmetric", max_rows=80, seed=1,
+        [str(shared_data / "SNLI-triplets")],
+        task_kind="symmetric",
+        max_rows=80,
+        seed=1,
         bands=[[1, 3], [4, 12], [13, 40], [41, 120]],
     )
     mine(config, out, progress=False)
@@ -36,7 +39,10 @@ def test_mined_levels_fall_monotonically(mined_snli: Path) -> None:
     assert all(lv["above_positive"] == 0 for lv in levels.values())
     assert report["by_source"]["SNLI-triplets"]["monotone_query"] is True
     # the audit files sit beside the corpus and leave its hash alone
-    assert json.loads((mined_snli / AUDIT_JSON).read_text())["spearman_query"] == report["spearman_query"]
+    assert (
+        json.loads((mined_snli / AUDIT_JSON).read_text())["spearman_query"]
+        == report["spearman_query"]
+    )
     md = (mined_snli / AUDIT_MD).read_text()
     assert "| level 4 | 80 |" in md and "to query yes" in md
     assert read_corpus(mined_snli).sha256 == sha
@@ -54,7 +60,7 @@ def test_fixture_corpus_contradictions_are_its_hardest_level(tiny_corpus_dir: Pa
 def test_bad_corpus_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CorpusError, match="corpus directory does not exist"):
         audit_corpus(tmp_path / "nope", progress=False)
-    with pytest.raises(CorpusError, match="no manifest.json"):
+    with pytest.raises(CorpusError, match=r"no manifest\.json"):
         audit_corpus(tmp_path, progress=False)
 
 
@@ -66,14 +72,33 @@ def test_harness_audit_scores_levels_with_a_harness_model(mined_snli: Path, tmp_
     from harness.cli import app
 
     out = tmp_path / "audit"
-    result = CliRunner().invoke(app, ["audit", str(mined_snli), "packaged:all-minilm-l6-v2", "--pooling", "ata", "--out", str(out), "--max-rows", "60"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "audit",
+            str(mined_snli),
+            "packaged:all-minilm-l6-v2",
+            "--pooling",
+            "ata",
+            "--out",
+            str(out),
+            "--max-rows",
+            "60",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / AUDIT_JSON).read_text())
-    assert report["pooling"] == "ata" and report["sampled_rows"] == 60 and report["model"] == "packaged:all-minilm-l6-v2"
+    assert (
+        report["pooling"] == "ata"
+        and report["sampled_rows"] == 60
+        and report["model"] == "packaged:all-minilm-l6-v2"
+    )
     assert report["monotone_query"] is True and report["spearman_query"] < -0.4
     assert "(ata pooling)" in (out / AUDIT_MD).read_text()
     assert not (mined_snli / "nope").exists()
-    bad = CliRunner().invoke(app, ["audit", str(tmp_path / "nope"), "packaged:all-minilm-l6-v2", "--out", str(out)])
+    bad = CliRunner().invoke(
+        app, ["audit", str(tmp_path / "nope"), "packaged:all-minilm-l6-v2", "--out", str(out)]
+    )
     assert bad.exit_code == 2 and "corpus directory does not exist" in bad.output
 
 
@@ -89,11 +114,18 @@ def test_heldout_metrics_match_a_text_by_text_computation(tiny_corpus_dir: Path)
     from synth.corpus import NEG_COLUMNS
 
     frame = read_corpus(tiny_corpus_dir).frame.head(24)
-    embedder = Embedder.from_settings(ModelSettings(name="packaged:all-minilm-l6-v2", pooling="mean", max_query_length=48, max_doc_length=48), "cpu")
+    embedder = Embedder.from_settings(
+        ModelSettings(
+            name="packaged:all-minilm-l6-v2", pooling="mean", max_query_length=48, max_doc_length=48
+        ),
+        "cpu",
+    )
     got = heldout_metrics(embedder, frame, batch_size=8)
 
     def one(text: str, instruction: str | None, length: int) -> torch.Tensor:
-        return torch.nn.functional.normalize(embedder.encode([text], instruction=instruction, max_length=length)[0], dim=0)
+        return torch.nn.functional.normalize(
+            embedder.encode([text], instruction=instruction, max_length=length)[0], dim=0
+        )
 
     wins: dict[int, list[bool]] = {1: [], 2: [], 3: [], 4: []}
     hits = 0
@@ -103,7 +135,10 @@ def test_heldout_metrics_match_a_text_by_text_computation(tiny_corpus_dir: Path)
         queries = [one(r["query"], r["instruction"], 48) for r in batch]
         docs = [doc_instruction(r["instruction"], r["task_kind"]) for r in batch]
         positives = [one(r["positive"], d, 48) for r, d in zip(batch, docs)]
-        negatives = [[one(r[c], d, 48) if r[c] is not None else None for c in NEG_COLUMNS] for r, d in zip(batch, docs)]
+        negatives = [
+            [one(r[c], d, 48) if r[c] is not None else None for c in NEG_COLUMNS]
+            for r, d in zip(batch, docs)
+        ]
         candidates = positives + [n[k] for k in range(4) for n in negatives if n[k] is not None]
         for i, q in enumerate(queries):
             pos = float(q @ positives[i])

@@ -26,8 +26,16 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
 
 
 def test_extends_merges_and_rebases_paths(tmp_path):
-    _write(tmp_path, "base/base.yaml", "name: base\ncorpus: {path: ../corpora/c}\ntrain: {lr: 2e-4, steps: 10}\nmodel: {lora: {r: 16}}\n")
-    exp_file = _write(tmp_path, "exp.yaml", "extends: base/base.yaml\nname: e\ntrain: {batch_size: 8}\nmodel: {lora: {alpha: 8}}\n")
+    _write(
+        tmp_path,
+        "base/base.yaml",
+        "name: base\ncorpus: {path: ../corpora/c}\ntrain: {lr: 2e-4, steps: 10}\nmodel: {lora: {r: 16}}\n",
+    )
+    exp_file = _write(
+        tmp_path,
+        "exp.yaml",
+        "extends: base/base.yaml\nname: e\ntrain: {batch_size: 8}\nmodel: {lora: {alpha: 8}}\n",
+    )
     exp = load_experiment(exp_file)
     assert exp.name == "e"
     assert (exp.train.lr, exp.train.steps, exp.train.batch_size) == (2e-4, 10, 8)
@@ -45,7 +53,10 @@ def test_overrides_and_yaml_floats(tmp_path):
 @pytest.mark.parametrize(
     "text, fragments",
     [
-        ("name: x\ncorpus: {path: c}\ntrain: {stratgy: curriculum}\n", ["train.stratgy", "unknown key"]),
+        (
+            "name: x\ncorpus: {path: c}\ntrain: {stratgy: curriculum}\n",
+            ["train.stratgy", "unknown key"],
+        ),
         ("name: x\ncorpus: {path: c}\ntrain: {lr: fast}\n", ["train.lr", "'fast'"]),
         ("name: x\ncorpus: {path: c}\nmodel: {pooling: max}\n", ["model.pooling", "'max'"]),
         ("name: x\ncorpus: {path: c}\ntrain: {strategy: level-5}\n", ["train.strategy"]),
@@ -76,7 +87,11 @@ def test_extends_cycle_is_an_error(tmp_path):
 
 
 def test_grid_cells_labels_and_trial_keys(tmp_path):
-    f = _write(tmp_path, "e.yaml", "name: e\ncorpus: {path: c}\ngrid: {strategy: [curriculum, reverse], pooling: [ata, mean], seed: [1, 2]}\n")
+    f = _write(
+        tmp_path,
+        "e.yaml",
+        "name: e\ncorpus: {path: c}\ngrid: {strategy: [curriculum, reverse], pooling: [ata, mean], seed: [1, 2]}\n",
+    )
     exp = load_experiment(f)
     cells = grid_cells(exp)
     assert len(cells) == 8
@@ -85,11 +100,16 @@ def test_grid_cells_labels_and_trial_keys(tmp_path):
     assert (trial.train.strategy, trial.model.pooling, trial.train.seed) == ("curriculum", "ata", 1)
     keys = {trial_key(apply_cell(exp, c), "sha") for c in cells}
     assert len(keys) == 8, "every cell has its own key"
-    assert trial_key(trial, "sha") == trial_key(apply_cell(load_experiment(f), cells[0]), "sha"), "stable"
+    assert trial_key(trial, "sha") == trial_key(apply_cell(load_experiment(f), cells[0]), "sha"), (
+        "stable"
+    )
     assert trial_key(trial, "sha") != trial_key(trial, "other-corpus")
     params = trial_params(trial)
     assert params["train.strategy"] == "curriculum" and params["model.lora.r"] == 16
-    assert parse_cell(["strategy=reverse,pooling=mean"], exp) == {"train.strategy": "reverse", "model.pooling": "mean"}
+    assert parse_cell(["strategy=reverse,pooling=mean"], exp) == {
+        "train.strategy": "reverse",
+        "model.pooling": "mean",
+    }
     with pytest.raises(ConfigError, match="not in the grid"):
         parse_cell(["strategy=random"], exp)
 
@@ -98,15 +118,27 @@ def test_backbone_fields_grid_and_paths(tmp_path):
     _write(
         tmp_path,
         "base/base.yaml",
-        "name: base\ncorpus: {path: c}\nmodel: {init_adapter: ../adapters/mntp, attention: bidirectional, template: llm2vec}\n"
+        "name: base\ncorpus: {path: c}\nmodel: "
+        "{init_adapter: ../adapters/mntp, attention: bidirectional, template: llm2vec}\n"
         "mntp: {text: [corpus, ../texts], output: ../adapters/mntp}\n",
     )
-    exp_file = _write(tmp_path, "exp.yaml", "extends: base/base.yaml\nname: e\ngrid: {model.attention: [causal, bidirectional]}\n")
+    exp_file = _write(
+        tmp_path,
+        "exp.yaml",
+        "extends: base/base.yaml\nname: e\ngrid: {model.attention: [causal, bidirectional]}\n",
+    )
     exp = load_experiment(exp_file)
-    assert exp.model.init_adapter == "adapters/mntp" and exp.mntp.output == "adapters/mntp"  # relative to exp.yaml now
+    assert (
+        exp.model.init_adapter == "adapters/mntp" and exp.mntp.output == "adapters/mntp"
+    )  # relative to exp.yaml now
     assert exp.mntp.text == ["corpus", "texts"]
-    assert [cell_label(c) for c in grid_cells(exp)] == ["attention=causal", "attention=bidirectional"]
-    hub = load_experiment(exp_file, ["model.init_adapter=McGill-NLP/LLM2Vec-Mistral-7B-Instruct-v2-mntp"])
+    assert [cell_label(c) for c in grid_cells(exp)] == [
+        "attention=causal",
+        "attention=bidirectional",
+    ]
+    hub = load_experiment(
+        exp_file, ["model.init_adapter=McGill-NLP/LLM2Vec-Mistral-7B-Instruct-v2-mntp"]
+    )
     assert hub.model.init_adapter == "McGill-NLP/LLM2Vec-Mistral-7B-Instruct-v2-mntp"
     assert "mntp.steps" not in trial_params(exp), "the MNTP stage is not a trial param"
 
@@ -115,7 +147,9 @@ def test_the_init_adapter_hash_stands_for_the_adapter_in_the_trial_key(tmp_path)
     f = _write(tmp_path, "e.yaml", "name: e\ncorpus: {path: c}\nmodel: {init_adapter: ./a}\n")
     base = load_experiment(f)
     pinned = load_experiment(f, ["model.init_adapter_sha256=" + "1" * 64])
-    moved = load_experiment(f, ["model.init_adapter=/elsewhere/a", "model.init_adapter_sha256=" + "1" * 64])
+    moved = load_experiment(
+        f, ["model.init_adapter=/elsewhere/a", "model.init_adapter_sha256=" + "1" * 64]
+    )
     other = load_experiment(f, ["model.init_adapter_sha256=" + "2" * 64])
     assert trial_key(pinned, "s") == trial_key(moved, "s"), "the same adapter in another folder"
     assert len({trial_key(x, "s") for x in (base, pinned, other)}) == 3
@@ -138,7 +172,7 @@ def test_bad_backbone_values_name_the_field(tmp_path, override, field):
 
 def test_a_pinned_hash_is_a_sha256(tmp_path):
     f = _write(tmp_path, "e.yaml", "name: e\ncorpus: {path: c}\n")
-    with pytest.raises(ConfigError, match="init_adapter_sha256: .*64 lowercase hex"):
+    with pytest.raises(ConfigError, match=r"init_adapter_sha256: .*64 lowercase hex"):
         load_experiment(f, ["model.init_adapter_sha256=abc"])
 
 
@@ -152,7 +186,9 @@ def test_a_name_that_would_leave_results_is_refused(tmp_path, name, tally):
 
 
 @pytest.mark.faults
-@pytest.mark.parametrize("axis", ["name", "corpus.path", "tracking.uri", "resources.gpus_per_trial", "mntp.steps"])
+@pytest.mark.parametrize(
+    "axis", ["name", "corpus.path", "tracking.uri", "resources.gpus_per_trial", "mntp.steps"]
+)
 def test_axes_that_cannot_vary_per_trial_are_refused(tmp_path, axis, tally):
     f = _write(tmp_path, "e.yaml", f"name: e\ncorpus: {{path: c}}\ngrid: {{{axis}: [a, b]}}\n")
     with pytest.raises(ConfigError, match="cannot vary per trial"):
@@ -178,7 +214,12 @@ def test_path_parts_never_nest_or_climb():
     assert path_part("attention=causal-s1") == "attention=causal-s1"
     for hostile in ("../x", "a/b", "..", "/abs", "a\\b"):
         part = path_part(hostile)
-        assert "/" not in part and "\\" not in part and part not in (".", "..") and not part.startswith(".")
+        assert (
+            "/" not in part
+            and "\\" not in part
+            and part not in (".", "..")
+            and not part.startswith(".")
+        )
 
 
 @pytest.mark.faults

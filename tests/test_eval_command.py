@@ -14,7 +14,11 @@ from harness.evaluation.command import ModelNotFoundError, eval_command
 def saved_model(tmp_path_factory) -> Path:
     from harness.embedder import Embedder
 
-    embedder = Embedder.from_settings(ModelSettings(name="packaged:all-minilm-l6-v2", pooling="mean"), "cpu", name="test/saved-minilm")
+    embedder = Embedder.from_settings(
+        ModelSettings(name="packaged:all-minilm-l6-v2", pooling="mean"),
+        "cpu",
+        name="test/saved-minilm",
+    )
     return embedder.save(tmp_path_factory.mktemp("model") / "model")
 
 
@@ -29,22 +33,40 @@ def biosses(tmp_path_factory, shared_data: Path) -> str:
 
 
 def test_saved_model_folder(saved_model: Path, biosses: str, tmp_path: Path, capsys) -> None:
-    result = eval_command(str(saved_model), None, [biosses], output_dir=str(tmp_path), no_instructions=True)
-    assert result.result_dir.parts[-4:-2] == ("test__saved-minilm", "base")  # the saved model's own name
+    result = eval_command(
+        str(saved_model), None, [biosses], output_dir=str(tmp_path), no_instructions=True
+    )
+    assert result.result_dir.parts[-4:-2] == (
+        "test__saved-minilm",
+        "base",
+    )  # the saved model's own name
     assert "| BIOSSES | STS | cosine_spearman |" in capsys.readouterr().out
 
 
-def test_mlflow_run_resolves_to_its_model_and_gets_the_scores(saved_model: Path, biosses: str, tmp_path: Path) -> None:
+def test_mlflow_run_resolves_to_its_model_and_gets_the_scores(
+    saved_model: Path, biosses: str, tmp_path: Path
+) -> None:
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
-    exp_id = client.create_experiment("eval-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    exp_id = client.create_experiment(
+        "eval-test", artifact_location=(tmp_path / "artifacts").as_uri()
+    )
     run_id = client.create_run(exp_id).info.run_id
-    client.log_artifacts(run_id, str(saved_model), "model")  # as the sweep driver logs a trial's model
+    client.log_artifacts(
+        run_id, str(saved_model), "model"
+    )  # as the sweep driver logs a trial's model
     client.set_terminated(run_id)
 
-    result = eval_command(run_id, None, [biosses], output_dir=str(tmp_path / "eval"), tracking_uri=uri, no_instructions=True)
+    result = eval_command(
+        run_id,
+        None,
+        [biosses],
+        output_dir=str(tmp_path / "eval"),
+        tracking_uri=uri,
+        no_instructions=True,
+    )
     logged = client.get_run(run_id).data.metrics
     assert logged["eval/BIOSSES"] == pytest.approx(result.metrics["eval/BIOSSES"])
     assert {"eval/STS", "eval/avg"} <= logged.keys()

@@ -35,7 +35,9 @@ def test_named_folders_are_mteb_tasks_reading_local_data(shared_data: Path) -> N
     clf.load_data()
     assert clf.dataset["train"].num_rows == 10003 and clf.dataset["test"].num_rows == 3080
     names = json.loads((shared_data / "Banking77Classification" / "categories.json").read_text())
-    assert clf.dataset["train"][0]["label"] == names.index("card_arrival")  # integer labels, as on the Hub
+    assert clf.dataset["train"][0]["label"] == names.index(
+        "card_arrival"
+    )  # integer labels, as on the Hub
 
 
 def test_unnamed_folder_gets_generic_metadata(tmp_path: Path, shared_data: Path) -> None:
@@ -68,8 +70,14 @@ def test_max_docs_keeps_relevant_documents_deterministically(shared_data: Path) 
     ("setup", "message"),
     [
         (lambda d: None, "not a task folder"),
-        (lambda d: (d / "test.tsv").write_text("a\tb\tscore\nx\ty\t1\n"), "lacks column(s) ['sentence1', 'sentence2']"),
-        (lambda d: (d / "test.tsv").write_text("sentence1\tsentence2\tscore\nx\ty\thigh\n"), "score column is not a number"),
+        (
+            lambda d: (d / "test.tsv").write_text("a\tb\tscore\nx\ty\t1\n"),
+            "lacks column(s) ['sentence1', 'sentence2']",
+        ),
+        (
+            lambda d: (d / "test.tsv").write_text("sentence1\tsentence2\tscore\nx\ty\thigh\n"),
+            "score column is not a number",
+        ),
     ],
 )
 def test_malformed_folders_fail_naming_the_file(tmp_path: Path, setup, message: str) -> None:
@@ -81,10 +89,14 @@ def test_malformed_folders_fail_naming_the_file(tmp_path: Path, setup, message: 
     assert message in str(err.value)
 
 
-def test_folder_named_like_a_task_of_another_type_is_refused(tmp_path: Path, shared_data: Path) -> None:
+def test_folder_named_like_a_task_of_another_type_is_refused(
+    tmp_path: Path, shared_data: Path
+) -> None:
     folder = tmp_path / "SciFact"
     shutil.copytree(shared_data / "BIOSSES", folder)
-    with pytest.raises(LocalTaskError, match="holds a STS task, but mteb's task 'SciFact' is Retrieval"):
+    with pytest.raises(
+        LocalTaskError, match="holds a STS task, but mteb's task 'SciFact' is Retrieval"
+    ):
         load_local_task(folder)
 
 

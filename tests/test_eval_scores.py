@@ -9,7 +9,9 @@ from harness.evaluation.scores import TaskScore
 
 
 def _row(task: str, category: str, score: float) -> TaskScore:
-    return TaskScore(task=task, category=category, main_score="m", score=score, split="test", seconds=1.0)
+    return TaskScore(
+        task=task, category=category, main_score="m", score=score, split="test", seconds=1.0
+    )
 
 
 def test_category_means_and_average_over_tasks() -> None:
@@ -24,14 +26,23 @@ def test_category_means_and_average_over_tasks() -> None:
         ]
     )
     # the paper's category order, then task names; unknown categories last
-    assert df["task"].to_list() == ["NFCorpus", "SciFact", "Banking77Classification", "STS12", "STS13", "Custom"]
+    assert df["task"].to_list() == [
+        "NFCorpus",
+        "SciFact",
+        "Banking77Classification",
+        "STS12",
+        "STS13",
+        "Custom",
+    ]
     means = scores.category_means(df)
     assert means["category"].to_list() == ["Retrieval", "Classification", "STS", "BitextMining"]
     assert means["tasks"].to_list() == [2, 1, 2, 1]
     m = scores.metrics(df)
     assert m["eval/Retrieval"] == pytest.approx(0.45)
     assert m["eval/STS"] == pytest.approx(0.75)
-    assert m["eval/avg"] == pytest.approx((0.7 + 0.6 + 0.8 + 0.3 + 0.9 + 0.5) / 6)  # over tasks, not categories
+    assert m["eval/avg"] == pytest.approx(
+        (0.7 + 0.6 + 0.8 + 0.3 + 0.9 + 0.5) / 6
+    )  # over tasks, not categories
     assert m["eval/STS12"] == 0.70
     assert len(m) == 6 + 4 + 1
 

@@ -25,7 +25,11 @@ def test_mteb_en_is_the_classic_english_benchmark() -> None:
     classic = {t.metadata.name for t in mteb.get_benchmark("MTEB(eng, v1)").tasks}
     assert len(suite("mteb-en").tasks) == 56
     assert set(suite("mteb-en").tasks) == classic
-    retrieval = {t.metadata.name for t in mteb.get_benchmark("MTEB(eng, v1)").tasks if t.metadata.type == "Retrieval"}
+    retrieval = {
+        t.metadata.name
+        for t in mteb.get_benchmark("MTEB(eng, v1)").tasks
+        if t.metadata.type == "Retrieval"
+    }
     assert set(suite("retrieval").tasks) == retrieval and len(retrieval) == 15
 
 
@@ -39,22 +43,36 @@ def test_named_tasks_resolve_as_the_benchmark_configures_them() -> None:
 def test_local_suites_resolve_folders_under_the_data_dir(shared_data: Path) -> None:
     tasks = resolve_tasks(task_entries(EvalSettings(suite="local")), data=shared_data)
     assert [t.metadata.name for t in tasks] == [
-        "STSBenchmark", "STS12", "STS13", "STS14", "STS15", "STS16", "SICK-R", "BIOSSES", "SciFact", "Banking77Classification",
+        "STSBenchmark", "STS12", "STS13", "STS14", "STS15", "STS16", "SICK-R", "BIOSSES",
+        "SciFact", "Banking77Classification",
     ]  # fmt: skip
     assert all(isinstance(t, LocalFolderTask) for t in tasks)
     check_hub_access(tasks)  # local folders never need the Hub
 
 
 def test_suite_and_explicit_tasks_merge_without_repeats() -> None:
-    entries = task_entries(EvalSettings(suite="local-small", tasks=["${NM_SHARED_DATA}/BIOSSES", "x/STS12"]))
-    assert entries == ["${NM_SHARED_DATA}/BIOSSES", "${NM_SHARED_DATA}/STSBenchmark", "${NM_SHARED_DATA}/SciFact", "x/STS12"]
+    entries = task_entries(
+        EvalSettings(suite="local-small", tasks=["${NM_SHARED_DATA}/BIOSSES", "x/STS12"])
+    )
+    assert entries == [
+        "${NM_SHARED_DATA}/BIOSSES",
+        "${NM_SHARED_DATA}/STSBenchmark",
+        "${NM_SHARED_DATA}/SciFact",
+        "x/STS12",
+    ]
 
 
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        (EvalSettings(suite="mteb-fr"), "unknown suite 'mteb-fr'; known suites: mteb-en, retrieval"),
-        (EvalSettings(tasks=["STSBenchmarc"]), "unknown task 'STSBenchmarc'.*Did you mean: 'STSBenchmark'"),
+        (
+            EvalSettings(suite="mteb-fr"),
+            "unknown suite 'mteb-fr'; known suites: mteb-en, retrieval",
+        ),
+        (
+            EvalSettings(tasks=["STSBenchmarc"]),
+            "unknown task 'STSBenchmarc'.*Did you mean: 'STSBenchmark'",
+        ),
         (EvalSettings(), "nothing to evaluate"),
     ],
 )
@@ -82,12 +100,20 @@ def test_instructions_follow_e5_mistral_per_side() -> None:
     assert ins.for_input("SciFact", "Retrieval", PromptType.query) == scifact
     assert ins.for_input("SciFact", "Retrieval", PromptType.document) is None
     assert ins.for_input("STSBenchmark", "STS", None) == "Retrieve semantically similar text."
-    assert ins.for_input("CQADupstackGisRetrieval", "Retrieval", PromptType.query).startswith("Given a question, retrieve detailed")
-    assert ins.for_input("MyOwnFolder", "Retrieval", PromptType.query) == "Given a query, retrieve documents that answer the query"
+    assert ins.for_input("CQADupstackGisRetrieval", "Retrieval", PromptType.query).startswith(
+        "Given a question, retrieve detailed"
+    )
+    assert (
+        ins.for_input("MyOwnFolder", "Retrieval", PromptType.query)
+        == "Given a query, retrieve documents that answer the query"
+    )
     custom = Instructions({"SciFact": "Find evidence", "*": ""})
     assert custom.for_input("SciFact", "Retrieval", PromptType.query) == "Find evidence"
     assert custom.for_input("STS12", "STS", None) is None  # "*": "" turns the others off
-    assert custom.fingerprint() != Instructions({"*": ""}).fingerprint() and Instructions().fingerprint() is None
+    assert (
+        custom.fingerprint() != Instructions({"*": ""}).fingerprint()
+        and Instructions().fingerprint() is None
+    )
 
 
 def test_every_mteb_en_task_has_the_instruction_mteb_ships() -> None:

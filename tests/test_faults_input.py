@@ -305,9 +305,8 @@ values = st.recursive(
 )
 documents = st.fixed_dictionaries(
     {},
-    optional={
-        k: values
-        for k in (
+    optional=dict.fromkeys(
+        (
             "name",
             "corpus",
             "model",
@@ -319,8 +318,9 @@ documents = st.fixed_dictionaries(
             "search",
             "extends",
             "tracking",
-        )
-    },
+        ),
+        values,
+    ),
 )
 
 
@@ -413,15 +413,25 @@ def test_mutated_experiment_files_load_or_fail_with_a_config_error(
 
 
 @settings(FUZZ, max_examples=repeats(ci=40, full=400))
-@given(depth=st.integers(1, 14), width=st.integers(2, 16), under=st.sampled_from(["", "model", "grid"]))
-def test_alias_chains_load_or_fail_fast_without_eating_memory(depth: int, width: int, under: str, tally: Any) -> None:
+@given(
+    depth=st.integers(1, 14), width=st.integers(2, 16), under=st.sampled_from(["", "model", "grid"])
+)
+def test_alias_chains_load_or_fail_fast_without_eating_memory(
+    depth: int, width: int, under: str, tally: Any
+) -> None:
     """A chain of anchors, each a list of ``width`` aliases of the one before: width**depth values
     once expanded (up to 16**14). It loads (small) or fails with a ConfigError, in well under a
     second, never building the expansion."""
     chain = "\n".join(
-        ["  l0: &l0 [x, y]"] + [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, depth + 1)]
+        ["  l0: &l0 [x, y]"]
+        + [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, depth + 1)]
     )
-    text = yaml.safe_dump(VALID) + (f"{under or 'anchors'}:\n" if under != "grid" else "grid:\n") + chain + "\n"
+    text = (
+        yaml.safe_dump(VALID)
+        + (f"{under or 'anchors'}:\n" if under != "grid" else "grid:\n")
+        + chain
+        + "\n"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "chain.yaml"
         path.write_text(text, encoding="utf-8")
@@ -458,9 +468,8 @@ def test_the_cli_never_shows_a_traceback_on_fuzzed_files(
 @given(
     doc=st.fixed_dictionaries(
         {},
-        optional={
-            k: values
-            for k in (
+        optional=dict.fromkeys(
+            (
                 "name",
                 "output",
                 "endpoint",
@@ -471,8 +480,9 @@ def test_the_cli_never_shows_a_traceback_on_fuzzed_files(
                 "tasks",
                 "prompts",
                 "validation",
-            )
-        },
+            ),
+            values,
+        ),
     ),
     edits=st.lists(
         st.tuples(st.integers(0, 10_000), st.sampled_from(["{", "\t", ": :", "- [", "\x00"])),
@@ -506,35 +516,103 @@ def _text_input_cases(tmp: Path, shared: Path) -> list[tuple[str, list[str], str
 
     cases: list[tuple[str, list[str], str]] = []
     bad_jsonl = tmp / "bad.jsonl"
-    bad_jsonl.write_bytes(b'{"query": "q", "positive": "p"}\n{"query": "' + BAD_BYTES + b'", "positive": "p"}\n')
-    cases.append(("mine --source jsonl, not UTF-8", ["synth", "mine", "--source", str(bad_jsonl), "--out", str(tmp / "o1")], "bad.jsonl:2: not UTF-8"))
+    bad_jsonl.write_bytes(
+        b'{"query": "q", "positive": "p"}\n{"query": "' + BAD_BYTES + b'", "positive": "p"}\n'
+    )
+    cases.append(
+        (
+            "mine --source jsonl, not UTF-8",
+            ["synth", "mine", "--source", str(bad_jsonl), "--out", str(tmp / "o1")],
+            "bad.jsonl:2: not UTF-8",
+        )
+    )
     deep = tmp / "deep.jsonl"
     deep.write_text("[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
-    cases.append(("mine --source jsonl, nested", ["synth", "mine", "--source", str(deep), "--out", str(tmp / "o2")], "deep.jsonl:1: JSON nested too deeply"))
+    cases.append(
+        (
+            "mine --source jsonl, nested",
+            ["synth", "mine", "--source", str(deep), "--out", str(tmp / "o2")],
+            "deep.jsonl:1: JSON nested too deeply",
+        )
+    )
     beir = tmp / "beir"
     shutil.copytree(shared / "SciFact", beir, ignore=shutil.ignore_patterns("corpus.jsonl"))
-    (beir / "corpus.jsonl").write_text('{"_id": "1", "title": "t", "text": "x"}\n', encoding="utf-8")
+    (beir / "corpus.jsonl").write_text(
+        '{"_id": "1", "title": "t", "text": "x"}\n', encoding="utf-8"
+    )
     for split in ("train", "test"):
-        (beir / "qrels" / f"{split}.tsv").write_bytes(b"query-id\tcorpus-id\tscore\n1\t" + BAD_BYTES + b"\t1\n")
-    cases.append(("mine --source BEIR qrels, not UTF-8", ["synth", "mine", "--source", str(beir), "--out", str(tmp / "o3")], ".tsv:2: not UTF-8"))
+        (beir / "qrels" / f"{split}.tsv").write_bytes(
+            b"query-id\tcorpus-id\tscore\n1\t" + BAD_BYTES + b"\t1\n"
+        )
+    cases.append(
+        (
+            "mine --source BEIR qrels, not UTF-8",
+            ["synth", "mine", "--source", str(beir), "--out", str(tmp / "o3")],
+            ".tsv:2: not UTF-8",
+        )
+    )
     for name, content in (("latin1", BAD_BYTES), ("bomb", ALIAS_BOMB.encode())):
         mine_cfg = tmp / f"mine-{name}.yaml"
         mine_cfg.write_bytes(b"sources: [{path: x}]\n" + content if name == "latin1" else content)
-        cases.append((f"mine config, {name}", ["synth", "mine", str(mine_cfg), "--out", str(tmp / "o4")], "not UTF-8" if name == "latin1" else "expands to"))
+        cases.append(
+            (
+                f"mine config, {name}",
+                ["synth", "mine", str(mine_cfg), "--out", str(tmp / "o4")],
+                "not UTF-8" if name == "latin1" else "expands to",
+            )
+        )
         synth_cfg = tmp / f"synth-{name}.yaml"
-        synth_cfg.write_bytes(synth_config_file(tmp / f"s-{name}").read_bytes() + b"\n# " + content if name == "latin1" else content)
-        cases.append((f"synth config, {name}", ["synth", "generate", str(synth_cfg)], "not UTF-8" if name == "latin1" else "expands to"))
+        synth_cfg.write_bytes(
+            synth_config_file(tmp / f"s-{name}").read_bytes() + b"\n# " + content
+            if name == "latin1"
+            else content
+        )
+        cases.append(
+            (
+                f"synth config, {name}",
+                ["synth", "generate", str(synth_cfg)],
+                "not UTF-8" if name == "latin1" else "expands to",
+            )
+        )
         exp = tmp / f"exp-{name}.yaml"
-        exp.write_bytes(b"name: x\ncorpus: {path: c}\n# " + content if name == "latin1" else content)
-        cases.append((f"experiment file, {name}", ["harness", "check", str(exp)], "not UTF-8" if name == "latin1" else "expands to"))
+        exp.write_bytes(
+            b"name: x\ncorpus: {path: c}\n# " + content if name == "latin1" else content
+        )
+        cases.append(
+            (
+                f"experiment file, {name}",
+                ["harness", "check", str(exp)],
+                "not UTF-8" if name == "latin1" else "expands to",
+            )
+        )
     sts = tmp / "STSX"
     sts.mkdir()
     (sts / "test.tsv").write_bytes(b"sentence1\tsentence2\tscore\nA dog.\t" + BAD_BYTES + b"\t1\n")
-    cases.append(("eval task tsv, not UTF-8", ["harness", "eval", "packaged:all-minilm-l6-v2", "--tasks", str(sts), "--output-dir", str(tmp / "ev")], "test.tsv:2: not UTF-8"))
+    cases.append(
+        (
+            "eval task tsv, not UTF-8",
+            [
+                "harness",
+                "eval",
+                "packaged:all-minilm-l6-v2",
+                "--tasks",
+                str(sts),
+                "--output-dir",
+                str(tmp / "ev"),
+            ],
+            "test.tsv:2: not UTF-8",
+        )
+    )
     corpus = tmp / "corpus"
     corpus.mkdir()
     (corpus / MANIFEST_FILE).write_bytes(b'{"name": "' + BAD_BYTES + b'"}')
-    cases.append(("corpus manifest, not UTF-8", ["synth", "audit", str(corpus)], "manifest.json:1: not UTF-8"))
+    cases.append(
+        (
+            "corpus manifest, not UTF-8",
+            ["synth", "audit", str(corpus)],
+            "manifest.json:1: not UTF-8",
+        )
+    )
     return cases
 
 
@@ -549,7 +627,10 @@ def test_every_text_input_fails_in_one_line_on_bad_bytes_deep_nesting_and_alias_
         result = runner.invoke(app if tool == "harness" else synth_app, args)
         assert result.exit_code == 2, (name, result.output, repr(result.exception))
         assert fragment in result.output, (name, result.output)
-        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3, (name, result.output)
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3, (
+            name,
+            result.output,
+        )
     tally(cases=len(cases), faults=len(cases))
 
 
@@ -559,7 +640,9 @@ def test_mntp_text_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
 
     bad = tmp_path / "t.txt"
     bad.write_bytes(b"fine line\n" + BAD_BYTES + b"\n")
-    exp = validate({"name": "m", "corpus": {"path": "c"}, "mntp": {"output": "o", "text": [str(bad)]}})
+    exp = validate(
+        {"name": "m", "corpus": {"path": "c"}, "mntp": {"output": "o", "text": [str(bad)]}}
+    )
     with pytest.raises(MntpError, match=r"t\.txt:2: not UTF-8"):
         read_texts(exp.mntp.text, exp)
 
@@ -567,7 +650,10 @@ def test_mntp_text_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
 @pytest.mark.faults
 @pytest.mark.parametrize(
     ("tasks", "fragment"),
-    [("[/tmp/no-such-task-folder]", "no-such-task-folder: task folder not found"), ("[SciFacts]", "Did you mean: 'SciFact'")],
+    [
+        ("[/tmp/no-such-task-folder]", "no-such-task-folder: task folder not found"),
+        ("[SciFacts]", "Did you mean: 'SciFact'"),
+    ],
 )
 def test_a_bad_eval_task_is_refused_before_anything_trains(
     tasks: str, fragment: str, tmp_path: Path, tiny_corpus_dir: Path, tally: Any

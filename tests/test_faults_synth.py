@@ -203,8 +203,12 @@ def test_malformed_answers_are_retried_or_rejected_with_a_reason_and_never_crash
     reasons = {int(k[:8], 16): r["reason"] for k, r in rejects.items()}
     surrogate = seed_of["surrogate"]
     assert reasons[surrogate] == ("malformed_json" if surrogate % 4 == 0 else INVALID_UNICODE)
-    assert reasons[seed_of["huge"]] == "truncated"  # more than max_tokens can hold: cut, then rejected
-    assert max(len(r["raw"]) for r in rejects.values()) <= 4096  # nothing stored whole: not the 3 MB
+    assert (
+        reasons[seed_of["huge"]] == "truncated"
+    )  # more than max_tokens can hold: cut, then rejected
+    assert (
+        max(len(r["raw"]) for r in rejects.values()) <= 4096
+    )  # nothing stored whole: not the 3 MB
     assert (tmp_path / "corpus" / "work" / "journal.jsonl").stat().st_size < HUGE_CHARS / 10
     assert sum(manifest["rejects"].values()) == len(rejects)
     # every other answer made the same rows as the clean run
@@ -215,8 +219,14 @@ def test_malformed_answers_are_retried_or_rejected_with_a_reason_and_never_crash
     # be; the others as the server counted them; nothing is counted twice
     no_usage = sum(f in ("usage_strings", "no_usage", "bare_content") for f in BODY_FAULTS)
     assert manifest["usage"]["estimated_requests"] == no_usage
-    records = [json.loads(line) for line in (tmp_path / "corpus" / "work" / "journal.jsonl").read_text().splitlines() if line.strip()]
-    estimated = sum(r["prompt_tokens"] + r["completion_tokens"] for r in records if r.get("usage_estimated"))
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "corpus" / "work" / "journal.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    estimated = sum(
+        r["prompt_tokens"] + r["completion_tokens"] for r in records if r.get("usage_estimated")
+    )
     assert estimated > 0
     assert (
         manifest["usage"]["total_tokens"]
@@ -475,12 +485,16 @@ def test_repeated_sigkill_at_random_moments_loses_nothing_and_repeats_nothing(
     tally(cases=kills + 1, faults=kills, rows=len(corpus), lost=len(straight) - len(corpus))
 
 
-def test_the_budget_holds_when_the_endpoint_sends_no_usage(tmp_path: Path, key: str, tally: Any) -> None:
+def test_the_budget_holds_when_the_endpoint_sends_no_usage(
+    tmp_path: Path, key: str, tally: Any
+) -> None:
     """Without a usage block the tokens are estimated (4 characters a token), the budget stops the
     run, the manifest says the count is an estimate; a rerun without the budget finishes."""
     recorder = Recorder()
     with serve(without_usage(scripted()), recorder) as url:
-        first = generate(config(tmp_path, url, concurrency=1, budget={"max_tokens": 10}), progress=False)
+        first = generate(
+            config(tmp_path, url, concurrency=1, budget={"max_tokens": 10}), progress=False
+        )
         usage = first.corpus.manifest["usage"]
         assert not first.complete and "token budget" in first.corpus.manifest["stopped"]
         assert len(recorder.bodies) == 1, "requests went on past the budget"
@@ -501,7 +515,8 @@ def test_a_drip_fed_answer_cannot_hold_a_request_past_its_timeout(
     t0 = time.monotonic()
     with fault_proxy(upstream, plan, Timing(drip_s=0.1)) as (url, log):
         result = generate(
-            config(tmp_path, url, concurrency=2, endpoint={"timeout_s": 1.0, "backoff_max_s": 0.1}), progress=False
+            config(tmp_path, url, concurrency=2, endpoint={"timeout_s": 1.0, "backoff_max_s": 0.1}),
+            progress=False,
         )
     took = time.monotonic() - t0
     assert log.injected["drip"] == 3

@@ -56,14 +56,19 @@ def test_corpus_format_and_manifest(mined: Path) -> None:
     corpus = read_corpus(mined)  # validates schema and sha256
     frame = corpus.frame
     assert frame.height == 240
-    modes = {p.name: p.stat().st_mode & 0o777 for p in (mined / "manifest.json", mined / "samples.parquet")}
+    modes = {
+        p.name: p.stat().st_mode & 0o777
+        for p in (mined / "manifest.json", mined / "samples.parquet")
+    }
     assert modes["manifest.json"] == modes["samples.parquet"], modes  # mkstemp's 0600 would hide it
     assert frame.group_by("source").len().sort("source").rows() == [("WikiQA", 120), ("snli", 120)]
     snli = frame.filter(pl.col("source") == "snli")
     assert set(snli["task_kind"]) == {"symmetric"} and set(snli["subtask"]) == {"snli"}
     wikiqa = frame.filter(pl.col("source") == "WikiQA")
     assert set(wikiqa["task_kind"]) == {"retrieval"}
-    assert set(wikiqa["instruction"]) == {"Given a query, retrieve relevant passages that answer the query"}
+    assert set(wikiqa["instruction"]) == {
+        "Given a query, retrieve relevant passages that answer the query"
+    }
     for row in frame.iter_rows(named=True):
         negatives = [row[c] for c in NEG_COLUMNS]
         assert all(negatives), "the pools are large enough for every band"
@@ -102,7 +107,9 @@ def test_other_positives_of_a_query_are_never_its_negatives(mined: Path, shared_
     positives: dict[str, set[str]] = {}
     for q, p in frame.select("query", "positive").iter_rows():
         positives.setdefault(q, set()).add(p)
-    assert any(len(ps) > 1 for ps in positives.values()), "the sample should hold multi-positive queries"
+    assert any(len(ps) > 1 for ps in positives.values()), (
+        "the sample should hold multi-positive queries"
+    )
     for row in frame.iter_rows(named=True):
         assert not positives[row["query"]] & {row[c] for c in NEG_COLUMNS}
 
@@ -110,7 +117,9 @@ def test_other_positives_of_a_query_are_never_its_negatives(mined: Path, shared_
 def test_same_seed_same_corpus_other_seed_differs(tmp_path: Path, shared_data: Path) -> None:
     def run(seed: int, name: str) -> str:
         config = config_from_sources(
-            [str(shared_data / "SNLI-triplets" / "train.jsonl")], max_rows=40, seed=seed,
+            [str(shared_data / "SNLI-triplets" / "train.jsonl")],
+            max_rows=40,
+            seed=seed,
             bands=[[1, 3], [4, 10], [11, 30], [31, 60]],
         )
         return mine(config, tmp_path / name, progress=False).sha256
@@ -144,8 +153,13 @@ def test_pick_negatives_skips_false_negatives_and_excluded() -> None:
     assert picks.tolist() == [[4, 5, 6, 7]]
 
     picks, _ = pick_negatives(
-        query, pool, positive_score, [[]], bands=[(1, 2), (3, 4), (5, 9), (10, 20)],
-        relative_margin=0.0, uniforms=torch.full((1, 4), 0.999),
+        query,
+        pool,
+        positive_score,
+        [[]],
+        bands=[(1, 2), (3, 4), (5, 9), (10, 20)],
+        relative_margin=0.0,
+        uniforms=torch.full((1, 4), 0.999),
     )
     # valid candidates 2..7 (six): bands pick their last available rank; band 4 is past the end
     assert picks.tolist() == [[3, 5, 7, -1]]
@@ -160,7 +174,9 @@ def test_beir_folder_gives_qrel_pairs_and_whole_corpus_pool(shared_data: Path) -
 @pytest.mark.faults
 def test_bad_sources_are_named(tmp_path: Path, shared_data: Path) -> None:
     bad = tmp_path / "pairs.jsonl"
-    bad.write_text('{"query": "a", "positive": "b"}\n{"query": "c", "answer": "d"}\n', encoding="utf-8")
+    bad.write_text(
+        '{"query": "a", "positive": "b"}\n{"query": "c", "answer": "d"}\n', encoding="utf-8"
+    )
     with pytest.raises(SourceError, match=r"pairs\.jsonl:2: field 'positive' is missing"):
         read_local(bad, "train", Columns())
     with pytest.raises(SourceError, match="no such file or folder"):
@@ -175,12 +191,18 @@ def test_bad_sources_are_named(tmp_path: Path, shared_data: Path) -> None:
 def test_config_errors_name_file_and_field(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(MineError, match=r"mine\.yaml: sources\.0\.colour: Extra inputs"):
         load_config_text(tmp_path, "sources: [{path: x, colour: red}]")
-    with pytest.raises(MineError, match=r"mine\.yaml: bands: .*level 2 band \[5, 20\] must start after rank 10"):
-        load_config_text(tmp_path, "bands: [[1, 10], [5, 20], [21, 30], [31, 40]]\nsources: [{path: x}]")
+    with pytest.raises(
+        MineError, match=r"mine\.yaml: bands: .*level 2 band \[5, 20\] must start after rank 10"
+    ):
+        load_config_text(
+            tmp_path, "bands: [[1, 10], [5, 20], [21, 30], [31, 40]]\nsources: [{path: x}]"
+        )
     with pytest.raises(MineError, match=r"sources\.0: .*exactly one of 'path'"):
         load_config_text(tmp_path, "sources: [{path: x, hf: y}]")
     monkeypatch.delenv("NM_TEST_UNSET", raising=False)
-    with pytest.raises(MineError, match=r"data_root: environment variable NM_TEST_UNSET is not set"):
+    with pytest.raises(
+        MineError, match=r"data_root: environment variable NM_TEST_UNSET is not set"
+    ):
         load_config_text(tmp_path, "data_root: ${NM_TEST_UNSET}\nsources: [{path: x}]")
     with pytest.raises(MineError, match=r"data_root .* is not a folder"):
         load_config_text(tmp_path, "data_root: ${NM_TEST_UNSET:-missing}\nsources: [{path: x}]")
@@ -214,4 +236,4 @@ def test_hub_source_fails_fast_offline_and_unreachable(monkeypatch) -> None:
 
 def test_manifest_is_json_serializable_and_counts_levels(mined: Path) -> None:
     manifest = json.loads((mined / "manifest.json").read_text())
-    assert manifest["counts"]["negatives_per_level"] == {c: 240 for c in NEG_COLUMNS}
+    assert manifest["counts"]["negatives_per_level"] == dict.fromkeys(NEG_COLUMNS, 240)

@@ -28,7 +28,11 @@ from harness.sweep import run_sweep
 
 
 def _sts_lines(shared_data, n: int) -> list[str]:
-    lines = (shared_data / "STSBenchmark" / "train.tsv").read_text(encoding="utf-8").splitlines()[1 : n + 1]
+    lines = (
+        (shared_data / "STSBenchmark" / "train.tsv")
+        .read_text(encoding="utf-8")
+        .splitlines()[1 : n + 1]
+    )
     return [line.split("\t")[0] for line in lines]
 
 
@@ -55,9 +59,13 @@ def _exp(tmp_path, text_file, **mntp):
 
 
 def test_masking_follows_llm2vec(smollm2_dir):
-    backbone = load_backbone(validate({"name": "x", "corpus": {"path": "."}}).model, torch.device("cpu"))
+    backbone = load_backbone(
+        validate({"name": "x", "corpus": {"path": "."}}).model, torch.device("cpu")
+    )
     tok = backbone.tokenizer
-    assert tok.mask_token is None and tok.convert_ids_to_tokens(mask_token_id(tok, None)) == "_"  # LLM2Vec's "blank"
+    assert (
+        tok.mask_token is None and tok.convert_ids_to_tokens(mask_token_id(tok, None)) == "_"
+    )  # LLM2Vec's "blank"
     blocks = make_blocks(["The cat sat on the mat. " * 40] * 4, tok, 64)
     assert blocks.shape[1] == 64 and blocks.shape[0] >= 4
     special = torch.zeros_like(blocks, dtype=torch.bool)
@@ -82,31 +90,39 @@ def test_mntp_lowers_the_held_out_loss_and_its_adapter_merges(smollm2_dir, share
     meta = json.loads((tmp_path / "adapter" / META_FILE).read_text())
     assert meta["settings"]["mask_probability"] == 0.8 and meta["base_model"] == exp.model.name
     assert is_done(exp, tmp_path / "adapter")
-    assert run_mntp(exp, None, progress=False, say=lambda s: None) is None, "the same settings train again"
+    assert run_mntp(exp, None, progress=False, say=lambda s: None) is None, (
+        "the same settings train again"
+    )
     (run,) = runs(tmp_path, "mntp-test", "mntp")
     assert run.info.status == "FINISHED" and float(run.data.params["mntp.mask_probability"]) == 0.8
 
     # the adapter's weight names are the embedding model's: it merges into AutoModel and changes it
-    settings = exp.model.model_copy(update={"pooling": "mean", "lora": exp.model.lora.model_copy(update={"enabled": False})})
+    settings = exp.model.model_copy(
+        update={"pooling": "mean", "lora": exp.model.lora.model_copy(update={"enabled": False})}
+    )
     base = Embedder.from_settings(settings, "cpu").encode(["A cat sits."])
-    merged = Embedder.from_settings(settings.model_copy(update={"init_adapter": str(tmp_path / "adapter")}), "cpu").encode(["A cat sits."])
+    merged = Embedder.from_settings(
+        settings.model_copy(update={"init_adapter": str(tmp_path / "adapter")}), "cpu"
+    ).encode(["A cat sits."])
     assert not torch.allclose(base, merged, atol=1e-3)
 
 
 def test_mntp_input_errors_are_one_line(tmp_path):
     exp = _exp(tmp_path, tmp_path / "missing.txt")
-    with pytest.raises(MntpError, match="missing.txt has no .txt or .jsonl"):
+    with pytest.raises(MntpError, match=r"missing\.txt has no \.txt or \.jsonl"):
         read_texts(exp.mntp.text, exp)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"title": "no text"}\n')
-    with pytest.raises(MntpError, match="bad.jsonl:2: expected a JSON object"):
+    with pytest.raises(MntpError, match=r"bad\.jsonl:2: expected a JSON object"):
         read_texts([str(bad)], exp)
     with pytest.raises(MntpError, match="needs the experiment's corpus"):
         read_texts(["corpus"], exp)
 
 
 @pytest.mark.faults
-def test_sweep_over_attention_builds_mntp_once_and_ships_it(ray_instance, tiny_corpus_dir, tmp_path):
+def test_sweep_over_attention_builds_mntp_once_and_ships_it(
+    ray_instance, tiny_corpus_dir, tmp_path
+):
     """A real sweep (real training) with grid model.attention [causal, bidirectional]: the driver
     trains the file's MNTP adapter once, pins its hash into every trial, ships its files, and each
     saved model carries a copy."""
@@ -123,13 +139,29 @@ def test_sweep_over_attention_builds_mntp_once_and_ships_it(ray_instance, tiny_c
             "max_doc_length": 24,
             "dtype": "float32",
         },
-        train={"steps": 2, "batch_size": 4, "heldout_size": 8, "batching": "by_task", "device": "cpu", "warmup_steps": 0},
-        mntp={"text": ["corpus"], "output": str(tmp_path / "mntp"), "steps": 2, "batch_size": 4, "max_length": 32, "eval_blocks": 4},
+        train={
+            "steps": 2,
+            "batch_size": 4,
+            "heldout_size": 8,
+            "batching": "by_task",
+            "device": "cpu",
+            "warmup_steps": 0,
+        },
+        mntp={
+            "text": ["corpus"],
+            "output": str(tmp_path / "mntp"),
+            "steps": 2,
+            "batch_size": 4,
+            "max_length": 32,
+            "eval_blocks": 4,
+        },
         grid={"model.attention": ["causal", "bidirectional"]},
         eval={"enabled": False},
     )
     out = io.StringIO()
-    summary = run_sweep(exp, [], results_dir=tmp_path / "results", console=Console(file=out, width=200))
+    summary = run_sweep(
+        exp, [], results_dir=tmp_path / "results", console=Console(file=out, width=200)
+    )
     assert summary.exit_code == 0, out.getvalue()[-3000:]
     assert "training the MNTP adapter" in out.getvalue()
     trials = {r.info.run_name: r for r in runs(tmp_path, "attn", "trial")}
@@ -139,11 +171,15 @@ def test_sweep_over_attention_builds_mntp_once_and_ships_it(ray_instance, tiny_c
     assert len(shas) == 1 and len(shas.pop()) == 64
     assert len({r.data.tags["trial_key"] for r in trials.values()}) == 2
     for run in trials.values():
-        model_dir = next((tmp_path / "results" / "models" / "attn").glob(f"{run.info.run_name}-*/model"))
+        model_dir = next(
+            (tmp_path / "results" / "models" / "attn").glob(f"{run.info.run_name}-*/model")
+        )
         assert (model_dir / INIT_ADAPTER_DIR / "adapter_model.safetensors").is_file()
     assert len(runs(tmp_path, "attn", "mntp")) == 1
     out = io.StringIO()
-    again = run_sweep(exp, [], results_dir=tmp_path / "results", console=Console(file=out, width=200))
+    again = run_sweep(
+        exp, [], results_dir=tmp_path / "results", console=Console(file=out, width=200)
+    )
     assert again.exit_code == 0 and "nothing to run" in out.getvalue()
     assert len(runs(tmp_path, "attn", "mntp")) == 1, "the adapter was trained again"
 
@@ -158,7 +194,9 @@ def test_a_missing_init_adapter_stops_before_anything_runs(tmp_path):
     exp.model.init_adapter = str(tmp_path / "elsewhere")
     with pytest.raises(ConfigError, match=r"elsewhere does not exist; make it with `harness mntp"):
         check_init_adapter(exp)
-    exp.model.init_adapter = "McGill-NLP/LLM2Vec-Mistral-7B-Instruct-v2-mntp"  # a Hub id: loaded by the trial
+    exp.model.init_adapter = (
+        "McGill-NLP/LLM2Vec-Mistral-7B-Instruct-v2-mntp"  # a Hub id: loaded by the trial
+    )
     assert prepare_init_adapter(exp) is None and exp.model.init_adapter_sha256 is None
 
 
@@ -176,7 +214,11 @@ def test_an_adapter_built_by_the_files_mntp_block_is_keyed_by_its_recipe(tmp_pat
         out.mkdir(exist_ok=True)
         (out / "adapter_config.json").write_text("{}", encoding="utf-8")
         (out / "adapter_model.safetensors").write_bytes(weights)
-        meta = {"base_model": exp.model.name, "settings": exp.mntp.model_dump(mode="json"), "text_sha256": "ab" * 32}
+        meta = {
+            "base_model": exp.model.name,
+            "settings": exp.mntp.model_dump(mode="json"),
+            "text_sha256": "ab" * 32,
+        }
         (out / "mntp.json").write_text(json.dumps(meta), encoding="utf-8")
         prepare_init_adapter(exp)
         return exp

@@ -52,7 +52,7 @@ def test_same_vector_under_left_and_right_padding_and_alone(smol_models, pooling
 @pytest.mark.parametrize("pooling", ["eos", "mean", "ata"])
 def test_same_vector_in_a_batch_of_64(smol_models, pooling):
     emb = smol_models[(pooling, "left")]
-    texts = (TEXTS * 16)[:63] + ["A short one."]
+    texts = [*(TEXTS * 16)[:63], "A short one."]
     with torch.inference_mode():
         batch = emb(emb.tokenize(texts))
         single = emb(emb.tokenize([texts[-1]]))
@@ -67,8 +67,12 @@ def test_ata_weights_are_a_distribution_over_pooled_tokens(smol_models):
     assert torch.allclose(w.sum(dim=1), torch.ones(len(TEXTS)), atol=1e-5)
     assert (w[batch.attention_mask == 0] == 0).all(), "padding gets weight"
     instruction_tokens = (batch.attention_mask == 1) & ~batch.pool_mask
-    assert instruction_tokens.any(dim=1).all(), "the instruction prefix should be found in every query"
-    assert (w[instruction_tokens] == 0).all(), "instruction tokens get weight despite skip_instruction"
+    assert instruction_tokens.any(dim=1).all(), (
+        "the instruction prefix should be found in every query"
+    )
+    assert (w[instruction_tokens] == 0).all(), (
+        "instruction tokens get weight despite skip_instruction"
+    )
 
 
 def test_ata_weights_favour_anchor_tokens_on_real_sentences(smol_models, shared_data):
@@ -77,7 +81,9 @@ def test_ata_weights_favour_anchor_tokens_on_real_sentences(smol_models, shared_
     SmolLM2, takes most of the mass, so punctuation is compared with the other non-first tokens)."""
     emb = smol_models[("ata", "right")]
     lines = (shared_data / "STSBenchmark" / "test.tsv").read_text(encoding="utf-8").splitlines()[1:]
-    sentences = [s for s in (line.split("\t")[0] for line in lines) if s.rstrip().endswith(".")][:48]
+    sentences = [s for s in (line.split("\t")[0] for line in lines) if s.rstrip().endswith(".")][
+        :48
+    ]
     batch = emb.tokenize(sentences)
     w = emb.ata_weights(batch)
     first, punct, words = [], [], []
@@ -88,7 +94,7 @@ def test_ata_weights_favour_anchor_tokens_on_real_sentences(smol_models, shared_
         first.append(float(relative[0]))
         for i, tok in enumerate(toks[1:-1], start=1):  # neither the first token nor the EOS
             (punct if tok in (".", ",", ";", ":", "?", "!") else words).append(float(relative[i]))
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs)
     assert mean(first) > 2.0
     assert len(punct) >= len(sentences)
     assert mean(punct) > 1.1 * mean(words)
@@ -100,12 +106,16 @@ def test_ata_matches_naive_eager_attention(smollm2_dir):
     """The recomputed received attention equals the column sums of the eager model's last-layer map."""
     from transformers import AutoModel
 
-    emb = Embedder.from_settings(ModelSettings(pooling="ata", padding_side="left", lora={"enabled": False}), "cpu")
+    emb = Embedder.from_settings(
+        ModelSettings(pooling="ata", padding_side="left", lora={"enabled": False}), "cpu"
+    )
     batch = emb.tokenize(TEXTS, INSTRUCTION)
     with torch.inference_mode():
         emb(batch)
         ours = emb._capture.received
-        eager = AutoModel.from_pretrained(smollm2_dir, attn_implementation="eager", dtype=torch.float32)
+        eager = AutoModel.from_pretrained(
+            smollm2_dir, attn_implementation="eager", dtype=torch.float32
+        )
         out = eager(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
@@ -129,12 +139,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(smollm2_dir, pooling):
 
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
-        emb = Embedder.from_settings(settings, "cpu", lora=True, gradient_checkpointing=checkpointing)
+        emb = Embedder.from_settings(
+            settings, "cpu", lora=True, gradient_checkpointing=checkpointing
+        )
         emb.train()
         q = emb(emb.tokenize(TEXTS[:2], INSTRUCTION))
         d = emb(emb.tokenize(TEXTS[2:]))
-        (F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T / 0.05).log_softmax(-1).diagonal().sum().neg().backward()
-        return {n: p.grad.clone() for n, p in emb.model.named_parameters() if p.requires_grad and p.grad is not None}
+        (F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T / 0.05).log_softmax(
+            -1
+        ).diagonal().sum().neg().backward()
+        return {
+            n: p.grad.clone()
+            for n, p in emb.model.named_parameters()
+            if p.requires_grad and p.grad is not None
+        }
 
     plain, checkpointed = grads(False), grads(True)
     assert plain.keys() == checkpointed.keys() and len(plain) > 0
@@ -216,7 +234,12 @@ def test_encoder_models_work_too(minilm_dir):
     """A BERT encoder (packaged MiniLM) with every pooling, ata included (bidirectional attention)."""
     texts = TEXTS[:3]
     for pooling in ("eos", "mean", "ata"):
-        emb = Embedder.from_settings(ModelSettings(name="packaged:all-minilm-l6-v2", pooling=pooling, lora={"enabled": False}), "cpu")
+        emb = Embedder.from_settings(
+            ModelSettings(
+                name="packaged:all-minilm-l6-v2", pooling=pooling, lora={"enabled": False}
+            ),
+            "cpu",
+        )
         assert not emb.is_decoder
         with torch.inference_mode():
             v = emb(emb.tokenize(texts))

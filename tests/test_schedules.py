@@ -70,7 +70,18 @@ def test_random_draws_every_level_and_is_seeded():
 
 def test_curriculum_phases_with_uneven_steps():
     steps = 10
-    assert [phase_level("curriculum", i, steps) for i in range(steps)] == [4, 4, 4, 3, 3, 2, 2, 2, 1, 1]
+    assert [phase_level("curriculum", i, steps) for i in range(steps)] == [
+        4,
+        4,
+        4,
+        3,
+        3,
+        2,
+        2,
+        2,
+        1,
+        1,
+    ]
 
 
 def test_same_inputs_same_stream_and_epochs_cover_rows():
@@ -105,7 +116,10 @@ def test_heldout_is_fixed_and_disjoint():
     train, held = split_heldout(f, 5)
     assert held.height == 5 and train.height == 25
     assert not set(held["id"]) & set(train["id"])
-    assert split_heldout(f.sample(fraction=1.0, shuffle=True, seed=1), 5)[1]["id"].to_list() == held["id"].to_list()
+    assert (
+        split_heldout(f.sample(fraction=1.0, shuffle=True, seed=1), 5)[1]["id"].to_list()
+        == held["id"].to_list()
+    )
     with pytest.raises(ValueError, match="no training rows"):
         split_heldout(f, 30)
 
@@ -139,7 +153,11 @@ def test_identical_texts_are_not_negatives():
 def _tasks_frame() -> pl.DataFrame:
     """Three tasks of 10, 7 and 3 rows; one of them symmetric."""
     b = RowBuilder()
-    for source, subtask, kind, n in (("syn", "short-long", "asymmetric", 10), ("syn", "sts", "symmetric", 7), ("nq", "nq", "retrieval", 3)):
+    for source, subtask, kind, n in (
+        ("syn", "short-long", "asymmetric", 10),
+        ("syn", "sts", "symmetric", 7),
+        ("nq", "nq", "retrieval", 3),
+    ):
         for i in range(n):
             b.add(
                 source=source,
@@ -159,7 +177,12 @@ def test_every_strategy_sees_the_same_rows_in_the_same_order(batching):
     between the row shuffle and its level draws, so its rows drifted from the second epoch on)."""
     frame = _tasks_frame()
     rows = {
-        strategy: [[ex.row_id for ex in batch] for batch in build_schedule(frame, strategy, steps=12, batch_size=3, seed=5, batching=batching)]
+        strategy: [
+            [ex.row_id for ex in batch]
+            for batch in build_schedule(
+                frame, strategy, steps=12, batch_size=3, seed=5, batching=batching
+            )
+        ]
         for strategy in ("curriculum", "reverse", "random", "level-2", "all")
     }
     assert all(r == rows["curriculum"] for r in rows.values())
@@ -181,7 +204,9 @@ def test_by_task_batches_come_from_one_task_each_and_cover_the_tasks():
 
 def test_by_task_needs_one_task_with_a_full_batch():
     with pytest.raises(ValueError, match="no task has batch_size=11 rows"):
-        build_schedule(_tasks_frame(), "curriculum", steps=3, batch_size=11, seed=0, batching="by_task")
+        build_schedule(
+            _tasks_frame(), "curriculum", steps=3, batch_size=11, seed=0, batching="by_task"
+        )
 
 
 def test_symmetric_rows_carry_the_instruction_on_both_sides():

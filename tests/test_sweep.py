@@ -23,11 +23,17 @@ from synth.corpus import read_manifest
 
 @pytest.mark.faults
 def test_grid_layout_failure_and_resume(ray_instance, tmp_path, tiny_corpus_dir):
-    exp = write_experiment(tmp_path, tiny_corpus_dir, "grid", grid={"pooling": ["eos", "mean", "ata"]})
+    exp = write_experiment(
+        tmp_path, tiny_corpus_dir, "grid", grid={"pooling": ["eos", "mean", "ata"]}
+    )
     summary = run_sweep(exp, [], trial_fn=sweep_standins.quick, results_dir=tmp_path / "results")
 
     # one cell failed, the others finished, and the exit code says so
-    assert {r.label: r.status for r in summary.records} == {"eos": "FINISHED", "mean": "FAILED", "ata": "FINISHED"}
+    assert {r.label: r.status for r in summary.records} == {
+        "eos": "FINISHED",
+        "mean": "FAILED",
+        "ata": "FINISHED",
+    }
     assert summary.exit_code == 1 and summary.failed == 1
 
     client = MlflowClient(summary.tracking_uri)
@@ -62,11 +68,17 @@ def test_grid_layout_failure_and_resume(ray_instance, tmp_path, tiny_corpus_dir)
     assert done.data.tags["harness.node_id"]
     artifacts = {a.path for a in client.list_artifacts(done.info.run_id)}
     assert {"config.yaml", "model"} <= artifacts
-    assert [a.path for a in client.list_artifacts(done.info.run_id, "model")] == ["model/adapter_config.json"]
+    assert [a.path for a in client.list_artifacts(done.info.run_id, "model")] == [
+        "model/adapter_config.json"
+    ]
 
     # a rerun skips what finished and retries what failed
     again = run_sweep(exp, [], trial_fn=sweep_standins.quick, results_dir=tmp_path / "results")
-    assert {r.label: r.status for r in again.records} == {"eos": "SKIPPED", "ata": "SKIPPED", "mean": "FAILED"}
+    assert {r.label: r.status for r in again.records} == {
+        "eos": "SKIPPED",
+        "ata": "SKIPPED",
+        "mean": "FAILED",
+    }
     assert len(runs(tmp_path, "grid", "sweep")) == 2
     assert len(runs(tmp_path, "grid", "trial")) == 4
 
@@ -99,7 +111,12 @@ def test_real_trial_trains_and_reports(ray_instance, tmp_path, tiny_corpus_dir, 
         tmp_path,
         tiny_corpus_dir,
         "real",
-        model={"name": "packaged:smollm2-135m-instruct", "lora": {"r": 4}, "max_query_length": 16, "max_doc_length": 16},
+        model={
+            "name": "packaged:smollm2-135m-instruct",
+            "lora": {"r": 4},
+            "max_query_length": 16,
+            "max_doc_length": 16,
+        },
         train={"steps": 2, "batch_size": 2, "warmup_steps": 0, "heldout_size": 4},
         eval={"enabled": False},
         resources={"cpus_per_trial": 2},
@@ -116,7 +133,7 @@ def test_real_trial_trains_and_reports(ray_instance, tmp_path, tiny_corpus_dir, 
 @pytest.mark.faults
 def test_unreachable_cluster_fails_fast():
     start = time.monotonic()
-    with pytest.raises(SweepError, match="cannot reach the Ray cluster at 127.0.0.1:9"):
+    with pytest.raises(SweepError, match=r"cannot reach the Ray cluster at 127\.0\.0\.1:9"):
         _check_reachable("127.0.0.1:9", timeout=2)
     assert time.monotonic() - start < 5
 
@@ -132,7 +149,11 @@ def test_names_and_secrets():
 @pytest.mark.faults
 @pytest.mark.parametrize(
     "uri",
-    ["http://alice:s3cretpw@127.0.0.1:9", "http://127.0.0.1:9/?token=s3cretpw", "https://alice:s3cretpw@127.0.0.1:9/mlflow?x=1"],
+    [
+        "http://alice:s3cretpw@127.0.0.1:9",
+        "http://127.0.0.1:9/?token=s3cretpw",
+        "https://alice:s3cretpw@127.0.0.1:9/mlflow?x=1",
+    ],
 )
 def test_credentials_in_a_tracking_uri_are_never_shown(uri, tally):
     from harness.tracking import TrackingError, redact_text
@@ -166,12 +187,18 @@ def test_ui_serves_the_store(tmp_path):
 
 
 @pytest.mark.faults
-def test_a_trial_with_non_finite_scores_fails_and_reruns(ray_instance, tmp_path, tiny_corpus_dir, tally):
+def test_a_trial_with_non_finite_scores_fails_and_reruns(
+    ray_instance, tmp_path, tiny_corpus_dir, tally
+):
     exp = write_experiment(tmp_path, tiny_corpus_dir, "nan", grid={"pooling": ["eos", "mean"]})
-    summary = run_sweep(exp, [], trial_fn=sweep_standins.nan_score, results_dir=tmp_path / "results")
+    summary = run_sweep(
+        exp, [], trial_fn=sweep_standins.nan_score, results_dir=tmp_path / "results"
+    )
     assert {r.label: r.status for r in summary.records} == {"eos": "FAILED", "mean": "FINISHED"}
     failed = {r.info.run_name: r for r in runs(tmp_path, "nan", "trial")}["eos"]
     assert "not finite: eval/avg" in failed.data.tags["harness.error"]
     again = run_sweep(exp, [], trial_fn=sweep_standins.nan_score, results_dir=tmp_path / "results")
-    assert {r.label: r.status for r in again.records} == {"eos": "FAILED", "mean": "SKIPPED"}, "resume must rerun it"
+    assert {r.label: r.status for r in again.records} == {"eos": "FAILED", "mean": "SKIPPED"}, (
+        "resume must rerun it"
+    )
     tally(cases=2, faults=2, trials=4)

@@ -5,6 +5,7 @@ for a GPU (this machine has none); the sweep joins the cluster through ``address
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 
 import pytest
@@ -32,7 +33,9 @@ def two_node_cluster():
     mp.undo()
 
 
-def test_trials_spread_over_nodes_without_oversubscription(two_node_cluster, tmp_path, tiny_corpus_dir):
+def test_trials_spread_over_nodes_without_oversubscription(
+    two_node_cluster, tmp_path, tiny_corpus_dir
+):
     exp = write_experiment(
         tmp_path,
         tiny_corpus_dir,
@@ -41,7 +44,11 @@ def test_trials_spread_over_nodes_without_oversubscription(two_node_cluster, tmp
         resources={"cpus_per_trial": 0.5, "custom": {"fake_gpu": 1}},
     )
     summary = run_sweep(
-        exp, [], address=two_node_cluster.address, trial_fn=sweep_standins.sleepy, results_dir=tmp_path / "r"
+        exp,
+        [],
+        address=two_node_cluster.address,
+        trial_fn=sweep_standins.sleepy,
+        results_dir=tmp_path / "r",
     )
     assert summary.exit_code == 0 and summary.count("FINISHED") == 4
     assert summary.concurrency == 2  # two nodes x one fake GPU
@@ -53,5 +60,5 @@ def test_trials_spread_over_nodes_without_oversubscription(two_node_cluster, tmp
     assert len(spans) == 2, "both nodes ran trials"
     for node, intervals in spans.items():
         intervals.sort()
-        for (_, end), (start, _) in zip(intervals, intervals[1:]):
+        for (_, end), (start, _) in itertools.pairwise(intervals):
             assert start >= end, f"node {node[:8]} ran two trials at once: {intervals}"

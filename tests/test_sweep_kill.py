@@ -49,7 +49,10 @@ def test_rerun_after_driver_kill_skips_finished(tmp_path, tiny_corpus_dir, tally
             assert time.monotonic() < deadline, f"timed out; trials: {_trials(tmp_path)}"
             time.sleep(0.5)
         # a second sweep of the same experiment and store refuses at once, naming the running one
-        with pytest.raises(LockedError, match=rf"a sweep of experiment 'killed' .* is already running \(pid {first.pid} on "):
+        with pytest.raises(
+            LockedError,
+            match=rf"a sweep of experiment 'killed' .* is already running \(pid {first.pid} on ",
+        ):
             run_sweep(exp, [], results_dir=tmp_path / "other")
         assert not (tmp_path / "other").exists()
     finally:

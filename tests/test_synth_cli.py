@@ -24,10 +24,21 @@ def test_help_lists_commands() -> None:
 
 def test_mine_then_audit(tmp_path: Path, shared_data: Path) -> None:
     out = tmp_path / "mined"
-    result = runner.invoke(app, [
-        "mine", "--source", str(shared_data / "SNLI-triplets"), "--task-kind", "symmetric",
-        "--max-rows", "50", "--out", str(out), "-q",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "mine",
+            "--source",
+            str(shared_data / "SNLI-triplets"),
+            "--task-kind",
+            "symmetric",
+            "--max-rows",
+            "50",
+            "--out",
+            str(out),
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.output
     corpus = read_corpus(out)
     assert len(corpus) == 50 and set(corpus.frame["task_kind"]) == {"symmetric"}
@@ -48,10 +59,22 @@ def test_user_errors_exit_2_with_one_line(tmp_path: Path, tally) -> None:
     a_file = tmp_path / "taken.txt"
     a_file.write_text("not a folder", encoding="utf-8")
     cases = [
-        (["mine", "--source", str(pairs), "--out", str(a_file)], "taken.txt is a file, not a folder"),
-        (["mine", "--source", str(pairs), "--out", str(a_file / "sub")], "taken.txt is a file, not a folder"),
-        (["mine", str(config), "--out", str(tmp_path / "o")], "mine.yaml: bandz: Extra inputs are not permitted"),
-        (["mine", "--source", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")], "no such file or folder"),
+        (
+            ["mine", "--source", str(pairs), "--out", str(a_file)],
+            "taken.txt is a file, not a folder",
+        ),
+        (
+            ["mine", "--source", str(pairs), "--out", str(a_file / "sub")],
+            "taken.txt is a file, not a folder",
+        ),
+        (
+            ["mine", str(config), "--out", str(tmp_path / "o")],
+            "mine.yaml: bandz: Extra inputs are not permitted",
+        ),
+        (
+            ["mine", "--source", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")],
+            "no such file or folder",
+        ),
         (["mine", str(config), "--source", "x", "--out", str(tmp_path / "o")], "not both"),
         (["audit", str(tmp_path / "nope")], "corpus directory does not exist"),
     ]
@@ -67,7 +90,10 @@ def test_user_errors_exit_2_with_one_line(tmp_path: Path, tally) -> None:
 def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "synth.cli", "audit", str(tmp_path / "nope")],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr

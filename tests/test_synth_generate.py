@@ -52,7 +52,9 @@ def _reason(text: str, **kw: Any) -> str:
 def test_valid_answers_parse_inside_fences_and_chatter() -> None:
     example = parse_example("Sure!\n```json\n" + json.dumps(GOOD) + "\n```\nHope it helps.", LIMITS)
     assert example.negatives[0] == "Tides of war shaped Europe."  # level 1 first
-    assert parse_tasks('{"tasks": ["Given a question, find answers.", 3]}', LIMITS) == ["Given a question, find answers."]
+    assert parse_tasks('{"tasks": ["Given a question, find answers.", 3]}', LIMITS) == [
+        "Given a question, find answers."
+    ]
 
 
 @pytest.mark.parametrize(
@@ -61,7 +63,10 @@ def test_valid_answers_parse_inside_fences_and_chatter() -> None:
         ('{"query": "a", "positive": ', "malformed_json"),
         ("no json here", "malformed_json"),
         ('["a", "b"]', "not_an_object"),
-        (json.dumps({"query": "how do tides work", "negatives": GOOD["negatives"]}), "missing_field"),
+        (
+            json.dumps({"query": "how do tides work", "negatives": GOOD["negatives"]}),
+            "missing_field",
+        ),
         (_with(positive=42), "wrong_type"),
         (_with(negatives=GOOD["negatives"][:3]), "wrong_negative_count"),
         (_with(negatives="one string"), "wrong_type"),
@@ -108,18 +113,25 @@ def test_config_errors_name_the_field_and_the_file(tmp_path: Path) -> None:
     assert "bad.yaml: concurency" in str(e.value) and "shrt-long" in str(e.value)
 
 
-def test_cli_reports_a_missing_key_in_one_line_naming_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_reports_a_missing_key_in_one_line_naming_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from typer.testing import CliRunner
 
     from synth.cli import app
 
     monkeypatch.delenv("NM_TEST_KEY", raising=False)
-    result = CliRunner().invoke(app, ["generate", str(_config(tmp_path, endpoint={"base_url": "http://127.0.0.1:9/v1"})), "-q"])
+    result = CliRunner().invoke(
+        app,
+        ["generate", str(_config(tmp_path, endpoint={"base_url": "http://127.0.0.1:9/v1"})), "-q"],
+    )
     assert result.exit_code == 2
     assert "NM_TEST_KEY" in result.output and "Traceback" not in result.output
 
 
-def test_generate_rejects_retries_and_never_writes_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generate_rejects_retries_and_never_writes_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("NM_TEST_KEY", KEY)
     recorder = Recorder()
     # Faults on the short-long prompts: a 429 with Retry-After, then a 500; both are retried.
@@ -131,15 +143,21 @@ def test_generate_rejects_retries_and_never_writes_the_key(tmp_path: Path, monke
     assert manifest["requests"]["retries_this_run"] == 2
     assert manifest["requests"]["brainstorm"] == {"planned": 4, "answered": 4}
     assert manifest["requests"]["generate"] == {"planned": 12, "answered": 12}
-    rejects = [json.loads(l) for l in (config.output / REJECTS_FILE).open()]
+    rejects = [json.loads(line) for line in (config.output / REJECTS_FILE).open()]
     by_reason = Counter(r["reason"] for r in rejects)
     assert by_reason["malformed_json"] >= 1 and by_reason["negative_equals_positive"] >= 1
     assert all(r["raw"] for r in rejects)
     assert sum(manifest["rejects"].values()) == len(rejects)
     assert len(result.corpus) == 12 - len(rejects)
     frame = result.corpus.frame
-    assert set(frame["source"]) == {"synthetic"} and set(frame["task_kind"]) <= {"asymmetric", "symmetric"}
-    assert frame.filter(frame["subtask"] == "sts")["task_kind"].unique().to_list() in ([], ["symmetric"])
+    assert set(frame["source"]) == {"synthetic"} and set(frame["task_kind"]) <= {
+        "asymmetric",
+        "symmetric",
+    }
+    assert frame.filter(frame["subtask"] == "sts")["task_kind"].unique().to_list() in (
+        [],
+        ["symmetric"],
+    )
     usage = manifest["usage"]
     assert usage["requests"] == 16 and usage["total_tokens"] == 16 * 30
     assert usage["estimated_cost_usd"] == pytest.approx((16 * 10 * 2.5 + 16 * 20 * 10.0) / 1e6)
@@ -149,16 +167,24 @@ def test_generate_rejects_retries_and_never_writes_the_key(tmp_path: Path, monke
             assert KEY.encode() not in path.read_bytes(), path
 
 
-def test_budget_stops_cleanly_and_a_rerun_with_more_budget_finishes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_budget_stops_cleanly_and_a_rerun_with_more_budget_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("NM_TEST_KEY", KEY)
     with serve(scripted()) as url:
-        config = load_synth_config(_config(tmp_path, endpoint={"base_url": url}, concurrency=2,
-                                           budget={"max_tokens": 200}))
+        config = load_synth_config(
+            _config(tmp_path, endpoint={"base_url": url}, concurrency=2, budget={"max_tokens": 200})
+        )
         first = generate(config, progress=False)
         spent = first.corpus.manifest["usage"]["total_tokens"]
         assert not first.complete and "budget" in first.corpus.manifest["stopped"]
         assert spent <= 200 + 2 * 30  # over by at most the requests in flight
-        again = generate(config.model_copy(update={"budget": config.budget.model_copy(update={"max_tokens": None})}), progress=False)
+        again = generate(
+            config.model_copy(
+                update={"budget": config.budget.model_copy(update={"max_tokens": None})}
+            ),
+            progress=False,
+        )
     assert again.complete and again.corpus.manifest["usage"]["requests"] == 16
 
 
@@ -183,8 +209,10 @@ def _run_killed_then_resumed(config_path: Path, journal: Path, kill_after: int) 
     return answered_before
 
 
-def _assert_nothing_twice_nothing_lost(journal: Path, recorder: Recorder, answered_before: set[str], in_flight: int) -> None:
-    lines = [json.loads(l) for l in journal.read_bytes().splitlines() if l.strip()]
+def _assert_nothing_twice_nothing_lost(
+    journal: Path, recorder: Recorder, answered_before: set[str], in_flight: int
+) -> None:
+    lines = [json.loads(line) for line in journal.read_bytes().splitlines() if line.strip()]
     keys = Counter(r["key"] for r in lines)
     assert max(keys.values()) == 1, "a request was journaled twice"
     seeds = Counter(recorder.seeds())
@@ -195,12 +223,16 @@ def _assert_nothing_twice_nothing_lost(journal: Path, recorder: Recorder, answer
     assert sum(seeds.values()) <= len(keys) + in_flight  # only requests cut off by the kill repeat
 
 
-def test_sigkill_mid_run_then_rerun_gives_the_same_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sigkill_mid_run_then_rerun_gives_the_same_corpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Against deterministic (fake) answers, a killed-and-resumed run ends with the very corpus of
     an uninterrupted one; the recorder shows that no answered request is sent again."""
     monkeypatch.setenv("NM_TEST_KEY", KEY)
     with serve(scripted()) as url:
-        straight = generate(load_synth_config(_config(tmp_path / "a", endpoint={"base_url": url})), progress=False)
+        straight = generate(
+            load_synth_config(_config(tmp_path / "a", endpoint={"base_url": url})), progress=False
+        )
         recorder = Recorder()
         # 0.1 s per answer (16 answers, one in flight): without it the run could finish between
         # two 50 ms polls of the journal and the kill land after the end (seen once in CI)
@@ -220,19 +252,29 @@ def test_sigkill_mid_run_then_rerun_gives_the_same_corpus(tmp_path: Path, monkey
 def _real_config(tmp_path: Path, url: str, model: str) -> Path:
     # Given tasks and no brainstorming: the fewest requests that still cover stage 2 for real.
     return _config(
-        tmp_path, endpoint={"base_url": url, "model": model, "response_format": "none", "timeout_s": 600},
-        concurrency=1, sampling={"brainstorm_max_tokens": 8, "generate_max_tokens": 8},
-        tasks={"brainstorm_requests": 0, "examples": {"sts": 3}, "given": {"sts": ["Retrieve sentences with the same meaning."]}},
+        tmp_path,
+        endpoint={"base_url": url, "model": model, "response_format": "none", "timeout_s": 600},
+        concurrency=1,
+        sampling={"brainstorm_max_tokens": 8, "generate_max_tokens": 8},
+        tasks={
+            "brainstorm_requests": 0,
+            "examples": {"sts": 3},
+            "given": {"sts": ["Retrieve sentences with the same meaning."]},
+        },
     )
 
 
-def test_real_server_sigkill_then_rerun_requests_nothing_twice_and_loses_nothing(tmp_path: Path, real_server: Any) -> None:
+def test_real_server_sigkill_then_rerun_requests_nothing_twice_and_loses_nothing(
+    tmp_path: Path, real_server: Any
+) -> None:
     """`synth generate` against the real server through a recording proxy that counts what each
     run sends: killed (SIGKILL) after its first journaled answer, then run again to the end."""
     recorder = Recorder()
     with serve(forward_to(real_server.base_url), recorder) as url:
         journal = tmp_path / "corpus" / "work" / JOURNAL_FILE
-        answered_before = _run_killed_then_resumed(_real_config(tmp_path, url, real_server.model), journal, kill_after=1)
+        answered_before = _run_killed_then_resumed(
+            _real_config(tmp_path, url, real_server.model), journal, kill_after=1
+        )
     assert 1 <= len(answered_before) < 3, "the kill should land mid-run"
     assert len(Journal(journal).read()) == 3
     _assert_nothing_twice_nothing_lost(journal, recorder, answered_before, in_flight=1)
@@ -249,10 +291,18 @@ def test_real_server_sigkill_then_rerun_requests_nothing_twice_and_loses_nothing
 
 def test_field_answers_are_cleaned_or_rejected_with_their_reason() -> None:
     limits = Validation(min_chars=3, max_chars=60)
-    assert parse_field('Query: "how do tides work"\n\nI hope this helps!', limits) == "how do tides work"
+    assert (
+        parse_field('Query: "how do tides work"\n\nI hope this helps!', limits)
+        == "how do tides work"
+    )
     assert parse_field("  “Tides   follow the moon.”  ", limits) == "Tides follow the moon."
     for text, echoes, truncated, reason in [
-        ("A short phrase of 3 to 15 words.", ["a short phrase of 3 to 15 words"], False, "echoes_prompt"),
+        (
+            "A short phrase of 3 to 15 words.",
+            ["a short phrase of 3 to 15 words"],
+            False,
+            "echoes_prompt",
+        ),
         ("tides and the moon", [], True, "truncated"),
         ('""', [], False, "empty_text"),
         ("x" * 61, [], False, "too_long"),
@@ -262,17 +312,27 @@ def test_field_answers_are_cleaned_or_rejected_with_their_reason() -> None:
         assert e.value.reason == reason, text
 
 
-def test_fields_mode_builds_each_example_text_by_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fields_mode_builds_each_example_text_by_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Queries, then positives given the query, then each level's negative given the query: rows
     carry the level each negative was asked for; a text that copies its instructions or its query
     is rejected and asked again (a new sample), and its example is lost only when attempts run out."""
     monkeypatch.setenv("NM_TEST_KEY", KEY)
     recorder = Recorder()
     with serve(scripted(), recorder) as url:
-        config = load_synth_config(_config(tmp_path / "a", endpoint={"base_url": url}, stage2="fields"))
+        config = load_synth_config(
+            _config(tmp_path / "a", endpoint={"base_url": url}, stage2="fields")
+        )
         result = generate(config, progress=False)
-        once = generate(load_synth_config(_config(tmp_path / "b", endpoint={"base_url": url}, stage2="fields",
-                                                  stage2_attempts=1)), progress=False)
+        once = generate(
+            load_synth_config(
+                _config(
+                    tmp_path / "b", endpoint={"base_url": url}, stage2="fields", stage2_attempts=1
+                )
+            ),
+            progress=False,
+        )
     manifest = result.corpus.manifest
     assert result.complete and manifest["build"]["stage2"] == "fields"
     assert manifest["build"]["prompts"]["fields"]["version"] == "fields_v1"
@@ -308,32 +368,62 @@ def test_fields_example_lost_to_two_negatives_counts_once(tmp_path: Path) -> Non
     config = load_synth_config(_config(tmp_path, stage2="fields", stage2_attempts=2))
 
     def request(stage: str, n: int, level: int | None = None) -> Request:
-        return Request(stage=stage, subtask="sts", index=0, task="t", prompt="fields_v1",  # type: ignore[arg-type]
-                       key=f"{stage}{level}{n}", messages=[], level=level)
+        return Request(
+            stage=stage,
+            subtask="sts",
+            index=0,
+            task="t",
+            prompt="fields_v1",  # type: ignore[arg-type]
+            key=f"{stage}{level}{n}",
+            messages=[],
+            level=level,
+        )
 
     def accepted(stage: str, text: str) -> Slot:
         return Slot((request(stage, 0),), text, (), pending=False)
 
     def used_up(level: int) -> Slot:
         attempts = tuple(request("negative", n, level) for n in range(2))
-        return Slot(attempts, None, tuple((r, Rejected("echoes_prompt"), "raw") for r in attempts), pending=False)
+        return Slot(
+            attempts,
+            None,
+            tuple((r, Rejected("echoes_prompt"), "raw") for r in attempts),
+            pending=False,
+        )
 
-    example = FieldExample((accepted("query", "q"), accepted("positive", "p"),
-                            used_up(1), accepted("negative", "n2"), used_up(3), accepted("negative", "n4")))
+    example = FieldExample(
+        (
+            accepted("query", "q"),
+            accepted("positive", "p"),
+            used_up(1),
+            accepted("negative", "n2"),
+            used_up(3),
+            accepted("negative", "n4"),
+        )
+    )
     out = list(field_candidates(config, [example], {}))
-    assert [why.reason for _, why, _, _ in out] == ["echoes_prompt"] * 4  # every rejected answer kept
+    assert [why.reason for _, why, _, _ in out] == [
+        "echoes_prompt"
+    ] * 4  # every rejected answer kept
     assert sum(settles for *_, settles in out) == 1
 
 
-def test_fields_mode_killed_mid_run_resumes_to_the_same_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fields_mode_killed_mid_run_resumes_to_the_same_corpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Later texts depend on earlier answers; their keys hash what they were given, so a SIGKILLed
     run, run again, sends no answered request twice and ends with the uninterrupted run's corpus."""
     monkeypatch.setenv("NM_TEST_KEY", KEY)
     with serve(scripted()) as url:
-        straight = generate(load_synth_config(_config(tmp_path / "a", endpoint={"base_url": url}, stage2="fields")), progress=False)
+        straight = generate(
+            load_synth_config(_config(tmp_path / "a", endpoint={"base_url": url}, stage2="fields")),
+            progress=False,
+        )
         recorder = Recorder()
         with serve(scripted(delay_s=0.02), recorder) as url2:
-            config_path = _config(tmp_path / "b", endpoint={"base_url": url2}, concurrency=1, stage2="fields")
+            config_path = _config(
+                tmp_path / "b", endpoint={"base_url": url2}, concurrency=1, stage2="fields"
+            )
             journal = tmp_path / "b" / "corpus" / "work" / JOURNAL_FILE
             answered_before = _run_killed_then_resumed(config_path, journal, kill_after=20)
     resumed = read_corpus(tmp_path / "b" / "corpus")
@@ -342,32 +432,64 @@ def test_fields_mode_killed_mid_run_resumes_to_the_same_corpus(tmp_path: Path, m
     _assert_nothing_twice_nothing_lost(journal, recorder, answered_before, in_flight=1)
 
 
-def test_real_server_fields_mode_end_to_end(tmp_path: Path, real_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_real_server_fields_mode_end_to_end(
+    tmp_path: Path, real_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`stage2: fields` against the real server: texts are asked in order (query, then positive,
     then negatives), each answer journaled once, and the one example settles as a row or a reject."""
     monkeypatch.setenv("NM_TEST_KEY", KEY)
     recorder = Recorder()
     with serve(forward_to(real_server.base_url), recorder) as url:
-        config = load_synth_config(_config(
-            tmp_path, endpoint={"base_url": url, "model": real_server.model, "response_format": "none", "timeout_s": 600},
-            concurrency=1, stage2="fields", stage2_attempts=2,
-            sampling={"brainstorm_max_tokens": 8, "generate_max_tokens": 24},
-            tasks={"brainstorm_requests": 0, "examples": {"short-short": 1},
-                   "given": {"short-short": ["Given a product title, retrieve titles of similar products."]}},
-        ))
+        config = load_synth_config(
+            _config(
+                tmp_path,
+                endpoint={
+                    "base_url": url,
+                    "model": real_server.model,
+                    "response_format": "none",
+                    "timeout_s": 600,
+                },
+                concurrency=1,
+                stage2="fields",
+                stage2_attempts=2,
+                sampling={"brainstorm_max_tokens": 8, "generate_max_tokens": 24},
+                tasks={
+                    "brainstorm_requests": 0,
+                    "examples": {"short-short": 1},
+                    "given": {
+                        "short-short": [
+                            "Given a product title, retrieve titles of similar products."
+                        ]
+                    },
+                },
+            )
+        )
         result = generate(config, progress=False)
     manifest = result.corpus.manifest
     texts = manifest["requests"]["texts"]
     assert result.complete and manifest["requests"]["generate"] == {"planned": 1, "answered": 1}
     assert 1 <= texts["query"]["answered"] <= 2
-    assert len(recorder.bodies) == sum(t["answered"] for t in texts.values()) == manifest["usage"]["requests"]
-    steps = ["query" if "Write the input" in b["messages"][0]["content"] else
-             "positive" if "Write the matching result" in b["messages"][0]["content"] else "negative"
-             for b in recorder.bodies]
-    assert steps == sorted(steps, key=["query", "positive", "negative"].index)  # each step after the last
+    assert (
+        len(recorder.bodies)
+        == sum(t["answered"] for t in texts.values())
+        == manifest["usage"]["requests"]
+    )
+    steps = [
+        "query"
+        if "Write the input" in b["messages"][0]["content"]
+        else "positive"
+        if "Write the matching result" in b["messages"][0]["content"]
+        else "negative"
+        for b in recorder.bodies
+    ]
+    assert steps == sorted(
+        steps, key=["query", "positive", "negative"].index
+    )  # each step after the last
     rejects = (config.output / REJECTS_FILE).read_text().splitlines()
     assert manifest["acceptance_rate"] == len(result.corpus)  # the one example: a row, or rejected
-    assert len(result.corpus) == 1 or all(json.loads(line)["reason"] for line in rejects) and rejects
+    assert len(result.corpus) == 1 or (
+        all(json.loads(line)["reason"] for line in rejects) and rejects
+    )
     assert len(rejects) == sum(manifest["rejects"].values())
 
 
@@ -386,15 +508,31 @@ def test_a_second_generate_into_one_output_refuses_naming_the_first(tmp_path: Pa
 
     config = load_synth_config(_config(tmp_path, endpoint={"base_url": "http://127.0.0.1:9/v1"}))
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from synth.locks import exclusive\n"
-         "with exclusive(Path(sys.argv[1]), 'x'):\n    print('held', flush=True); time.sleep(600)", str(config.work_dir / LOCK_FILE)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from synth.locks import exclusive\n"
+            "with exclusive(Path(sys.argv[1]), 'x'):\n    print('held', flush=True); time.sleep(600)",
+            str(config.work_dir / LOCK_FILE),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        result = CliRunner().invoke(app, ["generate", str(_config(tmp_path, endpoint={"base_url": "http://127.0.0.1:9/v1"})), "-q"])
+        result = CliRunner().invoke(
+            app,
+            [
+                "generate",
+                str(_config(tmp_path, endpoint={"base_url": "http://127.0.0.1:9/v1"})),
+                "-q",
+            ],
+        )
         assert result.exit_code == 2, result.output
-        assert f"is already running (pid {holder.pid} on" in result.output and "Traceback" not in result.output
+        assert (
+            f"is already running (pid {holder.pid} on" in result.output
+            and "Traceback" not in result.output
+        )
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()

@@ -426,8 +426,14 @@ def test_a_run_left_running_by_a_dead_driver_shows_as_killed(tmp_path: Path, tal
     for seed, driver in ((0, f"{socket.gethostname()}:{gone.pid}"), (1, "elsewhere:1")):
         cell = {"train.strategy": "curriculum", "train.seed": seed}
         run_id = s.client.create_run(
-            exp_id, run_name=f"curriculum-s{seed}",
-            tags={ROLE: "trial", CELL: json.dumps(cell, sort_keys=True), TRIAL_KEY: f"k{seed}", DRIVER: driver},
+            exp_id,
+            run_name=f"curriculum-s{seed}",
+            tags={
+                ROLE: "trial",
+                CELL: json.dumps(cell, sort_keys=True),
+                TRIAL_KEY: f"k{seed}",
+                DRIVER: driver,
+            },
         ).info.run_id
         s.client.log_metric(run_id, "train/loss", 1.0, step=1)
     fin = {"train.strategy": "reverse", "train.seed": 0}
@@ -465,14 +471,28 @@ def test_a_grown_grid_keeps_every_finished_trial_that_matches_a_cell(tmp_path: P
     s = Store(tmp_path)
     exp_id = s.experiment("grown")
     for pooling in ("eos", "mean"):
-        for seed, cell in ((1, {"model.pooling": pooling}), (2, {"model.pooling": pooling, "train.seed": 2})):
-            run_id = s.trial(exp_id, None, {**cell, "train.seed": seed}, f"{pooling}{seed}", "FINISHED", {HELDOUT: 0.4 + seed / 100}, [1.0])
-            s.client.set_tag(run_id, CELL, json.dumps(cell, sort_keys=True))  # as the sweep logged it
+        for seed, cell in (
+            (1, {"model.pooling": pooling}),
+            (2, {"model.pooling": pooling, "train.seed": 2}),
+        ):
+            run_id = s.trial(
+                exp_id,
+                None,
+                {**cell, "train.seed": seed},
+                f"{pooling}{seed}",
+                "FINISHED",
+                {HELDOUT: 0.4 + seed / 100},
+                [1.0],
+            )
+            s.client.set_tag(
+                run_id, CELL, json.dumps(cell, sort_keys=True)
+            )  # as the sweep logged it
             s.client.log_param(run_id, "train.seed", str(seed))
             s.client.log_param(run_id, "model.pooling", pooling)
     path = tmp_path / "grown.yaml"
     path.write_text(
-        f"name: grown\ncorpus: {{path: c}}\ngrid: {{pooling: [eos, mean], seed: [1, 2]}}\ntracking: {{uri: '{s.uri}'}}\n",
+        f"name: grown\ncorpus: {{path: c}}\ngrid: "
+        f"{{pooling: [eos, mean], seed: [1, 2]}}\ntracking: {{uri: '{s.uri}'}}\n",
         encoding="utf-8",
     )
     write_tables(load_experiment(path), output_dir=tmp_path / "out", log_to_mlflow=False)

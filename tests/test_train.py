@@ -19,8 +19,21 @@ from harness.train import StepRunner, train_one
 from synth.corpus import read_corpus
 
 TINY = {
-    "model": {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "max_query_length": 24, "max_doc_length": 24, "dtype": "float32"},
-    "train": {"steps": 2, "batch_size": 4, "lr": 1e-3, "warmup_steps": 0, "heldout_size": 8, "device": "cpu", "temperature": 0.05},
+    "model": {
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "max_query_length": 24,
+        "max_doc_length": 24,
+        "dtype": "float32",
+    },
+    "train": {
+        "steps": 2,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "warmup_steps": 0,
+        "heldout_size": 8,
+        "device": "cpu",
+        "temperature": 0.05,
+    },
 }
 
 
@@ -35,10 +48,20 @@ def test_train_one_saves_a_model_that_reloads_identically(tiny_corpus_dir, tmp_p
     corpus = read_corpus(tiny_corpus_dir)
     exp = _exp(tiny_corpus_dir, model={"pooling": "ata"}, train={"strategy": "curriculum"})
     seen: list[tuple[int, dict]] = []
-    result = train_one(exp, corpus, output_dir=tmp_path, on_metrics=lambda s, m: seen.append((s, m)), progress=False, name="t/ata", revision="k1")
+    result = train_one(
+        exp,
+        corpus,
+        output_dir=tmp_path,
+        on_metrics=lambda s, m: seen.append((s, m)),
+        progress=False,
+        name="t/ata",
+        revision="k1",
+    )
     steps = [s for s, m in seen if "train/loss" in m]
     assert steps == [1, 2]
-    assert all(m["train/loss"] > 0 and m["train/examples_per_s"] > 0 for s, m in seen if "train/loss" in m)
+    assert all(
+        m["train/loss"] > 0 and m["train/examples_per_s"] > 0 for s, m in seen if "train/loss" in m
+    )
     assert set(result.heldout) >= {"heldout/recall@1", "heldout/acc_level_1", "heldout/acc_all"}
     assert result.level_order == [4, 2]  # 2 steps cover phases 0 and 2 of the 4 equal phases
     meta = json.loads((result.model_dir / "embedder.json").read_text())
@@ -52,7 +75,9 @@ def test_train_one_saves_a_model_that_reloads_identically(tiny_corpus_dir, tmp_p
     a = reloaded.encode(texts, instruction="Retrieve similar text")
     b = base.encode(texts, instruction="Retrieve similar text")
     assert not torch.allclose(a, b), "the adapter changed nothing"
-    again = Embedder.load(result.model_dir, "cpu").encode(texts, instruction="Retrieve similar text")
+    again = Embedder.load(result.model_dir, "cpu").encode(
+        texts, instruction="Retrieve similar text"
+    )
     assert torch.allclose(a, again, atol=1e-6)
 
 
@@ -79,15 +104,32 @@ def test_grad_cache_gives_the_same_gradients(tiny_corpus_dir):
 
 
 def test_harness_train_cli_logs_an_mlflow_run(tiny_corpus_dir, tmp_path):
-    exp = {"name": "cli-train", "corpus": {"path": str(tiny_corpus_dir)}, **TINY, "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"}}
+    exp = {
+        "name": "cli-train",
+        "corpus": {"path": str(tiny_corpus_dir)},
+        **TINY,
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
+    }
     exp["train"] = {**exp["train"], "steps": 1}
     exp["model"] = {**exp["model"], "pooling": "mean"}
     exp["grid"] = {"strategy": ["curriculum", "level-2"]}
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(exp))
     out = subprocess.run(
-        [sys.executable, "-m", "harness.cli", "train", str(path), "--cell", "strategy=level-2", "--output", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "train",
+            str(path),
+            "--cell",
+            "strategy=level-2",
+            "--output",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -102,14 +144,28 @@ def test_harness_train_cli_logs_an_mlflow_run(tiny_corpus_dir, tmp_path):
 @pytest.mark.faults
 def test_bad_experiment_files_fail_before_any_model_loads(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\ncorpus: {path: c}\nmodel: {pooling: max}\ntrain: {stratgy: curriculum}\n")
-    out = subprocess.run([sys.executable, "-m", "harness.cli", "train", str(bad)], capture_output=True, text=True, timeout=120)
+    bad.write_text(
+        "name: x\ncorpus: {path: c}\nmodel: {pooling: max}\ntrain: {stratgy: curriculum}\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "train", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
-    assert str(bad) in out.stderr and "model.pooling" in out.stderr and "train.stratgy" in out.stderr
+    assert (
+        str(bad) in out.stderr and "model.pooling" in out.stderr and "train.stratgy" in out.stderr
+    )
     assert "Traceback" not in out.stderr
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: x\ncorpus: {path: c\n")
-    out = subprocess.run([sys.executable, "-m", "harness.cli", "check", str(broken)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "check", str(broken)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "broken YAML at line" in out.stderr
 
 
@@ -129,7 +185,9 @@ def test_a_run_that_diverges_on_its_last_step_fails(tiny_corpus_dir, tmp_path, t
     The overflow is forced (a fake): with lr bounded to at most 1, a real AdamW step on this model
     does not overflow on demand."""
     corpus = read_corpus(tiny_corpus_dir)
-    exp = _exp(tiny_corpus_dir, model={"pooling": "mean"}, train={"steps": 1, "max_grad_norm": None})
+    exp = _exp(
+        tiny_corpus_dir, model={"pooling": "mean"}, train={"steps": 1, "max_grad_norm": None}
+    )
 
     real_step = torch.optim.AdamW.step
 
@@ -151,7 +209,17 @@ def test_a_run_that_diverges_on_its_last_step_fails(tiny_corpus_dir, tmp_path, t
     tally(cases=1, faults=1)
 
 
-@pytest.mark.parametrize("override", ["train.lr=.inf", "train.lr=.nan", "train.temperature=-1", "train.seed=99999999999", "train.steps=1e12", "model.lora.alpha=.inf"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.lr=.inf",
+        "train.lr=.nan",
+        "train.temperature=-1",
+        "train.seed=99999999999",
+        "train.steps=1e12",
+        "model.lora.alpha=.inf",
+    ],
+)
 @pytest.mark.faults
 def test_numbers_that_cannot_train_are_config_errors(tmp_path, override, tally):
     from harness.config import ConfigError, load_experiment

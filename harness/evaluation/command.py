@@ -65,7 +65,13 @@ def eval_command(
 
     ``base_settings`` (e.g. ``{"attention": "bidirectional", "template": "llm2vec", "init_adapter": ...}``)
     are ``model.*`` fields for an untrained base model; a saved model carries its own."""
-    embedder, run = load_embedder(model_or_run, pooling=pooling, base_settings=base_settings, tracking_uri=tracking_uri, device=device)
+    embedder, run = load_embedder(
+        model_or_run,
+        pooling=pooling,
+        base_settings=base_settings,
+        tracking_uri=tracking_uri,
+        device=device,
+    )
     if run is not None:
         suite = suite or (None if tasks else run.suite)
     settings = EvalSettings(
@@ -75,7 +81,9 @@ def eval_command(
         max_docs=max_docs,
         instructions={ALL_TASKS: ""} if no_instructions else {},
     )
-    result = evaluate_embedder(embedder, settings, output_dir=output_dir, data_dir=data_dir, overwrite=overwrite)
+    result = evaluate_embedder(
+        embedder, settings, output_dir=output_dir, data_dir=data_dir, overwrite=overwrite
+    )
     if run is not None:
         _log_to_run(run.run_id, result, tracking_uri)
     from rich.console import Console
@@ -107,7 +115,9 @@ def load_embedder(
 
         if Path(fields["init_adapter"]).is_dir():  # its hash keeps mteb's cached results apart
             fields["init_adapter_sha256"] = read_adapter(Path(fields["init_adapter"])).sha256
-    return Embedder.from_settings(ModelSettings(name=model_or_run, pooling=pooling, **fields), device), None
+    return Embedder.from_settings(
+        ModelSettings(name=model_or_run, pooling=pooling, **fields), device
+    ), None
 
 
 def _client(tracking_uri: str | None):  # -> MlflowClient
@@ -128,7 +138,9 @@ def _run_model(run_id: str, tracking_uri: str | None) -> RunModel:
     try:
         run = client.get_run(run_id)
     except MlflowException as e:
-        raise ModelNotFoundError(f"MLflow run {run_id}: not found in {redact_text(client.tracking_uri)} ({e.message})") from None
+        raise ModelNotFoundError(
+            f"MLflow run {run_id}: not found in {redact_text(client.tracking_uri)} ({e.message})"
+        ) from None
     suite = run.data.params.get("eval.suite") or None
     if any(f.path == MODEL_ARTIFACT for f in client.list_artifacts(run_id)):
         into = Path(tempfile.mkdtemp(prefix=f"harness-eval-{run_id[:8]}-"))
@@ -139,8 +151,12 @@ def _run_model(run_id: str, tracking_uri: str | None) -> RunModel:
         local = Path(tag.split(":", 1)[1] if ":" in tag and not Path(tag).exists() else tag)
         if (local / "embedder.json").is_file():
             return RunModel(run_id, local, suite)
-        raise ModelNotFoundError(f"MLflow run {run_id}: its model is at {tag}, which is not a saved model on this machine")
-    raise ModelNotFoundError(f"MLflow run {run_id}: no '{MODEL_ARTIFACT}' artifact and no '{MODEL_DIR_TAG}' tag")
+        raise ModelNotFoundError(
+            f"MLflow run {run_id}: its model is at {tag}, which is not a saved model on this machine"
+        )
+    raise ModelNotFoundError(
+        f"MLflow run {run_id}: no '{MODEL_ARTIFACT}' artifact and no '{MODEL_DIR_TAG}' tag"
+    )
 
 
 def _log_to_run(run_id: str, result: EvalResult, tracking_uri: str | None) -> None:
@@ -152,5 +168,7 @@ def _log_to_run(run_id: str, result: EvalResult, tracking_uri: str | None) -> No
 
     client = _client(tracking_uri)
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(metric_name(k), v, now, 0) for k, v in result.metrics.items()])
+    client.log_batch(
+        run_id, metrics=[Metric(metric_name(k), v, now, 0) for k, v in result.metrics.items()]
+    )
     client.log_artifacts(run_id, str(result.result_dir), EVAL_ARTIFACT)

@@ -64,14 +64,14 @@ class EmbedderEncoder(AbsEncoder):
         self.symmetric_max_length = symmetric_max_length
         self.progress = progress
         self.mteb_model_meta = ModelMeta.create_empty(
-            overwrites=dict(
-                name=name or embedder.name,
-                revision=revision or embedder.revision,
-                similarity_fn_name=ScoringFunction.COSINE,  # the enum: the string fails late
-                use_instructions=True,
-                framework=["PyTorch"],
-                experiment_kwargs=dict(experiment_kwargs) if experiment_kwargs else None,
-            )
+            overwrites={
+                "name": name or embedder.name,
+                "revision": revision or embedder.revision,
+                "similarity_fn_name": ScoringFunction.COSINE,  # the enum: the string fails late
+                "use_instructions": True,
+                "framework": ["PyTorch"],
+                "experiment_kwargs": dict(experiment_kwargs) if experiment_kwargs else None,
+            }
         )
 
     def encode(
@@ -86,7 +86,9 @@ class EmbedderEncoder(AbsEncoder):
     ) -> np.ndarray:
         texts = [text for batch in inputs for text in batch["text"]]
         unique = list(dict.fromkeys(texts))
-        instruction = self.instructions.for_input(task_metadata.name, task_metadata.type, prompt_type)
+        instruction = self.instructions.for_input(
+            task_metadata.name, task_metadata.type, prompt_type
+        )
         vectors = self.model.encode(
             unique,
             instruction=instruction,
@@ -95,6 +97,8 @@ class EmbedderEncoder(AbsEncoder):
             show_progress=self.progress,
         )
         if not bool(torch.isfinite(vectors).all()):  # mteb would score NaN vectors without a word
-            raise FloatingPointError(f"{task_metadata.name}: the model's embeddings are not finite (NaN or inf)")
+            raise FloatingPointError(
+                f"{task_metadata.name}: the model's embeddings are not finite (NaN or inf)"
+            )
         row = {text: i for i, text in enumerate(unique)}
         return vectors.float().numpy()[[row[t] for t in texts]]

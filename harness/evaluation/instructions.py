@@ -48,7 +48,9 @@ class Instructions:
                 return text
         return builtin["types"].get(task_type) or builtin["fallback"].get(task_type, "")
 
-    def for_input(self, task_name: str, task_type: str, prompt_type: PromptType | None) -> str | None:
+    def for_input(
+        self, task_name: str, task_type: str, prompt_type: PromptType | None
+    ) -> str | None:
         """The instruction for one side of a task: documents get none."""
         if prompt_type == PromptType.document:
             return None

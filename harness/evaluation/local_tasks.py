@@ -106,9 +106,15 @@ def _base_task(folder: Path, kind: Kind) -> tuple[type[AbsTask], TaskMetadata]:
             f"{known.metadata.type}; rename the folder to score it as a new task"
         )
     if known.metadata.is_multilingual:
-        raise LocalTaskError(f"{folder}: mteb's {folder.name!r} is multilingual; local folders hold one language")
+        raise LocalTaskError(
+            f"{folder}: mteb's {folder.name!r} is multilingual; local folders hold one language"
+        )
     if known.dataset_transform is not AbsTask.dataset_transform:
-        log.warning("%s: mteb transforms the Hub data of %s; the folder is read as already transformed", folder, folder.name)
+        log.warning(
+            "%s: mteb transforms the Hub data of %s; the folder is read as already transformed",
+            folder,
+            folder.name,
+        )
     return known, known.metadata.model_copy(update={"dataset": dataset})
 
 
@@ -145,7 +151,11 @@ class LocalFolderTask:
         except ValueError as e:
             raise LocalTaskError(f"{path}: score column is not a number ({e})") from None
         return Dataset.from_dict(
-            {"sentence1": [r["sentence1"] for r in rows], "sentence2": [r["sentence2"] for r in rows], "score": scores}
+            {
+                "sentence1": [r["sentence1"] for r in rows],
+                "sentence2": [r["sentence2"] for r in rows],
+                "score": scores,
+            }
         )
 
     # -- classification
@@ -155,7 +165,11 @@ class LocalFolderTask:
         if any(isinstance(label, str) for label in labels):
             # mteb's Hub sets carry integer labels: number ours the same way (categories.json order)
             names_file = self.folder / "categories.json"
-            names = textfiles.json_value(textfiles.read_text(names_file), str(names_file)) if names_file.is_file() else sorted(set(map(str, labels)))
+            names = (
+                textfiles.json_value(textfiles.read_text(names_file), str(names_file))
+                if names_file.is_file()
+                else sorted(set(map(str, labels)))
+            )
             ids = {name: i for i, name in enumerate(names)}
             unknown = sorted(set(map(str, labels)) - ids.keys())
             if unknown:
@@ -164,19 +178,26 @@ class LocalFolderTask:
                 for r in rows:
                     r["label"] = ids[str(r["label"])]
         return {
-            s: Dataset.from_dict({"text": [r["text"] for r in rows], "label": [r["label"] for r in rows]})
+            s: Dataset.from_dict(
+                {"text": [r["text"] for r in rows], "label": [r["label"] for r in rows]}
+            )
             for s, rows in data.items()
         }
 
     # -- retrieval
     def _read_retrieval(self) -> dict[str, RetrievalSplitData]:
         corpus_rows = _read_jsonl(self.folder / "corpus.jsonl", ("_id", "text"))
-        query_rows = {str(r["_id"]): r["text"] for r in _read_jsonl(self.folder / "queries.jsonl", ("_id", "text"))}
+        query_rows = {
+            str(r["_id"]): r["text"]
+            for r in _read_jsonl(self.folder / "queries.jsonl", ("_id", "text"))
+        }
         qrels = {split: self._read_qrels(split) for split in self.eval_splits}
         for split, rels in qrels.items():
             missing = sorted(rels.keys() - query_rows.keys())
             if missing:
-                raise LocalTaskError(f"{self.folder}/qrels/{split}.tsv: query ids not in queries.jsonl: {missing[:5]}")
+                raise LocalTaskError(
+                    f"{self.folder}/qrels/{split}.tsv: query ids not in queries.jsonl: {missing[:5]}"
+                )
         keep = self._kept_docs([str(r["_id"]) for r in corpus_rows], qrels)
         corpus = Dataset.from_dict(
             {
@@ -189,7 +210,9 @@ class LocalFolderTask:
         for split, rels in qrels.items():
             qids = [q for q in query_rows if q in rels]  # as mteb's loader: only queries with qrels
             queries = Dataset.from_dict({"id": qids, "text": [query_rows[q] for q in qids]})
-            out[split] = RetrievalSplitData(corpus=corpus, queries=queries, relevant_docs=rels, top_ranked=None)
+            out[split] = RetrievalSplitData(
+                corpus=corpus, queries=queries, relevant_docs=rels, top_ranked=None
+            )
         return out
 
     def _read_qrels(self, split: str) -> dict[str, dict[str, int]]:
@@ -207,9 +230,14 @@ class LocalFolderTask:
             return set(ids)
         relevant = {d for rels in qrels.values() for docs in rels.values() for d in docs}
         others = sorted(set(ids) - relevant)
-        sample = random.Random(0).sample(others, max(0, min(len(others), self.max_docs - len(relevant))))
+        sample = random.Random(0).sample(
+            others, max(0, min(len(others), self.max_docs - len(relevant)))
+        )
         keep = (relevant & set(ids)) | set(sample)
-        self.note = f"corpus capped to {len(keep)} of {len(ids)} documents (all {len(relevant & set(ids))} relevant kept)"
+        kept = len(relevant & set(ids))
+        self.note = (
+            f"corpus capped to {len(keep)} of {len(ids)} documents (all {kept} relevant kept)"
+        )
         log.info("%s: %s", self.metadata.name, self.note)
         return keep
 

@@ -57,13 +57,18 @@ def evaluate_embedder(
     ``${NM_SHARED_DATA}`` in local task paths. Named tasks whose Hub data is out of reach fail
     before any model work starts.
     """
-    tasks = resolve_tasks(task_entries(eval_settings), data=data_dir, max_docs=eval_settings.max_docs)
+    tasks = resolve_tasks(
+        task_entries(eval_settings), data=data_dir, max_docs=eval_settings.max_docs
+    )
     check_hub_access(tasks)
     instructions = Instructions(eval_settings.instructions)
     capped = eval_settings.max_docs is not None and any(
         isinstance(t, LocalFolderTask) and t.metadata.type == "Retrieval" for t in tasks
     )
-    experiment = {"max_docs": eval_settings.max_docs if capped else None, "instructions": instructions.fingerprint()}
+    experiment = {
+        "max_docs": eval_settings.max_docs if capped else None,
+        "instructions": instructions.fingerprint(),
+    }
     encoder = EmbedderEncoder(
         embedder,
         name=name,
@@ -89,14 +94,19 @@ def evaluate_embedder(
                     task,
                     cache=cache,
                     overwrite_strategy="always" if overwrite else "only-missing",
-                    encode_kwargs={"batch_size": eval_settings.batch_size, "show_progress_bar": False},
+                    encode_kwargs={
+                        "batch_size": eval_settings.batch_size,
+                        "show_progress_bar": False,
+                    },
                     show_progress_bar=False,
                     co2_tracker=False,
                 )
             except (LocalTaskError, TextFileError):
                 raise  # the user's data: already one line naming the file
             except Exception as e:
-                raise RuntimeError(f"evaluating {meta.name} on {task.metadata.name} failed: {e}") from e
+                raise RuntimeError(
+                    f"evaluating {meta.name} on {task.metadata.name} failed: {e}"
+                ) from e
             result = model_result.task_results[0]
             row = scores.task_score(
                 result,
@@ -107,7 +117,10 @@ def evaluate_embedder(
             )
             rows.append(row)
             if progress:
-                _say(f"{label}: {row.main_score} {row.score:.4f} ({row.seconds:.0f} s){'  ' + row.note if row.note else ''}")
+                _say(
+                    f"{label}: {row.main_score} {row.score:.4f} ({row.seconds:.0f} "
+                    f"s){'  ' + row.note if row.note else ''}"
+                )
     df = scores.frame(rows)
     metrics = scores.metrics(df)
     _write(result_dir, df, metrics, meta_name=meta.name, revision=meta.revision)
@@ -118,7 +131,11 @@ def _write(result_dir: Path, df: pl.DataFrame, metrics: dict[str, float], **abou
     result_dir.mkdir(parents=True, exist_ok=True)
     df.write_csv(result_dir / "scores.csv")
     (result_dir / "scores.md").write_text(scores.markdown(df), encoding="utf-8")
-    summary = {**about, "metrics": metrics, "notes": {r["task"]: r["note"] for r in df.iter_rows(named=True) if r["note"]}}
+    summary = {
+        **about,
+        "metrics": metrics,
+        "notes": {r["task"]: r["note"] for r in df.iter_rows(named=True) if r["note"]},
+    }
     (result_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 

@@ -15,7 +15,15 @@ import polars as pl
 from mteb.results import TaskResult
 
 # mteb task types in the paper's table order; other types keep their mteb name as the category.
-CATEGORIES = ("Retrieval", "Reranking", "Clustering", "PairClassification", "Classification", "STS", "Summarization")
+CATEGORIES = (
+    "Retrieval",
+    "Reranking",
+    "Clustering",
+    "PairClassification",
+    "Classification",
+    "STS",
+    "Summarization",
+)
 SCHEMA = {
     "task": pl.String,
     "category": pl.String,
@@ -38,7 +46,9 @@ class TaskScore:
     note: str = ""
 
 
-def task_score(result: TaskResult, category: str, main_score: str, *, seconds: float, note: str = "") -> TaskScore:
+def task_score(
+    result: TaskResult, category: str, main_score: str, *, seconds: float, note: str = ""
+) -> TaskScore:
     """The main score of one mteb result (test split when present)."""
     splits = ["test"] if "test" in result.scores else sorted(result.scores)
     return TaskScore(
@@ -57,7 +67,9 @@ def frame(scores: Iterable[TaskScore]) -> pl.DataFrame:
     df = pl.DataFrame([vars(s) for s in scores], schema=SCHEMA)
     order = {c: i for i, c in enumerate(CATEGORIES)}
     return (
-        df.with_columns(pl.col("category").replace_strict(order, default=len(order)).alias("_order"))
+        df.with_columns(
+            pl.col("category").replace_strict(order, default=len(order)).alias("_order")
+        )
         .sort("_order", "task")
         .drop("_order")
     )
@@ -80,18 +92,31 @@ def metrics(df: pl.DataFrame) -> dict[str, float]:
     if df.is_empty():
         return {}
     out: dict[str, float] = {f"eval/{r['task']}": r["score"] for r in df.iter_rows(named=True)}
-    out.update({f"eval/{r['category']}": r["score"] for r in category_means(df).iter_rows(named=True)})
+    out.update(
+        {f"eval/{r['category']}": r["score"] for r in category_means(df).iter_rows(named=True)}
+    )
     out["eval/avg"] = float(df["score"].mean())  # type: ignore[arg-type]
     return out
 
 
 def markdown(df: pl.DataFrame) -> str:
     """A small Markdown table of a frame (scores x100 as in the paper), categories and average."""
-    lines = ["| task | category | main score | score (x100) | seconds | note |", "|---|---|---|---:|---:|---|"]
+    lines = [
+        "| task | category | main score | score (x100) | seconds | note |",
+        "|---|---|---|---:|---:|---|",
+    ]
     for r in df.iter_rows(named=True):
-        lines.append(f"| {r['task']} | {r['category']} | {r['main_score']} | {100 * r['score']:.2f} | {r['seconds']:.0f} | {r['note']} |")
+        lines.append(
+            f"| {r['task']} | {r['category']} | {r['main_score']} | {100 * r['score']:.2f} | "
+            f"{r['seconds']:.0f} | {r['note']} |"
+        )
     for r in category_means(df).iter_rows(named=True):
-        lines.append(f"| **{r['category']}** ({r['tasks']} tasks) | | mean | {100 * r['score']:.2f} | | |")
+        lines.append(
+            f"| **{r['category']}** ({r['tasks']} tasks) | | mean | {100 * r['score']:.2f} | | |"
+        )
     if not df.is_empty():
-        lines.append(f"| **avg** ({df.height} tasks) | | mean | {100 * float(df['score'].mean()):.2f} | {df['seconds'].sum():.0f} | |")  # type: ignore[arg-type]
+        lines.append(
+            f"| **avg** ({df.height} tasks) | | mean | {100 * float(df['score'].mean()):.2f} | "
+            f"{df['seconds'].sum():.0f} | |"
+        )  # type: ignore[arg-type]
     return "\n".join(lines) + "\n"

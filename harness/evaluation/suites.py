@@ -44,14 +44,18 @@ class Suite:
 def suites() -> dict[str, Suite]:
     text = resources.files("harness").joinpath("data/suites.yaml").read_text(encoding="utf-8")
     raw = yaml.safe_load(text)["suites"]
-    return {name: Suite(name, s["description"].strip(), tuple(s["tasks"])) for name, s in raw.items()}
+    return {
+        name: Suite(name, s["description"].strip(), tuple(s["tasks"])) for name, s in raw.items()
+    }
 
 
 def suite(name: str) -> Suite:
     try:
         return suites()[name]
     except KeyError:
-        raise TaskResolutionError(f"unknown suite {name!r}; known suites: {', '.join(suites())}") from None
+        raise TaskResolutionError(
+            f"unknown suite {name!r}; known suites: {', '.join(suites())}"
+        ) from None
 
 
 def task_entries(settings: EvalSettings) -> list[str]:
@@ -59,7 +63,9 @@ def task_entries(settings: EvalSettings) -> list[str]:
     entries = list(suite(settings.suite).tasks) if settings.suite else []
     entries += settings.tasks
     if not entries:
-        raise TaskResolutionError("nothing to evaluate: give eval.suite or eval.tasks (a suite name or task names/folders)")
+        raise TaskResolutionError(
+            "nothing to evaluate: give eval.suite or eval.tasks (a suite name or task names/folders)"
+        )
     return list(dict.fromkeys(entries))
 
 
@@ -72,7 +78,9 @@ def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     for base in (_CHECKOUT.parent, _CHECKOUT.parent.parent):
         if (base / "shared" / "data").is_dir():
             return base / "shared" / "data"
-    raise TaskResolutionError(f"local task folders use ${{{DATA_VAR}}}: set {DATA_VAR} or pass --data-dir")
+    raise TaskResolutionError(
+        f"local task folders use ${{{DATA_VAR}}}: set {DATA_VAR} or pass --data-dir"
+    )
 
 
 def is_folder_entry(entry: str) -> bool:
@@ -80,7 +88,10 @@ def is_folder_entry(entry: str) -> bool:
 
 
 def resolve_tasks(
-    entries: Iterable[str], *, data: str | os.PathLike[str] | None = None, max_docs: int | None = None
+    entries: Iterable[str],
+    *,
+    data: str | os.PathLike[str] | None = None,
+    max_docs: int | None = None,
 ) -> list[AbsTask]:
     """mteb task objects for names and folders (folders are read lazily, at evaluation)."""
     tasks = []
@@ -141,7 +152,9 @@ def hub_datasets(task: AbsTask) -> list[tuple[str, str]]:
 def _in_hub_cache(repo: str, revision: str) -> bool:
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    return (Path(HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}" / "snapshots" / revision).is_dir()
+    return (
+        Path(HF_HUB_CACHE) / f"datasets--{repo.replace('/', '--')}" / "snapshots" / revision
+    ).is_dir()
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -159,7 +172,9 @@ def check_hub_access(tasks: Sequence[AbsTask]) -> None:
     """Fail fast when named tasks need Hub data that is neither cached nor reachable."""
     from huggingface_hub import is_offline_mode
 
-    missing = [t.metadata.name for t in tasks if not all(_in_hub_cache(*d) for d in hub_datasets(t))]
+    missing = [
+        t.metadata.name for t in tasks if not all(_in_hub_cache(*d) for d in hub_datasets(t))
+    ]
     if not missing:
         return
     if is_offline_mode():
@@ -174,7 +189,9 @@ def check_hub_access(tasks: Sequence[AbsTask]) -> None:
     )
 
 
-def check_eval(settings: EvalSettings, *, where: str | None = None, data: str | os.PathLike[str] | None = None) -> list[AbsTask]:
+def check_eval(
+    settings: EvalSettings, *, where: str | None = None, data: str | os.PathLike[str] | None = None
+) -> list[AbsTask]:
     """Resolve the evaluation's tasks now, before anything trains: an unknown suite or task name, a
     missing or malformed local folder, or Hub data that cannot be reached is an error here, not
     after hours of training. Returns the tasks (local folders are checked, not read); none when no

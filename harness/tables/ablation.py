@@ -252,7 +252,9 @@ def paired_test(
     )
 
 
-def bootstrap_interval(diffs: np.ndarray, clusters: Sequence[str] | None = None) -> tuple[float, float]:
+def bootstrap_interval(
+    diffs: np.ndarray, clusters: Sequence[str] | None = None
+) -> tuple[float, float]:
     """Percentile interval of the mean difference (fixed RNG seed: the same file every run).
 
     With ``clusters`` (the replicate of each difference) whole clusters are resampled: a resample

@@ -154,7 +154,9 @@ def collect(
         grid, source = _grid_from_runs(trials), "the runs' cells (sorted)"
 
     cells = [_pick(cell, trials, reference) for cell in _cells(grid)]
-    extra = sum(t.status == "FINISHED" and not any(t.in_cell(c.cell) for c in cells) for t in trials)
+    extra = sum(
+        t.status == "FINISHED" and not any(t.in_cell(c.cell) for c in cells) for t in trials
+    )
     losses = {
         c.run.run_id: _history(client, c.run.run_id, LOSS) for c in cells if c.run is not None
     }
@@ -230,7 +232,7 @@ def _logged_experiment(client: Any, parent: Any) -> Experiment | None:
         try:
             path = client.download_artifacts(parent.info.run_id, "experiment.yaml", tmp)
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except Exception:  # noqa: BLE001 - older sweeps or unreachable artifact stores: fall back
+        except Exception:
             return None
     try:
         return validate(data, f"experiment.yaml of run {parent.info.run_id}")

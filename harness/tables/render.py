@@ -165,14 +165,18 @@ def _source(table: AblationTable) -> str:
     used = sum(c.run is not None for c in coll.cells)
     passed = sum(c.superseded for c in coll.cells)
     text = (
-        f"Source: MLflow experiment {coll.experiment!r} at {redact_text(coll.tracking_uri)}; for each grid cell the newest "
+        f"Source: MLflow experiment {coll.experiment!r} at {redact_text(coll.tracking_uri)}; for "
+        "each grid cell the newest "
         f"FINISHED trial run ({used} runs"
         + (f"; {passed} older or superseded runs passed over" if passed else "")
         + f"). Row and column order: grid from {coll.grid_source}."
     )
     stale = [c.label for c in coll.cells if c.matches_file is False]
     if stale:
-        text += f" Trained with an older configuration than the experiment's current one (trial_key differs): {', '.join(stale)}."
+        text += (
+            " Trained with an older configuration than the experiment's current one"
+            f" (trial_key differs): {', '.join(stale)}."
+        )
     if coll.extra_runs:
         text += f" {coll.extra_runs} FINISHED runs outside the grid are not shown."
     return text
@@ -197,7 +201,7 @@ def markdown(table: AblationTable) -> str:
         "|" + "|".join(align) + "|",
     ]
     for i, row in enumerate(table.rows):
-        cells = _label_cells(row) + [str(len(row.runs))]
+        cells = [*_label_cells(row), str(len(row.runs))]
         cells += [_cell(row, c.metric, best, lambda s: f"**{s}**", "±") for c in table.columns]
         if table.main is not None:
             cells.append(_delta(table, i, DAGGER))

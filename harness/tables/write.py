@@ -37,7 +37,8 @@ def write_tables(
     """Regenerate ``results/<name>/`` (or ``tables.output_dir``, or ``output_dir``) from MLflow.
 
     Give the experiment file, or ``experiment_name`` (and ``tracking_uri``, default
-    ``sqlite:///results/mlflow.db``) for an experiment whose file is not at hand: the grid order and ``tables`` settings then come from the newest sweep's
+    ``sqlite:///results/mlflow.db``) for an experiment whose file is not at hand: the grid order
+    and ``tables`` settings then come from the newest sweep's
     logged ``experiment.yaml`` (else its ``grid`` parameter, else the runs' cells, sorted).
     ``tracking_uri`` overrides the file's. Files are written whole each time, byte for byte the
     same for the same runs; with ``log_to_mlflow`` they are also logged to the newest sweep run
