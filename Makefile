@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup smoke lint test test-all faults clean-results
+.PHONY: setup smoke lint test faults clean-results
 
 setup: $(VENV)/.installed
 
@@ -32,9 +32,6 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest
-
-test-all: setup
-	$(BIN)/python -m pytest -m ""
 
 faults: setup
 	$(BIN)/python -m pytest -m faults

@@ -159,7 +159,7 @@ def corpus_path(path: Path | None) -> Path:
     from rich.console import Console
 
     from harness.config import load_experiment
-    from harness.sweep import load_corpus
+    from harness.corpora import load_corpus
 
     exp = load_experiment(REPO / "experiments" / "smoke.yaml")
     load_corpus(exp, Console(stderr=True))  # builds it when missing

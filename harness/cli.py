@@ -169,8 +169,8 @@ def mntp(
     """Train the file's MNTP adapter (mntp: block); trials use it through model.init_adapter."""
     _quiet(verbose)
     from harness.config import load_experiment
+    from harness.corpora import load_corpus
     from harness.mntp import MntpError, corpus_texts, run_mntp
-    from harness.sweep import load_corpus
 
     try:
         exp = load_experiment(experiment, set_ or [])

@@ -538,13 +538,6 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def get_dotted(data: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = data
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
 def _yaml_floats(data: Any) -> Any:
     """YAML 1.1 reads ``2e-4`` (no dot) as a string; turn such strings back into floats."""
     if isinstance(data, dict):

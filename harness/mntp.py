@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -42,6 +42,11 @@ from harness.models import (
 )
 from harness.train import lr_lambda, progress_bar, seed_everything
 from synth import textfiles
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from synth.corpus import Corpus
 
 log = logging.getLogger(__name__)
 BLANK_MASK = "_"  # LLM2Vec's mask_token_type "blank"
@@ -412,3 +417,13 @@ def run_mntp(
         f"{result.seconds:.0f} s{scores}; adapter in {output}"
     )
     return result
+
+
+def mntp_builder(corpus: Corpus, console: Console) -> Callable[[Experiment, Path], None]:
+    """Builds a missing init adapter that is the file's ``mntp.output``, once, on the driver."""
+
+    def build(exp: Experiment, output: Path) -> None:
+        console.print(f"[bold]training the MNTP adapter[/] -> {output}")
+        run_mntp(exp, lambda: corpus_texts(corpus.frame), output=output, say=console.print)
+
+    return build

@@ -19,9 +19,10 @@ from harness.config import (
     trial_params,
     validated_cells,
 )
+from harness.corpora import check_corpus_fits, load_corpus
 from harness.init_adapter import check_init_adapter, prepare_init_adapter
-from harness.sweep import check_corpus_fits, git_sha, load_corpus, mntp_builder
-from harness.tracking import CELL, TRIAL_KEY, Tracker, describe_error, redact_text
+from harness.mntp import mntp_builder
+from harness.tracking import CELL, TRIAL_KEY, Tracker, describe_error, git_sha, redact_text
 from harness.train import TrainResult, train_one
 
 

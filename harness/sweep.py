@@ -16,10 +16,9 @@ import math
 import os
 import re
 import socket
-import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,6 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.config import (
-    ConfigError,
     Experiment,
     apply_cell,
     cell_label,
@@ -41,13 +39,16 @@ from harness.config import (
     trial_params,
     validated_cells,
 )
+from harness.corpora import check_corpus_fits, load_corpus
 from harness.init_adapter import AdapterFiles, check_init_adapter, prepare_init_adapter
+from harness.mntp import mntp_builder
 from harness.tracking import (
     CELL,
     SWEEP_KEY,
     TRIAL_KEY,
     Tracker,
     describe_error,
+    git_sha,
     redact_text,
     resolve_uri,
 )
@@ -63,8 +64,7 @@ from harness.trial import (
     trial_spec,
     unpack_artifacts,
 )
-from synth.cli import user_errors
-from synth.corpus import MANIFEST_FILE, Corpus, CorpusError, read_corpus
+from synth.corpus import Corpus
 from synth.locks import exclusive
 
 log = logging.getLogger(__name__)
@@ -116,27 +116,6 @@ class SweepSummary:
 # ---------------------------------------------------------------- corpus
 
 
-def load_corpus(exp: Experiment, console: Console) -> Corpus:
-    """Read and hash-check the corpus once; build it first when the file says how and it is
-    missing, or resume a synthesis that did not finish."""
-    path = exp.resolve_path(exp.corpus.path)
-    build = exp.corpus.build
-    resume = build is not None and build.kind == "generate" and _incomplete_synthesis(path)
-    if resume or not path.exists():
-        if build is None:
-            raise ConfigError(
-                f"{exp.source}: corpus.path {path} does not exist and there is no corpus.build "
-                "saying how to make it (build it with `synth mine` / `synth generate`)"
-            )
-        config = exp.resolve_path(build.config)
-        what = "resuming the corpus build" if resume else "building the corpus"
-        console.print(f"[bold]{what}[/] ({build.kind}, {config}) -> {path}")
-        _build_corpus(build.kind, config, path, exp)
-    corpus = read_corpus(path)
-    console.print(f"corpus {corpus.name}: {len(corpus)} rows, sha256 {corpus.sha256[:12]}")
-    return corpus
-
-
 def store_lock(uri: str, name: str) -> Path:
     """The lock file of one experiment in one tracking store: next to a SQLite store, else in the
     temp folder (a lock is per machine: see synth/locks.py)."""
@@ -147,73 +126,6 @@ def store_lock(uri: str, name: str) -> Path:
         else Path(tempfile.gettempdir())
     )
     return base / ".harness-locks" / f"{path_part(name)}-{key}.lock"
-
-
-def mntp_builder(corpus: Corpus, console: Console) -> Callable[[Experiment, Path], None]:
-    """Builds a missing init adapter that is the file's ``mntp.output``, once, on the driver."""
-
-    def build(exp: Experiment, output: Path) -> None:
-        from harness.mntp import corpus_texts, run_mntp
-
-        console.print(f"[bold]training the MNTP adapter[/] -> {output}")
-        run_mntp(exp, lambda: corpus_texts(corpus.frame), output=output, say=console.print)
-
-    return build
-
-
-def check_corpus_fits(exp: Experiment, corpus: Corpus) -> None:
-    """Fail before any trial starts when the corpus is too small for a trial's held-out slice and
-    batch (the trial itself would only find out after Ray started it)."""
-    t, rows = exp.train, len(corpus)
-    train_rows = rows - t.heldout_size if t.heldout_size > 0 else rows
-    if train_rows < max(t.batch_size, 1) or (t.heldout_size > 0 and t.heldout_size >= rows):
-        raise ConfigError(
-            f"{exp.source}: train.heldout_size={t.heldout_size} and "
-            f"train.batch_size={t.batch_size} need more rows than corpus "
-            f"{corpus.path or corpus.name} has ({rows}); lower them or use a bigger corpus"
-        )
-
-
-def _incomplete_synthesis(path: Path) -> bool:
-    """A corpus ``synth generate`` wrote but did not finish (budget, failed requests, a kill)."""
-    manifest = path / MANIFEST_FILE
-    if not manifest.is_file():
-        return (path / "work").is_dir()  # killed before it wrote a manifest: its journal is there
-    try:
-        return json.loads(manifest.read_text(encoding="utf-8")).get("complete") is False
-    except (OSError, ValueError):
-        return False  # read_corpus names the problem
-
-
-def _build_corpus(kind: str, config: Path, output: Path, exp: Experiment) -> None:
-    """Run ``synth mine`` / ``synth generate`` in-process, once, on the driver; an unfinished
-    synthesis stops the sweep (rerun it to resume: every finished answer is journaled)."""
-    try:
-        if kind == "mine":
-            from synth.mine import load_config, mine
-
-            mine(load_config(config), output)
-        else:
-            from synth.generate import generate
-            from synth.synth_config import load_synth_config
-
-            result = generate(load_synth_config(config, output=output))
-            if not result.complete:
-                manifest = result.corpus.manifest
-                why = manifest["stopped"] or f"last error: {manifest['requests']['last_error']}"
-                raise CorpusError(
-                    f"{exp.source}: corpus.build: the synthesis into {output} is incomplete "
-                    f"({why}); run the sweep again to resume it (finished answers are kept)"
-                )
-    except user_errors() as e:
-        if isinstance(e, CorpusError):
-            raise
-        raise CorpusError(f"{exp.source}: corpus.build ({kind}, {config}): {e}") from None
-    except ImportError as e:
-        raise ConfigError(
-            f"{exp.source}: corpus.build kind {kind!r} needs {e.name}, which this installation "
-            f"lacks; build the corpus first (`synth {kind} {config}`) into {output}"
-        ) from None
 
 
 # ---------------------------------------------------------------- plan
@@ -483,27 +395,6 @@ def _key_metrics(record: TrialRecord) -> str:
 
 
 # ---------------------------------------------------------------- the sweep
-
-
-def git_sha() -> str:
-    """The harness checkout's commit (``+dirty`` with uncommitted changes), or ``unknown``."""
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha + ("+dirty" if dirty else "")
 
 
 def run_sweep(

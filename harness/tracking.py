@@ -249,10 +249,6 @@ class Tracker:
                 )
         return out
 
-    def finished_in_sweep(self, sweep_key: str) -> list[FinishedTrial]:
-        """FINISHED trials of earlier invocations of the same search (same ``sweep_key``)."""
-        return [t for t in self.finished_trials().values() if t.sweep_key == sweep_key]
-
     def close_stale_runs(self) -> list[str]:
         """Mark RUNNING runs whose driver process is gone as KILLED; return their names.
 
@@ -388,3 +384,24 @@ def serve_ui(
     except KeyboardInterrupt:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def git_sha() -> str:
+    """The harness checkout's commit (``+dirty`` with uncommitted changes), or ``unknown``."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")

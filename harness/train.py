@@ -38,7 +38,6 @@ class TrainResult:
     seconds: float
     level_order: list[int | str]
     heldout_before: dict[str, float] = field(default_factory=dict)
-    final_loss: float = math.nan
 
 
 def seed_everything(seed: int) -> None:
@@ -165,7 +164,7 @@ def train_one(
         if on_metrics:
             on_metrics(0, before)
     started = time.perf_counter()
-    final_loss = _optimize(embedder, schedule, exp, on_metrics, progress)
+    _optimize(embedder, schedule, exp, on_metrics, progress)
     seconds = time.perf_counter() - started
     embedder.eval()
     after = heldout_metrics(embedder, heldout, batch_size=t.batch_size) if heldout.height else {}
@@ -184,7 +183,6 @@ def train_one(
         seconds=seconds,
         level_order=schedule.level_order(),
         heldout_before=before,
-        final_loss=final_loss,
     )
 
 
@@ -194,7 +192,7 @@ def _optimize(
     exp: Experiment,
     on_metrics: MetricsCallback | None,
     progress: bool,
-) -> float:
+) -> None:
     t = exp.train
     params = embedder.trainable_parameters()
     if not params:
@@ -206,7 +204,6 @@ def _optimize(
     runner = StepRunner(embedder, t.temperature, t.grad_cache_chunk)
     embedder.train()
     bar = progress_bar() if progress else None
-    loss = math.nan
     with bar or nullcontext():
         task = (
             bar.add_task("training", total=len(schedule), loss=math.nan, rate=0.0) if bar else None
@@ -234,7 +231,6 @@ def _optimize(
                     metrics["train/level"] = float(level)
                 on_metrics(step, metrics)
     check_finite(embedder, len(schedule))
-    return loss
 
 
 def check_finite(model: torch.nn.Module, step: int) -> None:

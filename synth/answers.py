@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -238,13 +237,3 @@ def parse_tasks(text: str, limits: Validation, *, truncated: bool = False) -> li
     if not tasks:
         raise Rejected(NO_TASKS, "no usable task description")
     return tasks
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What one journaled answer turned into: an example, tasks, or a reject reason."""
-
-    example: Example | None = None
-    tasks: tuple[str, ...] = ()
-    reason: str | None = None
-    detail: str = ""

@@ -15,6 +15,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from synth.errors import user_errors
+
 app = typer.Typer(
     name="synth",
     help="Build the shared training corpus (mine or generate) and audit its graded negatives.",
@@ -24,31 +26,6 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 USAGE_ERROR = 2
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """The errors a user can fix (config, data, endpoint): one line each, never a traceback."""
-    from synth.corpus import CorpusError
-    from synth.llm import EndpointError
-    from synth.locks import LockedError
-    from synth.mine import MineError
-    from synth.packaged import PackagedModelError
-    from synth.server import ServerError
-    from synth.sources import SourceError
-    from synth.synth_config import SynthConfigError
-    from synth.templates import PromptError
-
-    return (
-        CorpusError,
-        MineError,
-        SourceError,
-        PackagedModelError,
-        SynthConfigError,
-        EndpointError,
-        ServerError,
-        PromptError,
-        LockedError,
-    )
 
 
 def _run(fn: Callable[[], None]) -> None:

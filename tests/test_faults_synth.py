@@ -46,7 +46,7 @@ from typer.testing import CliRunner
 
 from harness.cli import app as harness_app
 from harness.config import load_experiment
-from harness.sweep import load_corpus
+from harness.corpora import load_corpus
 from synth.answers import INVALID_UNICODE, Rejected, parse_example
 from synth.cli import app
 from synth.corpus import Corpus, read_corpus

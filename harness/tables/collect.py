@@ -41,7 +41,6 @@ ERROR = "harness.error"
 TRIAL_KEY = "trial_key"
 CORPUS_SHA = "corpus_sha256"
 LOSS = "train/loss"
-SEED_AXIS = AXIS_ALIASES["seed"]
 
 
 class TablesError(RuntimeError):
