@@ -9,6 +9,7 @@ writer (mlflow#4123), so trials never touch MLflow: they report through Ray and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -102,6 +103,29 @@ def default_artifact_location(uri: str) -> str | None:
     return (Path(uri[len(prefix) :]).parent / "artifacts").as_uri()
 
 
+def follow_moved_store(uri: str, experiment_id: str, location: str) -> bool:
+    """Point a SQLite store's experiment at the artifact folder beside the store when the store was
+    moved (a committed store in another checkout): MLflow keeps the absolute folder it was created
+    with, so new runs would write their models outside the checkout, or fail where that path does
+    not exist. Only a default location (``<old store folder>/artifacts``) that is gone is moved;
+    runs already logged keep theirs. MLflow has no call for this, so the store's own
+    ``experiments.artifact_location`` column is updated. Returns whether it moved."""
+    default = default_artifact_location(uri)
+    if default is None or location == default or not location.startswith("file://"):
+        return False
+    old = Path(urllib.parse.unquote(urllib.parse.urlparse(location).path))
+    if old.name != "artifacts" or old.parent.exists():
+        return False  # not the default of another store folder, or that folder is still there
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(uri[len("sqlite:///") :])) as db, db:
+        db.execute(
+            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+            (default, int(experiment_id)),
+        )
+    return True
+
+
 class TrackingError(RuntimeError):
     """The tracking server cannot be reached; the message names the URI (and the file)."""
 
@@ -161,6 +185,8 @@ class Tracker:
             self.experiment_id = self.client.create_experiment(experiment_name, location)
         else:
             self.experiment_id = found.experiment_id
+            if settings.artifact_location is None:
+                follow_moved_store(self.uri, found.experiment_id, found.artifact_location)
 
     # ------------------------------------------------------------ parent run
 

@@ -202,3 +202,41 @@ def test_a_trial_with_non_finite_scores_fails_and_reruns(
         "resume must rerun it"
     )
     tally(cases=2, faults=2, trials=4)
+
+
+def test_a_moved_sqlite_store_keeps_its_artifacts_beside_it(tmp_path):
+    """A committed store resumed from another checkout: MLflow keeps the absolute artifact folder
+    the experiment was created with; the Tracker points it beside the moved store, so new runs'
+    models neither leave the checkout nor fail where the old path does not exist."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights.txt").write_text("w", encoding="utf-8")
+
+    def log_one(folder) -> str:
+        tracker = Tracker(TrackingSettings(uri=f"sqlite:///{folder / 'mlflow.db'}"), "moved")
+        run_id = tracker.start_trial(None, name="t", params={}, tags={}, role="trial")
+        tracker.log_artifacts(run_id, tmp_path / "model", "model")
+        tracker.finish_trial(run_id)
+        return run_id
+
+    first = log_one(tmp_path / "a")
+    assert (tmp_path / "a" / "artifacts").is_dir()
+    (tmp_path / "a").rename(tmp_path / "b")
+    second = log_one(tmp_path / "b")
+    assert not (tmp_path / "a").exists(), "the old checkout's folder was recreated"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
+    uri = client.get_run(second).info.artifact_uri
+    assert uri.startswith((tmp_path / "b" / "artifacts").as_uri()), uri
+    assert list((tmp_path / "b" / "artifacts").rglob("weights.txt"))
+    assert client.get_run(first).info.status == "FINISHED"  # runs logged before keep their record
+    # a store that did not move, or a location the file chose, is left alone
+    custom = tmp_path / "custom"
+    Tracker(
+        TrackingSettings(uri=f"sqlite:///{tmp_path / 'c.db'}", artifact_location=custom.as_uri()),
+        "kept",
+    )
+    assert (
+        MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'c.db'}")
+        .get_experiment_by_name("kept")
+        .artifact_location
+        == custom.as_uri()
+    )
