@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     add_completion=False,
@@ -67,7 +68,7 @@ def _quiet(verbose: bool) -> None:
 
 def _fail(message: str, code: int = 2) -> None:
     # soft_wrap: a long path stays on one line (copyable), however narrow the terminal
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

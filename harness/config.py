@@ -329,7 +329,10 @@ class Experiment(_Strict):
         for axis, values in grid.items():
             field = AXIS_ALIASES.get(axis, axis)
             if not _field_exists(field):
-                raise ValueError(f"grid axis {axis!r} is not a field of the experiment")
+                raise ValueError(
+                    f"grid axis {axis!r} is not a field of the experiment (axes: "
+                    f"{', '.join(AXIS_ALIASES)} or any dotted field, e.g. model.lora.r)"
+                )
             if field.split(".")[0] in FIXED_PER_SWEEP:
                 raise ValueError(
                     f"grid axis {axis!r} cannot vary per trial ({', '.join(FIXED_PER_SWEEP)} are one per "

@@ -272,7 +272,7 @@ def train_mntp(
     order: list[int] = []
     loss_value = math.nan
     started = time.perf_counter()
-    bar = progress_bar() if progress else None
+    bar = progress_bar("blocks") if progress else None
     with bar or nullcontext():
         task = bar.add_task("MNTP", total=m.steps, loss=math.nan, rate=0.0) if bar else None
         for step in range(1, m.steps + 1):

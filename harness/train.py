@@ -248,7 +248,7 @@ def check_finite(model: torch.nn.Module, step: int) -> None:
         )
 
 
-def progress_bar():
+def progress_bar(unit: str = "queries"):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -263,7 +263,7 @@ def progress_bar():
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[rate]:.1f} ex/s"),
+        TextColumn("{task.fields[rate]:.1f} " + unit + "/s"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),

@@ -134,6 +134,10 @@ class MineConfig(_Strict):
         return bands
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds >= 0.1 else f"{1000 * seconds:.0f} ms"
+
+
 def _expand(value: str, where: str) -> str:
     """``${VAR}`` / ``${VAR:-default}`` from the environment; an unset VAR without default is an error."""
 
@@ -367,7 +371,7 @@ def mine_source(
     done = time.perf_counter()
     filled = (choice >= 0).sum(dim=0).tolist()
     console.print(
-        f"  mined in {done - embedded:.1f} s; negatives per level {filled}; "
+        f"  negatives picked in {_duration(done - embedded)}; per level {filled}; "
         f"{skipped:,} candidates skipped as likely false negatives"
     )
     return {

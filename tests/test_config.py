@@ -254,3 +254,17 @@ def test_a_stream_too_large_to_build_is_refused_before_anything_runs(tmp_path):
     f = _write(tmp_path, "e.yaml", "name: e\ncorpus: {path: c}\n")
     with pytest.raises(ConfigError, match="training examples; at most"):
         load_experiment(f, ["train.steps=10000000", "train.batch_size=64"])
+
+
+def test_cli_errors_keep_brackets_and_name_the_valid_axes(tmp_path):
+    """rich markup ate `[eos]` in echoed overrides (printed as `grid.poolng=`)."""
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    exp = tmp_path / "x.yaml"
+    exp.write_text("name: x\ncorpus: {path: c}\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["check", str(exp), "--set", "grid.poolng=[eos]"])
+    assert result.exit_code == 2
+    assert "grid.poolng=[eos]" in result.output
+    assert "axes: strategy, pooling, seed or any dotted field" in result.output
