@@ -74,3 +74,15 @@ def test_mlflow_run_resolves_to_its_model_and_gets_the_scores(
 
     with pytest.raises(ModelNotFoundError, match="not found"):
         eval_command("0" * 32, None, [biosses], tracking_uri=uri)
+
+
+@pytest.mark.parametrize("name", ["missing/path/model", "./missing", "results/models/x/model"])
+def test_a_missing_folder_is_named_not_sent_to_the_hub(
+    name: str, tmp_path: Path, monkeypatch
+) -> None:
+    """`harness eval missing/path` answered with the Hub's "Repo id must be ..." error."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ModelNotFoundError, match=r"no such folder \(give a folder saved by `harness train`"
+    ):
+        eval_command(name, None, ["BIOSSES"])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.config import EvalSettings, ModelSettings, Pooling, TrackingSettings
+from harness.config import EvalSettings, ModelSettings, Pooling, TrackingSettings, is_local_path
 from harness.evaluation import scores
 from harness.evaluation.instructions import ALL_TASKS
 from harness.evaluation.run import EvalResult, evaluate_embedder
@@ -109,6 +109,12 @@ def load_embedder(
         return Embedder.load(run.path, device), run
     if (Path(model_or_run) / "embedder.json").is_file():
         return Embedder.load(model_or_run, device), None
+    looks_local = "/" in model_or_run or model_or_run.startswith((".", "~"))
+    if looks_local and is_local_path(model_or_run) and not Path(model_or_run).expanduser().exists():
+        raise ModelNotFoundError(
+            f"{model_or_run}: no such folder (give a folder saved by `harness train`, an MLflow "
+            "run id, or a base model: Hub id owner/name, local folder or packaged:NAME)"
+        )
     fields = {k: v for k, v in (base_settings or {}).items() if v is not None}
     if fields.get("init_adapter"):
         from harness.init_adapter import read_adapter
