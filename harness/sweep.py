@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import socket
 import tempfile
 import time
@@ -94,6 +95,7 @@ class SweepSummary:
     records: list[TrialRecord]
     wall_seconds: float
     concurrency: int
+    next_command: str = ""  # what to run next (the tables of this experiment), shown last
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.records)
@@ -418,6 +420,9 @@ def run_sweep(
     t0 = time.time()
     exp = load_experiment(exp_path, overrides)
     exp.source = str(Path(exp_path).resolve())  # trials run in other working directories
+    tables_command = shlex.join(
+        ["harness", "tables", str(exp_path), *(a for o in overrides for a in ("--set", o))]
+    )
     if exp.search is None:
         validated_cells(exp)  # before the corpus is built: a typo in the grid costs nothing
     check_init_adapter(exp)
@@ -461,7 +466,9 @@ def run_sweep(
                 console.print(
                     "nothing to run: every trial already FINISHED (use --no-resume to rerun)"
                 )
-                summary = SweepSummary(exp.name, tracker.uri, None, skipped, time.time() - t0, 0)
+                summary = SweepSummary(
+                    exp.name, tracker.uri, None, skipped, time.time() - t0, 0, tables_command
+                )
                 print_summary(console, summary)
                 return summary
 
@@ -497,7 +504,13 @@ def run_sweep(
             _fit(exp, plan, corpus, trial_fn, callback, results_dir, per_trial, init_adapter)
             records = skipped + list(callback.records.values())
             summary = SweepSummary(
-                exp.name, tracker.uri, parent_id, records, time.time() - t0, concurrency
+                exp.name,
+                tracker.uri,
+                parent_id,
+                records,
+                time.time() - t0,
+                concurrency,
+                tables_command,
             )
             tracker.end_sweep(
                 parent_id,
@@ -588,8 +601,9 @@ def print_summary(console: Console, summary: SweepSummary) -> None:
         ),
     ]
     table = Table(title=f"sweep {summary.experiment}")
-    for col in ("trial", "key", "status", "s", *metric_keys):
-        table.add_column(col, no_wrap=col in ("trial", "key"))
+    # short headers; cells fold rather than end in "…" on a narrow terminal or in a file
+    for col in ("trial", "key", "status", "s", *(k.split("/")[-1] for k in metric_keys)):
+        table.add_column(col, overflow="fold")
     style = {"FINISHED": "green", "FAILED": "red", "KILLED": "red", "SKIPPED": "dim"}
     for r in summary.records:
         table.add_row(
@@ -603,9 +617,19 @@ def print_summary(console: Console, summary: SweepSummary) -> None:
     for r in summary.records:
         if r.error:
             console.print(f"[red]{r.label}[/]: {r.error}")
+    timing = (
+        f" (sum of trial times / concurrency {summary.concurrency}: {summary.ideal_seconds:.0f} s)"
+        if summary.concurrency
+        else ""
+    )
     console.print(
         f"{summary.count('FINISHED')} finished, {summary.failed} failed, {summary.count('SKIPPED')} skipped "
-        f"in {summary.wall_seconds:.0f} s (sum of trial times / concurrency {summary.concurrency}: "
-        f"{summary.ideal_seconds:.0f} s); MLflow: {redact_text(summary.tracking_uri)}"
-        + (f", parent run {summary.parent_run_id}" if summary.parent_run_id else "")
+        f"in {summary.wall_seconds:.0f} s{timing}; MLflow: {redact_text(summary.tracking_uri)}"
+        + (f", parent run {summary.parent_run_id}" if summary.parent_run_id else ""),
+        highlight=False,
     )
+    if summary.next_command:
+        # soft_wrap: the command stays on one line, copyable, however narrow the terminal
+        console.print(
+            f"next: {summary.next_command}", highlight=False, markup=False, soft_wrap=True
+        )

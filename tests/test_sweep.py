@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import socket
 import time
@@ -12,6 +13,7 @@ import pytest
 import sweep_standins
 from faults_util import listen_addresses
 from mlflow import MlflowClient
+from rich.console import Console
 from sweep_util import runs, write_experiment
 
 from harness.cli import ui
@@ -72,8 +74,19 @@ def test_grid_layout_failure_and_resume(ray_instance, tmp_path, tiny_corpus_dir)
         "model/adapter_config.json"
     ]
 
-    # a rerun skips what finished and retries what failed
-    again = run_sweep(exp, [], trial_fn=sweep_standins.quick, results_dir=tmp_path / "results")
+    # a rerun skips what finished and retries what failed; its summary fits 80 columns (cells fold,
+    # never end in "…") and says what to run next
+    out = io.StringIO()
+    again = run_sweep(
+        exp,
+        [],
+        trial_fn=sweep_standins.quick,
+        results_dir=tmp_path / "results",
+        console=Console(file=out, width=80),
+    )
+    *printed, last = out.getvalue().splitlines()
+    assert "…" not in out.getvalue() and max(map(len, printed)) <= 80, out.getvalue()
+    assert last == f"next: harness tables {exp}"  # one copyable line
     assert {r.label: r.status for r in again.records} == {
         "eos": "SKIPPED",
         "ata": "SKIPPED",
