@@ -30,6 +30,7 @@ import pickle
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,11 @@ from rich.console import Console
 
 NAME = "sweep_overhead"
 QUICK = {"duration": 5.0}
+
+
+def _epoch(iso: str | None) -> float | None:
+    """A trial's ``harness.started_at`` / ``ended_at`` tag as seconds since the epoch."""
+    return datetime.fromisoformat(iso).timestamp() if iso else None
 
 
 def busy(seconds: float) -> None:
@@ -173,8 +179,8 @@ def run(args: Any, corpus: Path, scratch: Path) -> dict[str, Any]:
             "label": r.label,
             "status": r.status,
             "seconds": r.seconds,
-            "start": r.metrics.get("trial/started_at"),
-            "end": r.metrics.get("trial/ended_at"),
+            "start": _epoch(r.tags.get("harness.started_at")),
+            "end": _epoch(r.tags.get("harness.ended_at")),
             "load_s": r.metrics.get("bench/load_s"),
             "report_s": r.metrics.get("bench/report_s", 0.0),
             "steps": r.metrics.get("bench/steps", 0.0),

@@ -84,6 +84,7 @@ class TrialRecord:
     run_id: str | None = None
     seconds: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
     error: str | None = None
 
 
@@ -324,6 +325,7 @@ class TrackingCallback(tune.Callback):
         elif kind == "final":
             self.tracker.log_metrics(record.run_id, metrics, self._last_step.get(trial.trial_id, 0))
             self.tracker.set_tags(record.run_id, tags)
+            record.tags.update(tags)
             if bundle:
                 with tempfile.TemporaryDirectory(prefix="harness-artifacts-") as tmp:
                     for entry in unpack_artifacts(bundle, Path(tmp)):

@@ -18,6 +18,7 @@ import tarfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -149,18 +150,23 @@ def run_trial(
         },
         "harness.host": host,
         "harness.node_id": _node_id(),
+        # when the trial ran, as measured on its node (a tag: a time is not a metric to plot)
+        "harness.started_at": _iso(started),
+        "harness.ended_at": _iso(ended),
     }
     tune.report(
         {
             KIND: "final",
             **output.metrics,
             "trial/seconds": ended - started,
-            "trial/started_at": started,
-            "trial/ended_at": ended,
             TAGS: tags,
             ARTIFACTS: bundle,
         }
     )
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
 
 
 def pack_artifacts(artifacts: Mapping[str, Path], limit: int) -> tuple[bytes, set[str]]:

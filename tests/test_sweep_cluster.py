@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from datetime import datetime
 
 import pytest
 import sweep_standins
@@ -55,8 +56,12 @@ def test_trials_spread_over_nodes_without_oversubscription(
 
     spans = defaultdict(list)  # node id -> [(start, end)] as measured inside the trials
     for run in runs(tmp_path, "cluster", "trial"):
-        m = run.data.metrics
-        spans[run.data.tags["harness.node_id"]].append((m["trial/started_at"], m["trial/ended_at"]))
+        t = run.data.tags
+        span = (
+            datetime.fromisoformat(t["harness.started_at"]),
+            datetime.fromisoformat(t["harness.ended_at"]),
+        )
+        spans[t["harness.node_id"]].append(span)
     assert len(spans) == 2, "both nodes ran trials"
     for node, intervals in spans.items():
         intervals.sort()
