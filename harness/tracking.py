@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -366,8 +367,12 @@ def start_ui(
 ) -> subprocess.Popen[bytes]:
     """Start the MLflow UI and return once ``/health`` answers (the caller stops the process)."""
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    # its own process group: stopping it stops the server workers it forks too
     proc = subprocess.Popen(
-        ui_command(resolve_uri(uri), port, host), env=env, stdout=subprocess.DEVNULL
+        ui_command(resolve_uri(uri), port, host),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -379,11 +384,26 @@ def start_ui(
                     return proc
         except OSError:
             time.sleep(0.5)
-    proc.terminate()
+    stop_ui(proc)
     raise UIError(
         f"mlflow ui did not answer on http://{host}:{port} within {timeout:.0f} s "
         "(a loaded machine starts it slowly: raise --timeout)"
     )
+
+
+def stop_ui(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Stop the UI and every process of its group (SIGTERM, then SIGKILL after ``timeout``)."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # the leader is gone; its workers may linger a moment
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return
 
 
 def serve_ui(
@@ -398,6 +418,12 @@ def serve_ui(
         from harness.config import load_experiment
 
         target = load_experiment(target).tracking.uri
+    if target.startswith("sqlite:///"):
+        store = Path(target[len("sqlite:///") :]).expanduser()
+        if not store.is_file():  # mlflow would create an empty store there
+            raise UIError(
+                f"no MLflow store at {store.resolve()} (run a sweep first, or give the store's URI)"
+            )
     print(
         f"starting the MLflow UI for {resolve_uri(target)} on http://{host}:{port} ...", flush=True
     )
@@ -405,11 +431,18 @@ def serve_ui(
     print(
         f"MLflow UI for {resolve_uri(target)}: http://{host}:{port}  (Ctrl-C to stop)", flush=True
     )
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)  # `kill` stops the UI like Ctrl-C does
     try:
         proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(timeout=10)
+        pass
+    finally:
+        stop_ui(proc)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def git_sha() -> str:

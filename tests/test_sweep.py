@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import signal
 import socket
 import time
 import urllib.request
@@ -19,7 +20,7 @@ from sweep_util import runs, write_experiment
 from harness.cli import ui
 from harness.config import TrackingSettings
 from harness.sweep import SweepError, _check_reachable, run_sweep
-from harness.tracking import Tracker, metric_name, redact, start_ui
+from harness.tracking import Tracker, metric_name, redact, start_ui, stop_ui
 from synth.corpus import read_manifest
 
 
@@ -195,8 +196,76 @@ def test_ui_serves_the_store(tmp_path):
         assert listen_addresses(proc.pid) == {"127.0.0.1"}
         assert inspect.signature(ui).parameters["host"].default == "127.0.0.1"
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        stop_ui(proc)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_harness_ui_stops_its_server_on_sigterm_and_refuses_a_missing_store(tmp_path):
+    """`kill` of `harness ui` left the MLflow server (and its workers) serving the port; a
+    missing SQLite file was silently created as an empty store."""
+    import subprocess
+    import sys
+
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from harness.cli import main; main()",
+            "ui",
+            f"sqlite:///{tmp_path / 'nope.db'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 2 and "no MLflow store at" in missing.stderr
+    assert not (tmp_path / "nope.db").exists()
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    Tracker(TrackingSettings(uri=uri), "ui-stop")
+    port = _free_port()
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from harness.cli import main; main()",
+            "ui",
+            uri,
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for line in cli.stdout:
+            if line.startswith("MLflow UI for"):
+                break
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+            assert r.status == 200
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=60) == 0
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # the port is free once every server process is gone
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"something still serves port {port} after `harness ui` was stopped")
+    leftover = subprocess.run(
+        ["pgrep", "-f", f"backend-store-uri {uri}"], capture_output=True, text=True
+    )
+    assert leftover.stdout.strip() == "", "MLflow server processes outlived `harness ui`"
 
 
 @pytest.mark.faults
