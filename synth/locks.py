@@ -2,9 +2,10 @@
 dies (``flock``: a SIGKILLed holder leaves no stale lock behind).
 
 Used by ``synth generate`` (one run per output folder) and ``harness sweep`` (one driver per
-experiment and tracking store on a machine). The lock file records who holds it, so the refusal
-names the running one. Drivers on other machines sharing a remote store are not seen by a local
-lock (see README, "Reliability").
+experiment and tracking store on a machine), which refuse a second holder; and by ``build_once``
+(the packaged model's conversion), where a second process waits and then uses the result. The
+lock file records who holds it, so a refusal names the running one. Drivers on other machines
+sharing a remote store are not seen by a local lock (see README, "Reliability").
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import fcntl
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -42,6 +43,26 @@ def exclusive(path: Path, what: str) -> Iterator[None]:
             yield
         finally:
             os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def build_once(lock: Path, ready: Callable[[], bool], build: Callable[[], None]) -> bool:
+    """Run ``build`` unless ``ready()``; concurrent callers (Ray workers on one machine) wait for
+    the one that builds instead of building too. Returns whether this call built."""
+    if ready():
+        return False
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks while another process builds
+        try:
+            if ready():  # built while we waited
+                return False
+            build()
+            return True
+        finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)

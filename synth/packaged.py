@@ -12,11 +12,15 @@ server and the trainer need it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from synth.locks import build_once
 
 PREFIX = "packaged:"
 SMOLLM2 = "smollm2-135m-instruct"
@@ -63,10 +67,31 @@ def minilm_dir() -> Path:
 
 
 def convert_smollm2(target: Path | None = None) -> Path:
-    """Convert the packaged GGUF once into a regular transformers folder; return the folder."""
+    """Convert the packaged GGUF once per machine into a regular transformers folder (concurrent
+    callers wait for the first under a file lock); return the folder."""
     target = target or cache_dir() / SMOLLM2
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
-        return target
+
+    def ready() -> bool:
+        return (target / "config.json").is_file() and any(target.glob("*.safetensors"))
+
+    build_once(target.parent / f".{target.name}.lock", ready, lambda: _convert(target))
+    return target
+
+
+def _convert(target: Path) -> None:
+    from transformers.utils import logging as hf_logging
+
+    # per-tensor de-quantization (a bare tqdm on stderr) and shard-writing bars: noise in a log;
+    # errors still raise
+    hf_logging.disable_progress_bar()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            _convert_quietly(target)
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def _convert_quietly(target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,15 +110,12 @@ def convert_smollm2(target: Path | None = None) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
+        if target.exists():  # a folder left incomplete by a killed conversion
             shutil.rmtree(target)
-        os.replace(tmp, target)  # atomic: concurrent converters end with one complete folder
+        os.replace(tmp, target)  # atomic: a reader sees no folder or a complete one
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if (target / "config.json").is_file():
-            return target
         raise
-    return target
 
 
 def resolve(name: str) -> str:
