@@ -503,7 +503,17 @@ def run_sweep(
                 },
                 console,
             )
-            _fit(exp, plan, corpus, trial_fn, callback, results_dir, per_trial, init_adapter)
+            _fit(
+                exp,
+                plan,
+                corpus,
+                trial_fn,
+                callback,
+                results_dir,
+                per_trial,
+                init_adapter,
+                reuse_training=resume,
+            )
             records = skipped + list(callback.records.values())
             summary = SweepSummary(
                 exp.name,
@@ -537,6 +547,8 @@ def _fit(
     results_dir: Path,
     per_trial: Mapping[str, float],
     init_adapter: AdapterFiles | None = None,
+    *,
+    reuse_training: bool = True,
 ) -> None:
     from ray.tune.logger import JsonLoggerCallback
 
@@ -547,6 +559,7 @@ def _fit(
         models_dir=str(results_dir / "models"),
         trial_fn=trial_fn,
         init_adapter=init_adapter,
+        reuse_training=reuse_training,
     )
     resources = {"cpu": per_trial["CPU"], "gpu": per_trial["GPU"], **exp.resources.custom}
     if exp.search:

@@ -11,7 +11,9 @@ results into MLflow calls; a trial never writes to the tracking store and needs 
 from __future__ import annotations
 
 import io
+import json
 import math
+import os
 import socket
 import sys
 import tarfile
@@ -62,6 +64,9 @@ class TrialContext:
     key: str
     workdir: Path  # this trial's folder on the node it runs on
     report: Callable[[int, Mapping[str, float]], None]  # stream metrics of one training step
+    # use a finished training an earlier attempt of this trial left in ``workdir`` (it failed
+    # later, e.g. in evaluation) instead of training again; off for `harness sweep --no-resume`
+    reuse_training: bool = True
 
 
 @dataclass
@@ -74,21 +79,69 @@ class TrialOutput:
 TrialFn = Callable[[Experiment, Corpus, TrialContext], TrialOutput]
 
 
-def train_and_evaluate(exp: Experiment, corpus: Corpus, ctx: TrialContext) -> TrialOutput:
-    """The real trial: LoRA training with a held-out score, then the mteb suite."""
+# In a trial's folder once its training finished: the model's place, its held-out scores, level
+# order and metric stream. A later attempt of the same trial (same key, same node) that finds it
+# evaluates that model instead of training again.
+TRAINED_FILE = "trained.json"
+
+
+@dataclass(frozen=True)
+class Trained:
+    model_dir: Path
+    heldout: dict[str, float]
+    level_order: list[int | str]
+    reused: bool
+
+
+def train_or_reuse(exp: Experiment, corpus: Corpus, ctx: TrialContext, name: str) -> Trained:
+    """Train the trial, or take the finished training of an earlier attempt (its metric stream is
+    replayed, so the new run has the whole loss curve)."""
     from harness.train import train_one
 
+    marker = ctx.workdir / TRAINED_FILE
+    if ctx.reuse_training and marker.is_file():
+        saved = json.loads(marker.read_text(encoding="utf-8"))
+        model_dir = Path(saved["model_dir"])
+        if (model_dir / "embedder.json").is_file():
+            for step, metrics in saved["stream"]:
+                ctx.report(step, metrics)
+            return Trained(model_dir, saved["heldout"], saved["level_order"], reused=True)
+    marker.unlink(missing_ok=True)
+    stream: list[tuple[int, dict[str, float]]] = []
+
+    def report(step: int, metrics: Mapping[str, float]) -> None:
+        stream.append((step, dict(metrics)))
+        ctx.report(step, metrics)
+
+    result = train_one(
+        exp, corpus, output_dir=ctx.workdir, on_metrics=report, progress=False, name=name
+    )
+    saved = {
+        "model_dir": str(Path(result.model_dir).resolve()),
+        "heldout": result.heldout,
+        "level_order": result.level_order,
+        "stream": stream,
+    }
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps(saved), encoding="utf-8")
+    os.replace(tmp, marker)  # written last and whole: its presence means the training finished
+    return Trained(Path(result.model_dir), result.heldout, result.level_order, reused=False)
+
+
+def train_and_evaluate(exp: Experiment, corpus: Corpus, ctx: TrialContext) -> TrialOutput:
+    """The real trial: LoRA training with a held-out score (or an earlier attempt's finished
+    training), then the mteb suite."""
     name = (
         f"{exp.name}/{ctx.label}-{ctx.key}"  # unique per trial: mteb caches results by model name
     )
-    result = train_one(
-        exp, corpus, output_dir=ctx.workdir, on_metrics=ctx.report, progress=False, name=name
-    )
+    result = train_or_reuse(exp, corpus, ctx, name)
     out = TrialOutput(
         metrics=dict(result.heldout),
         artifacts={"model": Path(result.model_dir)},
         tags={"harness.level_order": ",".join(str(level) for level in result.level_order)},
     )
+    if result.reused:
+        out.tags["harness.reused_training"] = str(ctx.workdir / TRAINED_FILE)
     if exp.eval.enabled:
         from harness.embedder import Embedder
         from harness.evaluation.run import evaluate_embedder
@@ -113,6 +166,7 @@ def run_trial(
     models_dir: str,
     trial_fn: TrialFn | None = None,
     init_adapter: AdapterFiles | None = None,
+    reuse_training: bool = True,
 ) -> None:
     """The Tune trainable (bind the keywords with ``tune.with_parameters``)."""
     from ray import tune
@@ -133,7 +187,7 @@ def run_trial(
 
     started = time.time()
     output = (trial_fn or train_and_evaluate)(
-        spec.exp, corpus, TrialContext(spec.label, spec.key, workdir, report)
+        spec.exp, corpus, TrialContext(spec.label, spec.key, workdir, report, reuse_training)
     )
     ended = time.time()
     broken = sorted(k for k, v in output.metrics.items() if not math.isfinite(float(v)))

@@ -322,3 +322,53 @@ def test_a_moved_sqlite_store_keeps_its_artifacts_beside_it(tmp_path):
         .artifact_location
         == custom.as_uri()
     )
+
+
+def test_a_trial_that_failed_after_training_is_evaluated_not_trained_again(
+    ray_instance, tmp_path, tiny_corpus_dir, shared_data
+):
+    """A real trial whose evaluation fails (a score in the task file is not a number, which only
+    reading it shows) keeps its finished training; after the file is fixed, the rerun evaluates
+    that model (same weights, the whole loss curve replayed into the new run) instead of training
+    again. At paper scale that is hours of GPU time per mistake."""
+    task = tmp_path / "tasks" / "BIOSSES"
+    task.mkdir(parents=True)
+    lines = (shared_data / "BIOSSES" / "test.tsv").read_text(encoding="utf-8").splitlines()[:21]
+    good = "\n".join(lines) + "\n"
+    head, first, *rest = lines
+    cells = first.split("\t")
+    cells[2] = "n/a"
+    (task / "test.tsv").write_text(
+        "\n".join([head, "\t".join(cells), *rest]) + "\n", encoding="utf-8"
+    )
+    exp = write_experiment(
+        tmp_path,
+        tiny_corpus_dir,
+        "reuse",
+        model={
+            "name": "packaged:all-minilm-l6-v2",
+            "pooling": "mean",
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "max_query_length": 32,
+            "max_doc_length": 32,
+        },
+        train={"steps": 3, "batch_size": 4, "heldout_size": 8, "warmup_steps": 0, "device": "cpu"},
+        eval={"tasks": [str(task)], "batch_size": 16},
+    )
+    first_try = run_sweep(exp, [], results_dir=tmp_path / "results")
+    assert [r.status for r in first_try.records] == ["FAILED"]
+    assert "score column is not a number" in (first_try.records[0].error or "")
+    (adapter,) = (tmp_path / "results" / "models").rglob("adapter_model.safetensors")
+    trained_at = adapter.stat().st_mtime_ns
+
+    (task / "test.tsv").write_text(good, encoding="utf-8")
+    second = run_sweep(exp, [], results_dir=tmp_path / "results")
+    assert [r.status for r in second.records] == ["FINISHED"], second.records
+    assert adapter.stat().st_mtime_ns == trained_at, "the model was trained again"
+    finished = next(r for r in runs(tmp_path, "reuse", "trial") if r.info.status == "FINISHED")
+    assert finished.data.tags["harness.reused_training"].endswith("trained.json")
+    assert "eval/avg" in finished.data.metrics and "heldout/recall_at_1" in finished.data.metrics
+    history = MlflowClient(second.tracking_uri).get_metric_history(
+        finished.info.run_id, "train/loss"
+    )
+    assert sorted(m.step for m in history) == [1, 2, 3]
