@@ -98,3 +98,17 @@ def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_quiet_logs_hide_rays_token_auth_notice() -> None:
+    """Every sweep printed Ray's "Token authentication is enabled ..." warning (auth stays on)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from harness.logs import quiet_logs; quiet_logs()\n"
+        "import ray; ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False); ray.shutdown()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Token authentication" not in done.stdout + done.stderr
