@@ -445,9 +445,10 @@ def serve_ui(
         signal.signal(signal.SIGTERM, previous)
 
 
-def git_sha() -> str:
-    """The harness checkout's commit (``+dirty`` with uncommitted changes), or ``unknown``."""
-    repo = Path(__file__).resolve().parents[1]
+def git_sha(repo: Path | None = None) -> str:
+    """The harness checkout's commit (``+dirty`` with uncommitted changes to anything but
+    ``results/``, which runs themselves rewrite), or ``unknown``."""
+    repo = repo or Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "HEAD"],
@@ -456,7 +457,17 @@ def git_sha() -> str:
             check=True,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "-C",
+                str(repo),
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                ":!results",
+            ],
             capture_output=True,
             text=True,
             check=True,

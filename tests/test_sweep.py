@@ -372,3 +372,26 @@ def test_a_trial_that_failed_after_training_is_evaluated_not_trained_again(
         finished.info.run_id, "train/loss"
     )
     assert sorted(m.step for m in history) == [1, 2, 3]
+
+
+def test_git_sha_is_dirty_for_code_not_for_results(tmp_path):
+    """`make smoke` rewrites the committed results/smoke files; later runs were tagged +dirty."""
+    import subprocess
+
+    from harness.tracking import git_sha
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "table.md").write_text("1\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
+    sha = git_sha(tmp_path)
+    assert len(sha) == 40
+    (tmp_path / "results" / "table.md").write_text("2\n")
+    assert git_sha(tmp_path) == sha
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_sha(tmp_path) == sha + "+dirty"
