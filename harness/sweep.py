@@ -273,6 +273,9 @@ class TrackingCallback(tune.Callback):
         self._specs: dict[str, TrialSpec] = {}
         self._last_step: dict[str, int] = {}
         self._last_print: dict[str, float] = {}
+        self._first_step: dict[
+            str, tuple[float, int]
+        ] = {}  # trial -> (time, step) of its first step
         self._started: dict[str, float] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -340,18 +343,20 @@ class TrackingCallback(tune.Callback):
         now = time.time()
         if step == 0:  # metrics of the untrained model (heldout_before): no loss and no rate yet
             return
+        # the rate counts from the first step reported, so model loading and the untrained model's
+        # held-out score do not inflate it
+        first_time, first_step = self._first_step.setdefault(trial_id, (now, step))
         if now - self._last_print.get(trial_id, 0.0) < PROGRESS_EVERY_S:
             return
         self._last_print[trial_id] = now
         spec, record = self._specs[trial_id], self.records[trial_id]
         total = spec.exp.train.steps
-        elapsed = now - self._started[trial_id]
-        eta = elapsed / max(step, 1) * max(total - step, 0)
         loss = record.metrics.get("train/loss", math.nan)
-        self.console.print(
-            f"  {spec.label}: step {step}/{total}, loss {loss:.4f}, "
-            f"{elapsed / max(step, 1):.2f} s/step, ETA {eta:.0f} s"
-        )
+        line = f"  {spec.label}: step {step}/{total}, loss {loss:.4f}"
+        if step > first_step:
+            per_step = (now - first_time) / (step - first_step)
+            line += f", {per_step:.2f} s/step, ETA {per_step * max(total - step, 0):.0f} s"
+        self.console.print(line)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         record = self.records[trial.trial_id]
