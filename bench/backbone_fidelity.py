@@ -274,7 +274,7 @@ def main() -> None:
                 fmt(r.get("sink_share")),
                 fmt(r.get("first_pooled_share")),
                 fmt(r.get("anisotropy")),
-                fmt(r.get("heldout/recall@1")),
+                fmt(r.get("heldout/recall_at_1")),
                 fmt(r.get("heldout/acc_level_1")),
                 fmt(100 * r["eval/BIOSSES"], 2) if r.get("eval/BIOSSES") is not None else "–",
             )

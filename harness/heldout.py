@@ -1,6 +1,6 @@
 """A cheap held-out metric on corpus rows kept out of training (logged as ``heldout/*``).
 
-- ``heldout/recall@1``: for each query, is its positive the most similar among the candidates of
+- ``heldout/recall_at_1``: for each query, is its positive the most similar among the candidates of
   its batch (all positives and all hard negatives of the batch)?
 - ``heldout/acc_level_K``: share of rows where cos(query, positive) > cos(query, neg_K), per level;
   ``heldout/acc_all`` pools the levels. Harder levels should score lower.
@@ -100,7 +100,7 @@ def heldout_metrics(
         cand = torch.cat([emb.positive[start:end], *negatives])
         scores = q[start:end] @ cand.T
         hits += int((scores.argmax(dim=1) == torch.arange(end - start)).sum())
-    metrics["heldout/recall@1"] = hits / frame.height
+    metrics["heldout/recall_at_1"] = hits / frame.height
     return metrics
 
 

@@ -399,7 +399,7 @@ def _trial_exception(trial: Any) -> BaseException | None:
 
 
 def _key_metrics(record: TrialRecord) -> str:
-    keys = [k for k in ("heldout/recall@1", "eval/avg") if k in record.metrics]
+    keys = [k for k in ("heldout/recall_at_1", "eval/avg") if k in record.metrics]
     return " ".join(f"{k} {record.metrics[k]:.4f}" for k in keys)
 
 

@@ -27,7 +27,7 @@ def quick(exp, corpus, ctx):
     # a smooth function of the searched values, best at lr = 1e-3
     score = 1.0 - abs(exp.train.lr - 1e-3) * 100 + len(corpus) / 1e6
     return TrialOutput(
-        metrics={"heldout/recall@1": 0.5, "eval/avg": score},
+        metrics={"heldout/recall_at_1": 0.5, "eval/avg": score},
         artifacts={"model": model},
         tags={"harness.level_order": "4,3,2,1"},
     )

@@ -146,6 +146,6 @@ def test_heldout_metrics_match_a_text_by_text_computation(tiny_corpus_dir: Path)
                 if neg is not None:
                     wins[k + 1].append(pos > float(q @ neg))
             hits += int(torch.stack([q @ c for c in candidates]).argmax()) == i
-    assert got["heldout/recall@1"] == pytest.approx(hits / len(rows))
+    assert got["heldout/recall_at_1"] == pytest.approx(hits / len(rows))
     for level, w in wins.items():
         assert got[f"heldout/acc_level_{level}"] == pytest.approx(sum(w) / len(w))

@@ -62,7 +62,7 @@ def test_train_one_saves_a_model_that_reloads_identically(tiny_corpus_dir, tmp_p
     assert all(
         m["train/loss"] > 0 and m["train/examples_per_s"] > 0 for s, m in seen if "train/loss" in m
     )
-    assert set(result.heldout) >= {"heldout/recall@1", "heldout/acc_level_1", "heldout/acc_all"}
+    assert set(result.heldout) >= {"heldout/recall_at_1", "heldout/acc_level_1", "heldout/acc_all"}
     assert result.level_order == [4, 2]  # 2 steps cover phases 0 and 2 of the 4 equal phases
     meta = json.loads((result.model_dir / "embedder.json").read_text())
     assert meta["settings"]["pooling"] == "ata" and meta["corpus_sha256"] == corpus.sha256

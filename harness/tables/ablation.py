@@ -31,7 +31,7 @@ CATEGORY_ORDER = (
 )  # fmt: skip
 AVG = "eval/avg"
 # The sweep sanitizes metric names for MLflow (harness/tracking.py: "@" -> "_at_"); accept both.
-HELDOUT = ("heldout/recall_at_1", "heldout/recall@1")
+HELDOUT = "heldout/recall_at_1"
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
@@ -110,7 +110,7 @@ def build_table(collected: Collected, where: str) -> AblationTable:
     runs = [r for row in rows for r in row.runs]
     columns = _columns(runs)
     main = next((c for c in columns if c.metric == AVG), None) or next(
-        (c for c in columns if c.metric in HELDOUT), columns[0] if columns else None
+        (c for c in columns if c.metric == HELDOUT), columns[0] if columns else None
     )
     baseline = _baseline(rows, row_axes, collected.settings.baseline, where)
     for row in rows:
@@ -176,9 +176,8 @@ def _columns(runs: Sequence[TrialRun]) -> list[Column]:
     columns = [Column(f"eval/{c}", c) for c in CATEGORY_ORDER if f"eval/{c}" in seen]
     if AVG in seen:
         columns.append(Column(AVG, "Avg"))
-    heldout = next((m for m in HELDOUT if m in seen), None)
-    if heldout is not None:
-        columns.append(Column(heldout, "Held-out R@1"))
+    if HELDOUT in seen:
+        columns.append(Column(HELDOUT, "Held-out R@1"))
     return columns
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import polars as pl
 
-from harness.tables.ablation import AVG, CATEGORY_ORDER, HELDOUT, axis_title
+from harness.tables.ablation import AVG, CATEGORY_ORDER, axis_title
 from harness.tables.collect import Collected
 
 _CATEGORIES = {f"eval/{c}" for c in CATEGORY_ORDER}
@@ -25,7 +25,7 @@ def metric_kind(metric: str) -> str | None:
         return "category"
     if metric.startswith("eval/"):
         return "task"
-    if metric.startswith("heldout/") or metric in HELDOUT:
+    if metric.startswith("heldout/"):
         return "heldout"
     return None
 

@@ -85,14 +85,14 @@ def notes(table: AblationTable) -> list[str]:
     metrics = {c.metric for c in table.columns}
     meaning = (
         ["the mteb category means (eval/<Category>)"]
-        if any(m not in (AVG, *HELDOUT) for m in metrics)
+        if any(m not in (AVG, HELDOUT) for m in metrics)
         else []
     )
     if AVG in metrics:
         meaning.append("Avg = the mean over all tasks (eval/avg)")
-    if metrics & set(HELDOUT):
+    if HELDOUT in metrics:
         meaning.append(
-            "Held-out R@1 = recall@1 on the corpus rows held out of training (heldout/recall@1)"
+            "Held-out R@1 = recall@1 on the corpus rows held out of training (heldout/recall_at_1)"
         )
     out.append(
         "Scores x100. Each cell: mean ± sample standard deviation over the n runs of the row"
