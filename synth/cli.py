@@ -136,6 +136,45 @@ def generate(
 
 
 @app.command()
+def merge(
+    parts: Annotated[
+        list[Path],
+        typer.Argument(help="Corpus folders to merge (two or more).", show_default=False),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Corpus folder to write.")],
+    weight: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--weight",
+            "-w",
+            help="PART=W: keep a seeded share W (0 < W <= 1) of that part's rows (PART: its folder name; repeatable).",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the samples that weights below 1 take.")] = 0,
+    name: Annotated[
+        str | None, typer.Option(help="Corpus name (default: the --out folder's).")
+    ] = None,
+) -> None:
+    """Merge corpora (e.g. synthetic MGH data + the mined retrieval mix) into one training corpus."""
+
+    def go() -> None:
+        from synth.merge import merge_corpora, parse_weights
+
+        corpus = merge_corpora(
+            parts, out, weights=parse_weights(weight or []), seed=seed, name=name
+        )
+        build = corpus.manifest["build"]
+        kept = ", ".join(f"{p['name']} {p['kept']:,}/{p['rows']:,}" for p in build["parts"])
+        Console().print(
+            f"wrote {len(corpus):,} rows to {out} ({kept}; {build['duplicates_dropped']:,} duplicates dropped), "
+            f"sha256 {corpus.sha256[:12]}",
+            highlight=False,
+        )
+
+    _run(go)
+
+
+@app.command()
 def audit(
     corpus: Annotated[
         Path, typer.Argument(help="Corpus folder (samples.parquet + manifest.json).")

@@ -9,6 +9,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from synth.corpus import CorpusError
     from synth.llm import EndpointError
     from synth.locks import LockedError
+    from synth.merge import MergeError
     from synth.mine import MineError
     from synth.packaged import PackagedModelError
     from synth.server import ServerError
@@ -26,4 +27,5 @@ def user_errors() -> tuple[type[Exception], ...]:
         ServerError,
         PromptError,
         LockedError,
+        MergeError,
     )

@@ -1,0 +1,97 @@
+"""``synth merge``: one training corpus from several (the paper's synthetic MGH data plus the public
+retrieval mix), in the same contract as its parts.
+
+Each part is read and hash-checked; a weight below 1 keeps a seeded sample of that share of its
+rows (a weight of 1 keeps them all; the paper does not say how it mixed, so the default is all of
+everything). A row found in two parts (same content, same ``id``) is kept once. The manifest's
+``build`` records every part's name, folder, ``samples_sha256``, rows, weight and rows kept, so the
+merged corpus's hash, and with it every trial key, changes when a part changes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from synth.corpus import Corpus, CorpusError, check_output_folder, read_corpus, write_corpus
+
+
+class MergeError(ValueError):
+    """Bad merge arguments; the message says which."""
+
+
+def parse_weights(items: Sequence[str]) -> dict[str, float]:
+    """``NAME=W`` items (``--weight synthetic=0.5``) as a mapping; W in (0, 1]."""
+    weights: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value) if sep else float("nan")
+        except ValueError:
+            weight = float("nan")
+        if not name or not 0 < weight <= 1:
+            raise MergeError(
+                f"--weight {item!r}: expected PART=W with 0 < W <= 1 (PART: a part's folder name)"
+            )
+        weights[name] = weight
+    return weights
+
+
+def merge_corpora(
+    parts: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    weights: Mapping[str, float] | None = None,
+    seed: int = 0,
+    name: str | None = None,
+) -> Corpus:
+    """Merge the corpora in ``parts`` into ``out`` (see the module docstring)."""
+    if len(parts) < 2:
+        raise MergeError("give at least two corpus folders to merge")
+    out = check_output_folder(out)
+    corpora = [read_corpus(p) for p in parts]
+    names = [Path(p).resolve().name for p in parts]
+    if len(set(names)) != len(names):
+        raise MergeError(
+            f"parts must have distinct folder names (weights and the manifest use them): {names}"
+        )
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise MergeError(
+            f"--weight names no part: {', '.join(unknown)} (parts: {', '.join(names)})"
+        )
+    if Path(out).resolve() in {Path(p).resolve() for p in parts}:
+        raise MergeError(f"--out {out} is one of the parts")
+
+    frames: list[pl.DataFrame] = []
+    recorded: list[dict[str, Any]] = []
+    for part_name, path, corpus in zip(names, parts, corpora):
+        weight = weights.get(part_name, 1.0)
+        frame = corpus.frame
+        if weight < 1:
+            frame = frame.sample(max(1, round(weight * frame.height)), seed=seed).sort("id")
+        frames.append(frame)
+        recorded.append(
+            {
+                "name": part_name,
+                "corpus": corpus.name,
+                "path": str(Path(path).resolve()),
+                "samples_sha256": corpus.sha256,
+                "rows": len(corpus),
+                "weight": weight,
+                "kept": frame.height,
+                "build_kind": corpus.manifest.get("build", {}).get("kind"),
+            }
+        )
+    merged = pl.concat(frames, how="vertical")
+    duplicates = merged.height - merged["id"].n_unique()
+    merged = merged.unique(subset="id", keep="first", maintain_order=True)
+    if merged.height == 0:
+        raise CorpusError("the merged corpus would have no rows")
+    build = {"kind": "merge", "parts": recorded, "seed": seed, "duplicates_dropped": duplicates}
+    return write_corpus(merged, out, name=name, build=build)
