@@ -177,6 +177,11 @@ class TrainSettings(_Strict):
     # "mixed": batches drawn from the whole corpus; "by_task": every batch from one task (the rows
     # sharing source and subtask), so in-batch negatives are same-task, as in LLM2Vec/E5 training.
     batching: Literal["mixed", "by_task"] = "mixed"
+    # Which rows the strategy schedules: "all", or only "synthetic" ones (source == "synthetic",
+    # the MGH data); the other rows (a mixed-in retrieval corpus) keep level ``other_rows_level``
+    # (1: the mined hard negative, the nearest available when absent) at every step.
+    schedule_rows: Literal["all", "synthetic"] = "all"
+    other_rows_level: int = Field(1, ge=1, le=4)
     seed: int = Field(0, ge=0, lt=2**32)  # numpy and CUDA take 32-bit seeds
     heldout_size: int = Field(256, ge=0)  # rows kept out of training for the cheap held-out metric
     heldout_before: bool = False  # also score the untrained model (logged as heldout_base/*)
@@ -673,6 +678,15 @@ def trial_params(exp: Experiment) -> dict[str, Any]:
     return flatten(data)
 
 
+# Fields added after stores existed: at their default they leave the trial key, so a store made
+# before a field existed still matches the trials it finished (they ran with that default).
+KEY_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("model", "init_adapter_recipe"): None,
+    ("train", "schedule_rows"): "all",
+    ("train", "other_rows_level"): 1,
+}
+
+
 def trial_key(exp: Experiment, corpus_sha256: str) -> str:
     """Hash of everything that changes a trial's result: resolved training config + corpus (and the
     init adapter's recipe or content hash, which stands for the adapter wherever its files lie)."""
@@ -684,8 +698,9 @@ def trial_key(exp: Experiment, corpus_sha256: str) -> str:
         del data["model"]["init_adapter"], data["model"]["init_adapter_sha256"]
     elif data["model"]["init_adapter_sha256"]:
         data["model"].pop("init_adapter")
-    else:
-        data["model"].pop("init_adapter_recipe")
+    for (section, name), default in KEY_NEUTRAL_DEFAULTS.items():
+        if data[section].get(name, default) == default:
+            data[section].pop(name, None)
     blob = json.dumps(
         {"config": data, "corpus": corpus_sha256}, sort_keys=True, separators=(",", ":")
     )

@@ -20,7 +20,10 @@ loader does: each task's rows shuffled, cut into full batches, the batches of al
 a task's remainder short of a batch waits for the next epoch). The row order depends on the seed
 and the batching only, never on the strategy: every strategy with the same seed trains on the same
 rows in the same order, and only the level differs (``random`` draws its levels from a separate
-stream). Rows of ``symmetric`` tasks carry the instruction on both sides (LLM2Vec/E5: NLI and
+stream). With ``schedule_rows="synthetic"`` only the synthetic rows (``source == "synthetic"``)
+follow the strategy; the others (a mixed-in retrieval corpus) keep ``other_rows_level`` (default 1,
+their mined hard negative) at every step, as the paper's figure applies the level order to "the
+synthetic negative samples". Rows of ``symmetric`` tasks carry the instruction on both sides (LLM2Vec/E5: NLI and
 duplicate-question data embed query, positive and negatives with the same instruction).
 """
 
@@ -34,6 +37,10 @@ import polars as pl
 
 from harness.config import TrainSettings
 from synth.corpus import LEVELS, NEG_COLUMNS
+
+SYNTHETIC = (
+    "synthetic"  # the ``source`` of MGH rows (DESIGN.md), what schedule_rows "synthetic" schedules
+)
 
 PHASED = {"curriculum": (4, 3, 2, 1), "reverse": (1, 2, 3, 4)}
 
@@ -121,6 +128,8 @@ def build_schedule(
     seed: int,
     negatives_per_query: int = 1,
     batching: str = "mixed",
+    schedule_rows: str = "all",
+    other_rows_level: int = 1,
 ) -> Schedule:
     """The exact training stream (see the module docstring)."""
     if frame.height < batch_size:
@@ -129,6 +138,12 @@ def build_schedule(
         )
     columns = ["id", "instruction", "query", "positive", *NEG_COLUMNS]
     kinds = frame["task_kind"].to_list() if "task_kind" in frame.columns else [None] * frame.height
+    if schedule_rows == "synthetic":  # only the MGH rows follow the strategy
+        scheduled = [source == SYNTHETIC for source in frame["source"].to_list()]
+    elif schedule_rows == "all":
+        scheduled = [True] * frame.height
+    else:
+        raise ValueError(f"unknown schedule_rows {schedule_rows!r}")
     rows = frame.select(columns).rows()
     plan = phases(strategy, steps)
     k = len(LEVELS) if strategy == "all" else negatives_per_query
@@ -147,12 +162,16 @@ def build_schedule(
         for i in idx:
             row_id, instruction, query, positive, *negs = rows[i]
             available = [lv for lv, text in zip(LEVELS, negs) if text is not None]
+            # drawn for every row, so a row's random level does not depend on schedule_rows
             target = (
                 level_rng.randint(1, 4) if level == "random" else (1 if level == "all" else level)
             )
-            chosen = nearest_levels(target, available, k) if k else ()
-            if level == "all":
-                chosen = tuple(available)
+            if not scheduled[i]:  # keeps its own negative, whatever the strategy
+                chosen = nearest_levels(other_rows_level, available, negatives_per_query)
+            else:
+                chosen = nearest_levels(target, available, k) if k else ()
+                if level == "all":
+                    chosen = tuple(available)
             batch.append(
                 Example(
                     instruction=instruction,
@@ -183,6 +202,8 @@ def schedule_for(train: TrainSettings, frame: pl.DataFrame) -> Schedule:
         seed=train.seed,
         negatives_per_query=train.negatives_per_query,
         batching=train.batching,
+        schedule_rows=train.schedule_rows,
+        other_rows_level=train.other_rows_level,
     )
 
 

@@ -268,3 +268,22 @@ def test_cli_errors_keep_brackets_and_name_the_valid_axes(tmp_path):
     assert result.exit_code == 2
     assert "grid.poolng=[eos]" in result.output
     assert "axes: strategy, pooling, seed or any dotted field" in result.output
+
+
+def test_trial_keys_of_earlier_stores_stay_the_same():
+    """Fields added since (train.schedule_rows, train.other_rows_level, model.init_adapter_recipe)
+    leave the key at their defaults: this key was computed by the code of commit fc80777, before
+    they existed, so a store made then still resumes."""
+    from harness.config import trial_key, validate
+
+    exp = validate(
+        {
+            "name": "k",
+            "corpus": {"path": "c"},
+            "model": {"name": "packaged:all-minilm-l6-v2", "pooling": "ata"},
+            "train": {"strategy": "reverse", "steps": 7, "batch_size": 4, "seed": 3},
+        }
+    )
+    assert trial_key(exp, "a" * 64) == "aae294315eea56f3"
+    exp.train.schedule_rows = "synthetic"
+    assert trial_key(exp, "a" * 64) != "aae294315eea56f3"

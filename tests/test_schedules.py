@@ -216,3 +216,37 @@ def test_symmetric_rows_carry_the_instruction_on_both_sides():
             assert ex.doc_instruction == ex.instruction == "do sts"
         else:
             assert ex.doc_instruction is None
+
+
+@pytest.mark.parametrize("strategy", ["curriculum", "reverse", "random", "level-3", "all"])
+def test_schedule_rows_synthetic_schedules_only_the_synthetic_rows(strategy):
+    """The paper orders the levels of "the synthetic negative samples"; mixed-in retrieval rows
+    keep their own (level 1) negative at every step, and the row order is that of "all"."""
+    synthetic, retrieval = _frame(20), _frame(20)
+    synthetic = synthetic.with_columns(
+        pl.lit("synthetic").alias("source"), (pl.col("id") + "s").alias("id")
+    )
+    frame = pl.concat([synthetic, retrieval.with_columns(pl.lit("msmarco").alias("source"))])
+    kinds = dict(zip(frame["id"], frame["source"]))
+    only = build_schedule(
+        frame, strategy, steps=12, batch_size=8, seed=2, schedule_rows="synthetic"
+    )
+    every = build_schedule(frame, strategy, steps=12, batch_size=8, seed=2)
+    for mine, theirs in zip(only, every):
+        assert [e.row_id for e in mine] == [e.row_id for e in theirs]
+        for a, b in zip(mine, theirs):
+            if kinds[a.row_id] == "synthetic":
+                assert a.levels == b.levels  # the strategy's level, as without the option
+            else:
+                assert a.levels == (1,) and a.negatives == (a.query.replace("q", "n") + "-1",)
+    assert only.level_order() == every.level_order()
+    easy = build_schedule(
+        frame,
+        "level-2",
+        steps=4,
+        batch_size=8,
+        seed=2,
+        schedule_rows="synthetic",
+        other_rows_level=4,
+    )
+    assert {e.levels for batch in easy for e in batch if kinds[e.row_id] != "synthetic"} == {(4,)}
