@@ -199,7 +199,10 @@ def _level_rows(report: dict[str, Any]) -> list[list[str]]:
         rows.append(
             [
                 f"level {level}",
-                str(s["count"]),
+                # rows with a negative at this level, "k of n" when some lack one
+                str(s["count"])
+                if s["count"] == report["rows"]
+                else f"{s['count']} of {report['rows']}",
                 _fmt(s["query"]),
                 _fmt(s["positive"]),
                 f"{100 * s['above_positive']:.1f}%",

@@ -29,7 +29,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -312,6 +312,7 @@ def mine_source(
     *,
     console: Console,
     progress: bool,
+    warn: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """Mine one source into ``builder``; return its statistics for the manifest."""
     started = time.perf_counter()
@@ -374,6 +375,15 @@ def mine_source(
         f"  negatives picked in {_duration(done - embedded)}; per level {filled}; "
         f"{skipped:,} candidates skipped as likely false negatives"
     )
+    for level, count in zip(LEVELS, filled):
+        if count < len(pairs):  # a schedule falls back to the nearest level for these rows
+            first, last = config.bands[level - 1]
+            (warn or console.print)(
+                f"  [yellow]warning:[/] level {level}: {len(pairs) - count:,} of {len(pairs):,} pairs "
+                f"have no negative (ranks {first}-{last} of a pool of {len(pool):,} candidates, "
+                "less those skipped as likely false negatives); training uses the nearest level there",
+                highlight=False,
+            )
     return {
         "name": source.label,
         "origin": pair_set.origin,
@@ -383,6 +393,7 @@ def mine_source(
         "pairs": len(pairs),
         "candidates": len(pool),
         "negatives_per_level": dict(zip((f"neg_{lv}" for lv in LEVELS), filled)),
+        "missing_per_level": {f"neg_{lv}": len(pairs) - n for lv, n in zip(LEVELS, filled)},
         "skipped_false_negatives": skipped,
         "texts_embedded": len(texts),
         "seconds": {
@@ -392,10 +403,20 @@ def mine_source(
     }
 
 
-def mine(config: MineConfig, out: str | os.PathLike[str], *, progress: bool = True) -> Corpus:
-    """Mine every source of ``config`` into one corpus at ``out``; return the written corpus."""
+def mine(
+    config: MineConfig,
+    out: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+    console: Console | None = None,
+) -> Corpus:
+    """Mine every source of ``config`` into one corpus at ``out``; return the written corpus.
+    Progress goes to ``console`` (stderr by default) unless ``progress`` is off; warnings always."""
     check_output_folder(out)  # before the model loads and the mining runs
-    console = Console(stderr=True, quiet=not progress)
+    warn = (console or Console(stderr=True)).print
+    console = (
+        console if console is not None and progress else Console(stderr=True, quiet=not progress)
+    )
     started = time.perf_counter()
     model = load_encoder(config.model, config.max_seq_length)
     loaded = time.perf_counter()
@@ -403,7 +424,9 @@ def mine(config: MineConfig, out: str | os.PathLike[str], *, progress: bool = Tr
     generator = torch.Generator().manual_seed(config.seed)
     try:
         sources = [
-            mine_source(s, config, model, builder, generator, console=console, progress=progress)
+            mine_source(
+                s, config, model, builder, generator, console=console, progress=progress, warn=warn
+            )
             for s in config.sources
         ]
     except SourceError as e:

@@ -237,3 +237,31 @@ def test_hub_source_fails_fast_offline_and_unreachable(monkeypatch) -> None:
 def test_manifest_is_json_serializable_and_counts_levels(mined: Path) -> None:
     manifest = json.loads((mined / "manifest.json").read_text())
     assert manifest["counts"]["negatives_per_level"] == dict.fromkeys(NEG_COLUMNS, 240)
+
+
+def test_a_level_the_pool_cannot_fill_is_warned_and_recorded(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """Mining 40 pairs left level 4 (ranks 101-300 of a ~80-text pool) empty without a word."""
+    import io
+
+    from rich.console import Console
+
+    from synth.audit import audit_corpus
+
+    out = io.StringIO()
+    config = config_from_sources(
+        [str(shared_data / "SNLI-triplets" / "train.jsonl")], max_rows=40, seed=0
+    )
+    corpus = mine(config, tmp_path / "small", progress=False, console=Console(file=out, width=200))
+    (source,) = corpus.manifest["build"]["sources"]
+    assert (
+        source["missing_per_level"]["neg_4"] == 40 and source["negatives_per_level"]["neg_4"] == 0
+    )
+    assert "warning: level 4: 40 of 40 pairs have no negative (ranks 101-300" in out.getvalue()
+    report = audit_corpus(tmp_path / "small", progress=False)
+    assert "4" not in report["levels"]  # an empty level is not averaged
+    partial = [lv for lv, n in source["missing_per_level"].items() if 0 < n < 40]
+    md = (tmp_path / "small" / "audit.md").read_text()
+    for col in partial:
+        assert f"| level {col[-1]} | {40 - source['missing_per_level'][col]} of 40 |" in md
