@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 
 from harness.config import (
@@ -16,13 +14,20 @@ from harness.config import (
     parse_cell,
     path_part,
     trial_key,
-    trial_params,
     validated_cells,
 )
 from harness.corpora import check_corpus_fits, load_corpus
 from harness.init_adapter import check_init_adapter, prepare_init_adapter
 from harness.mntp import mntp_builder
-from harness.tracking import CELL, TRIAL_KEY, Tracker, describe_error, git_sha, redact_text
+from harness.tracking import (
+    CORPUS_SHA,
+    GIT_SHA,
+    LEVEL_ORDER,
+    MODEL_DIR,
+    Tracker,
+    describe_error,
+    git_sha,
+)
 from harness.train import TrainResult, train_one
 
 
@@ -61,19 +66,14 @@ def train_single(
     tracker = run_id = None
     if track:
         tracker = Tracker(exp.tracking, exp.name, exp.source)
-        tags = {
-            TRIAL_KEY: key,
-            "corpus_sha256": corpus.sha256,
-            "git_sha": git_sha(),
-            CELL: json.dumps(cell, sort_keys=True, default=str),
-        }
-        run_id = tracker.start_trial(
-            None, name=label, params=trial_params(exp), tags=tags, role="train"
-        )
-        tracker.log_text(
-            run_id,
-            redact_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)),
-            "config.yaml",
+        run_id = tracker.start_trial_run(
+            exp,
+            parent_id=None,
+            name=label,
+            key=key,
+            cell=cell,
+            tags={CORPUS_SHA: corpus.sha256, GIT_SHA: git_sha()},
+            role="train",
         )
         console.print(f"MLflow run {run_id} in experiment {exp.name!r} ({tracker.display_uri})")
 
@@ -116,8 +116,8 @@ def train_single(
             tracker.set_tags(
                 run_id,
                 {
-                    "model_dir": str(Path(result.model_dir).resolve()),
-                    "harness.level_order": ",".join(map(str, result.level_order)),
+                    MODEL_DIR: str(Path(result.model_dir).resolve()),
+                    LEVEL_ORDER: ",".join(map(str, result.level_order)),
                 },
             )
             tracker.log_artifacts(run_id, Path(result.model_dir), "model")

@@ -37,16 +37,15 @@ from harness.config import (
     grid_cells,
     load_experiment,
     path_part,
-    trial_params,
     validated_cells,
 )
 from harness.corpora import check_corpus_fits, load_corpus
 from harness.init_adapter import AdapterFiles, check_init_adapter, prepare_init_adapter
 from harness.mntp import mntp_builder
 from harness.tracking import (
-    CELL,
+    CORPUS_SHA,
+    GIT_SHA,
     SWEEP_KEY,
-    TRIAL_KEY,
     Tracker,
     describe_error,
     git_sha,
@@ -287,18 +286,14 @@ class TrackingCallback(tune.Callback):
         if trial.trial_id in self.records:  # a retry (resources.max_failures) continues its run
             return
         spec = trial_spec(self.base, cell_of(trial.config), self.corpus_sha256)
-        run_id = self.tracker.start_trial(
-            self.parent_id,
+        run_id = self.tracker.start_trial_run(
+            spec.exp,
+            parent_id=self.parent_id,
             name=spec.label,
-            params=trial_params(spec.exp),
-            tags={
-                **self.tags,
-                TRIAL_KEY: spec.key,
-                CELL: json.dumps(spec.cell, sort_keys=True, default=str),
-            },
+            key=spec.key,
+            cell=spec.cell,
+            tags=self.tags,
         )
-        config_yaml = yaml.safe_dump(spec.exp.model_dump(mode="json"), sort_keys=False)
-        self.tracker.log_text(run_id, redact_text(config_yaml), "config.yaml")
         self._specs[trial.trial_id] = spec
         self._started[trial.trial_id] = time.time()
         self.records[trial.trial_id] = TrialRecord(spec.label, spec.key, "RUNNING", run_id)
@@ -486,12 +481,12 @@ def run_sweep(
                     "search": json.dumps(
                         exp.search.model_dump(mode="json") if exp.search else None
                     ),
-                    "corpus_sha256": corpus.sha256,
+                    CORPUS_SHA: corpus.sha256,
                     "trials": n,
                     "skipped": len(plan.skipped) + len(plan.warm_start),
                     "concurrency": concurrency,
                 },
-                tags={"harness.experiment_file": str(exp_path), "git_sha": git_sha()},
+                tags={"harness.experiment_file": str(exp_path), GIT_SHA: git_sha()},
                 config_yaml=redact_text(
                     yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)
                 ),
@@ -502,8 +497,8 @@ def run_sweep(
                 exp,
                 corpus.sha256,
                 {
-                    "corpus_sha256": corpus.sha256,
-                    "git_sha": git_sha(),
+                    CORPUS_SHA: corpus.sha256,
+                    GIT_SHA: git_sha(),
                     SWEEP_KEY: sweep_key(exp, corpus.sha256),
                 },
                 console,

@@ -23,12 +23,16 @@ import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 
 from harness.config import TrackingSettings
+
+if TYPE_CHECKING:
+    from harness.config import Experiment
 
 ROLE = "harness.role"
 TRIAL_KEY = "trial_key"
@@ -37,6 +41,10 @@ SWEEP_KEY = "harness.sweep_key"
 ERROR = "harness.error"
 DRIVER = "harness.driver"
 PARENT = "mlflow.parentRunId"
+CORPUS_SHA = "corpus_sha256"
+GIT_SHA = "git_sha"
+LEVEL_ORDER = "harness.level_order"  # the schedule's levels in order, e.g. "4,3,2,1"
+MODEL_DIR = "model_dir"  # where a trained model lies ([host:]path), when it is not an artifact
 
 MAX_PARAM_CHARS = 6000  # MLflow's param value limit (8000 in recent versions; stay well under)
 MAX_ERROR_CHARS = 1000
@@ -229,6 +237,36 @@ class Tracker:
         )
         self._log(run.info.run_id, params=params)
         return run.info.run_id
+
+    def start_trial_run(
+        self,
+        exp: Experiment,
+        *,
+        parent_id: str | None,
+        name: str,
+        key: str,
+        cell: Mapping[str, Any],
+        tags: Mapping[str, str] | None = None,
+        role: str = "trial",
+    ) -> str:
+        """The run of one trial, for the sweep's driver and `harness train` alike: its parameters,
+        ``trial_key`` and cell tags, and its whole configuration (secrets redacted) as config.yaml."""
+        from harness.config import trial_params
+
+        run_id = self.start_trial(
+            parent_id,
+            name=name,
+            params=trial_params(exp),
+            tags={
+                **(tags or {}),
+                TRIAL_KEY: key,
+                CELL: json.dumps(cell, sort_keys=True, default=str),
+            },
+            role=role,
+        )
+        config_yaml = yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)
+        self.log_text(run_id, redact_text(config_yaml), "config.yaml")
+        return run_id
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         self._log(run_id, metrics=metrics, step=step)

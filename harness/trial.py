@@ -26,6 +26,7 @@ from typing import Any
 
 from harness.config import Experiment, apply_cell, cell_label, path_part, trial_key
 from harness.init_adapter import AdapterFiles
+from harness.tracking import LEVEL_ORDER
 from synth.corpus import Corpus
 
 # Reserved result keys (everything else in a result is a metric).
@@ -138,7 +139,7 @@ def train_and_evaluate(exp: Experiment, corpus: Corpus, ctx: TrialContext) -> Tr
     out = TrialOutput(
         metrics=dict(result.heldout),
         artifacts={"model": Path(result.model_dir)},
-        tags={"harness.level_order": ",".join(str(level) for level in result.level_order)},
+        tags={LEVEL_ORDER: ",".join(str(level) for level in result.level_order)},
     )
     if result.reused:
         out.tags["harness.reused_training"] = str(ctx.workdir / TRAINED_FILE)

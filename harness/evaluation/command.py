@@ -23,14 +23,14 @@ from harness.config import EvalSettings, ModelSettings, Pooling, TrackingSetting
 from harness.evaluation import scores
 from harness.evaluation.instructions import ALL_TASKS
 from harness.evaluation.run import EvalResult, evaluate_embedder
-from harness.tracking import redact_text
+from harness.tracking import MODEL_DIR, redact_text
 
 if TYPE_CHECKING:
     from harness.embedder import Embedder
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 MODEL_ARTIFACT = "model"
-MODEL_DIR_TAG = "model_dir"
+MODEL_DIR_TAG = MODEL_DIR
 EVAL_ARTIFACT = "mteb"
 
 

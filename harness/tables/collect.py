@@ -33,13 +33,16 @@ from harness.config import (
     trial_key,
     validate,
 )
-from harness.tracking import driver_gone, redact_text
+from harness.tracking import (
+    CELL,
+    CORPUS_SHA,
+    ERROR,
+    ROLE,
+    TRIAL_KEY,
+    driver_gone,
+    redact_text,
+)
 
-ROLE = "harness.role"  # the sweep's tag names (harness/tracking.py)
-CELL = "harness.cell"
-ERROR = "harness.error"
-TRIAL_KEY = "trial_key"
-CORPUS_SHA = "corpus_sha256"
 LOSS = "train/loss"
 
 
