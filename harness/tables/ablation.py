@@ -30,7 +30,6 @@ CATEGORY_ORDER = (
     "BitextMining", "MultilabelClassification", "Regression", "InstructionRetrieval", "InstructionReranking",
 )  # fmt: skip
 AVG = "eval/avg"
-# The sweep sanitizes metric names for MLflow (harness/tracking.py: "@" -> "_at_"); accept both.
 HELDOUT = "heldout/recall_at_1"
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
