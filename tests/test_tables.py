@@ -308,6 +308,9 @@ def test_rerun_is_byte_identical_and_logged_to_the_parent(written, store: dict) 
             "ablation.md",
             "ablation.csv",
             "ablation.tex",
+            "tasks.md",
+            "tasks.csv",
+            "tasks.tex",
             "long.parquet",
             "long.csv",
             "loss.png",
@@ -500,3 +503,22 @@ def test_a_grown_grid_keeps_every_finished_trial_that_matches_a_cell(tmp_path: P
     assert {p: int(r["runs"]) for p, r in rows.items()} == {"eos": 2, "mean": 2}
     md = (tmp_path / "out" / "ablation.md").read_text(encoding="utf-8")
     assert "never run" not in md and "outside the grid" not in md
+
+
+def test_the_per_task_table_has_one_column_per_task(written) -> None:
+    """Besides the category table, tasks.md/csv/tex: every task's main score, the average, the same
+    rows and baseline; LaTeX carries a label to \\ref."""
+    _, out = written
+    md = (out / "tasks.md").read_text(encoding="utf-8")
+    header = next(line for line in md.splitlines() if line.startswith("| pooling"))
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert cells[:2] == ["pooling", "n"] and cells[-2:] == ["Avg", "Δ Avg"]
+    tasks = cells[2:-2]
+    assert (
+        tasks == sorted(tasks) and len(tasks) >= 2 and "STS" not in tasks
+    )  # tasks, not categories
+    assert "each task's mteb main score (eval/<Task>)" in md
+    tex = (out / "tasks.tex").read_text(encoding="utf-8")
+    assert "\\label{tab:" in tex and "\\label{tab:" in (out / "ablation.tex").read_text(
+        encoding="utf-8"
+    )

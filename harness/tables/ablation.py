@@ -90,6 +90,7 @@ class AblationTable:
     baseline_from_file: bool
     main: Column | None  # the metric of the differences, the test and the bar chart
     collected: Collected
+    kind: str = "ablation"  # "ablation" (categories) or "tasks" (one column per task): file stem
 
     @property
     def missing(self) -> list[CellRuns]:
@@ -100,14 +101,16 @@ def axis_title(axis: str) -> str:
     return SHORT_AXIS.get(axis, axis)
 
 
-def build_table(collected: Collected, where: str) -> AblationTable:
-    """Aggregate the collected runs; ``where`` names the file (or experiment) in errors."""
+def build_table(collected: Collected, where: str, *, per_task: bool = False) -> AblationTable:
+    """Aggregate the collected runs; ``where`` names the file (or experiment) in errors. The
+    columns are the category means, the average and the held-out score, or with ``per_task`` every
+    task's main score and the average."""
     grid = collected.grid
     row_axes = _row_axes(grid, collected.settings.rows, where)
     replicate_axes = [a for a in grid if a not in row_axes]
     rows = _rows(collected.cells, grid, row_axes)
     runs = [r for row in rows for r in row.runs]
-    columns = _columns(runs)
+    columns = _task_columns(runs) if per_task else _columns(runs)
     main = next((c for c in columns if c.metric == AVG), None) or next(
         (c for c in columns if c.metric == HELDOUT), columns[0] if columns else None
     )
@@ -133,6 +136,7 @@ def build_table(collected: Collected, where: str) -> AblationTable:
         rows=rows,
         baseline=baseline,
         baseline_from_file=collected.settings.baseline is not None,
+        kind="tasks" if per_task else "ablation",
         main=main,
         collected=collected,
     )
@@ -177,6 +181,15 @@ def _columns(runs: Sequence[TrialRun]) -> list[Column]:
         columns.append(Column(AVG, "Avg"))
     if HELDOUT in seen:
         columns.append(Column(HELDOUT, "Held-out R@1"))
+    return columns
+
+
+def _task_columns(runs: Sequence[TrialRun]) -> list[Column]:
+    """Every task's main score (sorted by name), then the average."""
+    tasks = sorted({m for r in runs for m in task_scores(r)})
+    columns = [Column(m, m.removeprefix("eval/")) for m in tasks]
+    if any(AVG in r.metrics for r in runs):
+        columns.append(Column(AVG, "Avg"))
     return columns
 
 

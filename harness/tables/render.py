@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Callable
 
 from harness.tables.ablation import (
@@ -83,11 +84,12 @@ def notes(table: AblationTable) -> list[str]:
         f"{axis_title(a)} in {{{v}}}" for a, v in zip(table.replicate_axes, seed_values)
     )
     metrics = {c.metric for c in table.columns}
-    meaning = (
-        ["the mteb category means (eval/<Category>)"]
-        if any(m not in (AVG, HELDOUT) for m in metrics)
-        else []
+    what = (
+        "the mteb category means (eval/<Category>)"
+        if table.kind == "ablation"
+        else "each task's mteb main score (eval/<Task>)"
     )
+    meaning = [what] if any(m not in (AVG, HELDOUT) for m in metrics) else []
     if AVG in metrics:
         meaning.append("Avg = the mean over all tasks (eval/avg)")
     if HELDOUT in metrics:
@@ -195,7 +197,7 @@ def markdown(table: AblationTable) -> str:
     n_label = len(table.row_axes) or 1
     align = [":--"] * n_label + ["--:"] * (len(header) - n_label)
     lines = [
-        f"# {table.experiment}: ablation",
+        f"# {table.experiment}: {_what(table)}",
         "",
         "| " + " | ".join(_md_escape(h) for h in header) + " |",
         "|" + "|".join(align) + "|",
@@ -302,7 +304,9 @@ def latex(table: AblationTable) -> str:
     lines += [
         "\\bottomrule",
         "\\end{tabular}",
-        f"\\caption{{{latex_escape(table.experiment)}: ablation (scores $\\times$100, mean $\\pm$ std over seeds).}}",
+        f"\\caption{{{latex_escape(table.experiment)}: {_what(table)}"
+        " (scores $\\times$100, mean $\\pm$ std over seeds).}",
+        f"\\label{{tab:{_label(table)}}}",
         "\\par\\smallskip",
         "{\\footnotesize",
     ]
@@ -312,9 +316,20 @@ def latex(table: AblationTable) -> str:
 
 
 def render_all(table: AblationTable) -> dict[str, str]:
-    """File name -> text for the three table formats."""
+    """File name -> text for the three table formats (``ablation.*`` or ``tasks.*``)."""
     return {
-        "ablation.md": markdown(table),
-        "ablation.csv": csv_text(table),
-        "ablation.tex": latex(table),
+        f"{table.kind}.md": markdown(table),
+        f"{table.kind}.csv": csv_text(table),
+        f"{table.kind}.tex": latex(table),
     }
+
+
+def _what(table: AblationTable) -> str:
+    return (
+        "ablation" if table.kind == "ablation" else "per-task scores (each task's mteb main score)"
+    )
+
+
+def _label(table: AblationTable) -> str:
+    """A LaTeX label from the experiment name: ``tab:<name>-<kind>``, letters, digits and dashes."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", f"{table.experiment}-{table.kind}").strip("-").lower()

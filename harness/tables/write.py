@@ -57,7 +57,8 @@ def write_tables(
     out.mkdir(parents=True, exist_ok=True)
 
     files = []
-    for name, text in render_all(table).items():
+    per_task = build_table(collected, where, per_task=True)
+    for name, text in {**render_all(table), **render_all(per_task)}.items():
         (out / name).write_text(text, encoding="utf-8")
         files.append(out / name)
     long = long_frame(collected)
