@@ -313,8 +313,7 @@ def test_rerun_is_byte_identical_and_logged_to_the_parent(written, store: dict) 
             "tasks.tex",
             "long.parquet",
             "long.csv",
-            "loss.png",
-            "scores.png",
+            *(f"{plot}.{fmt}" for plot in ("loss", "scores") for fmt in ("png", "pdf", "svg")),
         ]
     )
     first = {p.name: p.read_bytes() for p in result.files}

@@ -1,8 +1,8 @@
 """The two figures of an ablation: training loss per variant, and the main score per variant.
 
 Figures are drawn on matplotlib's Agg canvas without pyplot (no global state, no display needed),
-at a fixed size and dpi, and saved without the ``Software`` PNG text chunk, so the same runs always
-give the same bytes.
+at a fixed size and dpi, and saved as PNG plus vector PDF and SVG twins (for papers) without
+creation dates, software tags or random SVG ids, so the same runs always give the same bytes.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from matplotlib import rc_context
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -18,13 +19,29 @@ from harness.tables.ablation import AblationTable
 from harness.tables.render import SCALE
 
 FIGSIZE = (6.4, 4.0)
-DPI = 150
-PNG_METADATA: dict[str, str | None] = {"Software": None}
+DPI = 300
+METADATA: dict[str, dict[str, str | None]] = {  # what would change between identical runs
+    "png": {"Software": None},
+    "pdf": {"Creator": None, "Producer": None, "CreationDate": None},
+    "svg": {"Creator": None, "Date": None},
+}
+VECTOR_FORMATS = ("pdf", "svg")
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, format="png", dpi=DPI, metadata=PNG_METADATA)
+    """``path`` (PNG) and its PDF and SVG twins beside it; returns the PNG."""
+    with rc_context({"svg.hashsalt": "harness", "pdf.compression": 6}):
+        for fmt, target in (
+            ("png", path),
+            *((f, path.with_suffix(f".{f}")) for f in VECTOR_FORMATS),
+        ):
+            fig.savefig(target, format=fmt, dpi=DPI, metadata=METADATA[fmt])
     return path
+
+
+def over_seeds(counts: Sequence[int]) -> str:
+    """What the bars and bands show: "mean ± std over seeds", or "one seed" when every n is 1."""
+    return "one seed each (no spread)" if max(counts, default=0) <= 1 else "mean ± std over seeds"
 
 
 def mean_curve(
@@ -64,7 +81,7 @@ def loss_plot(
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (InfoNCE)")
-    ax.set_title(f"{table.experiment}: training loss, mean ± std over seeds")
+    ax.set_title(f"{table.experiment}: training loss, {over_seeds([len(hs) for _, hs in curves])}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return _save(fig, path)
@@ -88,10 +105,19 @@ def score_plot(table: AblationTable, path: Path) -> Path | None:
         SCALE * row.std.get(main.metric, 0.0) if row.count[main.metric] > 1 else 0.0 for row in rows
     ]
     colors = ["0.6" if row is base else "C0" for row in rows]
-    ax.bar(x, heights, yerr=errors if any(errors) else None, capsize=4, color=colors)
+    best = max(heights)
+    edges = ["black" if h == best and len(rows) > 1 else "none" for h in heights]
+    ax.bar(
+        x, heights, yerr=errors if any(errors) else None, capsize=4, color=colors,
+        edgecolor=edges, linewidth=1.5,
+    )  # fmt: skip
     labels = [f"{row.label.replace(' / ', chr(10))}\n(n={row.count[main.metric]})" for row in rows]
     ax.set_xticks(x, labels, fontsize="small")
-    ax.set_title(f"{table.experiment}: {main.title}, mean ± std over seeds (grey: baseline)")
+    counts = [row.count[main.metric] for row in rows]
+    ax.set_title(
+        f"{table.experiment}: {main.title}, {over_seeds(counts)}\n(grey: baseline; outlined: best mean)",
+        fontsize="medium",
+    )
     ax.grid(axis="y", alpha=0.3)
     low = min(h - e for h, e in zip(heights, errors))
     high = max(h + e for h, e in zip(heights, errors))

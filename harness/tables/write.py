@@ -11,7 +11,7 @@ from harness.config import Experiment
 from harness.tables.ablation import AblationTable, build_table
 from harness.tables.collect import collect
 from harness.tables.export import long_frame
-from harness.tables.plots import loss_plot, score_plot
+from harness.tables.plots import VECTOR_FORMATS, loss_plot, score_plot
 from harness.tables.render import render_all
 
 ARTIFACT_DIR = "tables"  # under the parent (sweep) run
@@ -69,10 +69,12 @@ def write_tables(
         PLOTS,
         (loss_plot(table, collected.losses, out / PLOTS[0]), score_plot(table, out / PLOTS[1])),
     ):
+        twins = [(out / name).with_suffix(f".{fmt}") for fmt in VECTOR_FORMATS]
         if made is None:
-            (out / name).unlink(missing_ok=True)  # a stale plot from an earlier call would mislead
+            for stale in (out / name, *twins):  # a stale plot from an earlier call would mislead
+                stale.unlink(missing_ok=True)
         else:
-            files.append(made)
+            files += [made, *twins]
 
     parent = collected.parent_run_id if log_to_mlflow else None
     if parent is not None:
