@@ -116,8 +116,8 @@ def generate(
     """Synthesize a graded corpus (MGH) over an OpenAI-compatible endpoint; rerun to resume."""
 
     def go() -> None:
+        from synth.assemble import summary_lines
         from synth.generate import generate as run_generate
-        from synth.generate import summary_lines
         from synth.synth_config import load_synth_config
 
         try:

@@ -16,76 +16,45 @@ per request instead: the query, then its positive (given the query), then each l
 (given the query). Later requests depend on earlier answers, so the examples go in chunks (queries,
 positives, negatives of one chunk, then the next) and each key also hashes the text it was given:
 a rerun rebuilds the same plans from the journal and requests nothing twice.
+
+Here the requests run (endpoint, concurrency, budget, progress); the plan is :mod:`synth.plan`, the
+``fields`` state machine :mod:`synth.fields`, the corpus built from the journal :mod:`synth.assemble`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import os
-import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from synth.answers import (
-    DUPLICATE_POSITIVE,
-    DUPLICATE_QUERY,
-    EXAMPLE_SCHEMA,
-    NEGATIVE_EQUALS_POSITIVE,
-    NEGATIVE_EQUALS_QUERY,
-    QUERY_EQUALS_POSITIVE,
-    TASKS_SCHEMA,
-    Example,
-    Rejected,
-    parse_example,
-    parse_field,
-    parse_tasks,
-    same_text,
-    validate_example,
+from synth.assemble import (
+    GenerateResult,
+    build_corpus,
+    check_answer,
+    journal_usage,
+    json_candidates,
 )
-from synth.corpus import SYNTH_SUBTASKS, Corpus, RowBuilder, check_output_folder, write_corpus
+from synth.corpus import check_output_folder
+from synth.fields import field_candidates, field_examples
 from synth.journal import Journal
 from synth.llm import ChatClient, EndpointError, Usage
 from synth.locks import exclusive
+from synth.plan import Request, brainstorm_plan, generate_plan, response_format, task_pools
 from synth.server import local_server
 from synth.synth_config import SynthConfig, SynthConfigError
-from synth.templates import LEVELS, FieldPrompts, PromptSet, text_sha256
+from synth.templates import FieldPrompts, PromptSet
 
-Stage = Literal["brainstorm", "generate", "query", "positive", "negative"]
 JOURNAL_FILE = "journal.jsonl"
 LOCK_FILE = "generate.lock"
-REJECTS_FILE = "rejects.jsonl"
-
-
-@dataclass(frozen=True)
-class Request:
-    stage: Stage
-    subtask: str
-    index: int
-    task: str | None
-    prompt: str  # the template version
-    key: str
-    messages: list[dict[str, str]] = field(compare=False, hash=False)
-    level: int | None = None  # a `stage2: fields` negative's level
-    echoes: tuple[str, ...] = field(default=(), compare=False, hash=False)  # see parse_field
-    given: tuple[str, ...] = field(
-        default=(), compare=False, hash=False
-    )  # texts a `fields` request was given
-
-    @property
-    def seed(self) -> int:
-        """Per-request sampling seed for endpoints that honour one (derived from the key)."""
-        return int(self.key[:8], 16)
 
 
 @dataclass(frozen=True)
@@ -112,254 +81,6 @@ class RunState:
     retries: int = 0
     stopped: str | None = None
     deadline: float | None = None  # time.monotonic() after which no new request starts
-
-
-def request_key(
-    stage: Stage,
-    model_id: str,
-    prompt: str,
-    subtask: str,
-    task: str | None,
-    index: int,
-    seed: int,
-    *context: object,
-) -> str:
-    """The journal key; ``context`` (the text a `fields` request was given, its level) joins the hash."""
-    payload = json.dumps(
-        [stage, model_id, prompt, subtask, task, index, seed, *context], ensure_ascii=False
-    )
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
-
-
-def subtasks_of(config: SynthConfig) -> list[str]:
-    return [s for s in SYNTH_SUBTASKS if config.tasks.examples.get(s, 0) > 0]
-
-
-def task_kind(subtask: str) -> str:
-    return "symmetric" if subtask == "sts" else "asymmetric"
-
-
-def brainstorm_plan(config: SynthConfig, prompts: PromptSet, model_id: str) -> list[Request]:
-    return [
-        Request(
-            stage="brainstorm",
-            subtask=subtask,
-            index=i,
-            task=None,
-            prompt=prompts.brainstorm,
-            key=request_key(
-                "brainstorm", model_id, prompts.brainstorm, subtask, None, i, config.tasks.seed
-            ),
-            messages=prompts.brainstorm_messages(subtask),
-        )
-        for subtask in subtasks_of(config)
-        for i in range(config.tasks.brainstorm_requests)
-    ]
-
-
-def task_pools(
-    config: SynthConfig, stage1: list[Request], journal: dict[str, dict[str, Any]]
-) -> dict[str, list[str]]:
-    """Unique task descriptions per subtask: the given ones, then the brainstormed ones in plan
-    order (not arrival order, so the pool is the same whatever order answers came in)."""
-    pools: dict[str, list[str]] = {
-        s: list(dict.fromkeys(config.tasks.given.get(s, []))) for s in subtasks_of(config)
-    }
-    for request in stage1:
-        record = journal.get(request.key)
-        if record is None:
-            continue
-        try:
-            tasks = parse_tasks(
-                record["content"],
-                config.validation,
-                truncated=record.get("finish_reason") == "length",
-            )
-        except Rejected:
-            continue
-        seen = {t.casefold() for t in pools[request.subtask]}
-        pools[request.subtask] += [
-            t for t in tasks if t.casefold() not in seen and not seen.add(t.casefold())
-        ]
-    return pools
-
-
-def generate_plan(
-    config: SynthConfig, prompts: PromptSet, model_id: str, pools: dict[str, list[str]]
-) -> list[Request]:
-    """Stage-2 requests: tasks drawn with replacement from each pool by a per-subtask seeded RNG,
-    interleaved across subtasks so a run stopped by its budget still covers every subtask."""
-    plan = []
-    for subtask, pool in pools.items():
-        if not pool:
-            continue
-        rng = random.Random(f"{config.tasks.seed}/{subtask}")
-        for i in range(config.tasks.examples[subtask]):
-            task = rng.choice(pool)
-            plan.append(
-                Request(
-                    stage="generate",
-                    subtask=subtask,
-                    index=i,
-                    task=task,
-                    prompt=prompts.generate,
-                    key=request_key(
-                        "generate", model_id, prompts.generate, subtask, task, i, config.tasks.seed
-                    ),
-                    messages=prompts.generate_messages(subtask, task),
-                )
-            )
-    return sorted(plan, key=lambda r: (r.index, SYNTH_SUBTASKS.index(r.subtask)))
-
-
-def field_answer(config: SynthConfig, request: Request, record: dict[str, Any]) -> str:
-    """The cleaned text of a `fields` answer, or :class:`Rejected` (also when it repeats the query
-    or the positive it was given: a small model often copies its input)."""
-    name = request.stage if request.level is None else f"negative level {request.level}"
-    text = parse_field(
-        record["content"],
-        config.validation,
-        request.echoes,
-        field=name,
-        truncated=record.get("finish_reason") == "length",
-    )
-    for given, reason in zip(request.given, FIELD_EQUALS[request.stage]):
-        if same_text(text, given):
-            raise Rejected(reason, name)
-    return text
-
-
-# What a `fields` text must not equal: the texts it was given, in Request.given order.
-FIELD_EQUALS = {
-    "query": (),
-    "positive": (QUERY_EQUALS_POSITIVE,),
-    "negative": (NEGATIVE_EQUALS_QUERY, NEGATIVE_EQUALS_POSITIVE),
-}
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One text of a `fields` example: its attempts so far and, once one is accepted, its text.
-    A rejected answer is asked again (a new key, so a new sample) up to ``stage2_attempts`` times."""
-
-    requests: tuple[Request, ...]
-    text: str | None  # the accepted text
-    rejected: tuple[tuple[Request, Rejected, str], ...]  # (attempt, why, raw answer)
-    pending: bool  # the last attempt is not answered yet
-
-    @property
-    def exhausted(self) -> bool:
-        return self.text is None and not self.pending
-
-
-def _slot(
-    config: SynthConfig, attempt: Callable[[int], Request], records: dict[str, dict[str, Any]]
-) -> Slot:
-    requests: list[Request] = []
-    rejected: list[tuple[Request, Rejected, str]] = []
-    for n in range(config.stage2_attempts):
-        request = attempt(n)
-        requests.append(request)
-        record = records.get(request.key)
-        if record is None:
-            return Slot(tuple(requests), None, tuple(rejected), pending=True)
-        try:
-            return Slot(
-                tuple(requests),
-                field_answer(config, request, record),
-                tuple(rejected),
-                pending=False,
-            )
-        except Rejected as e:
-            rejected.append((request, e, record["content"]))
-    return Slot(tuple(requests), None, tuple(rejected), pending=False)
-
-
-@dataclass(frozen=True)
-class FieldExample:
-    """The texts of one `stage2: fields` example as far as its answers allow: the query, then
-    (once it is accepted) the positive, then (once that is accepted) the 4 negatives."""
-
-    slots: tuple[Slot, ...]
-
-    def requests(self) -> list[Request]:
-        return [r for slot in self.slots for r in slot.requests]
-
-
-def field_examples(
-    config: SynthConfig,
-    fields: FieldPrompts,
-    model_id: str,
-    examples: list[Request],
-    records: dict[str, dict[str, Any]],
-) -> list[FieldExample]:
-    """Each planned example's requests given the journal. Keys hash the query a request was given
-    and, for a repeat, its attempt number, so the plan is the same on every rerun."""
-    seed, version = config.tasks.seed, fields.fields
-
-    def make(
-        step: Stage, ex: Request, given: tuple[str, ...] = (), level: int | None = None
-    ) -> Callable[[int], Request]:
-        sub, task = ex.subtask, ex.task
-        assert task is not None
-        context = [*given[:1], *([level] if level is not None else [])]
-        query = given[0] if given else None
-        return lambda n: Request(
-            stage=step,
-            subtask=sub,
-            index=ex.index,
-            task=task,
-            prompt=version,
-            level=level,
-            key=request_key(
-                step, model_id, version, sub, task, ex.index, seed, *context, *([n] if n else [])
-            ),
-            messages=fields.messages(step, sub, task, query, level),
-            echoes=tuple(fields.echoes(step, sub, level)),
-            given=given,
-        )
-
-    out = []
-    for ex in examples:
-        query = _slot(config, make("query", ex), records)
-        if query.text is None:
-            out.append(FieldExample((query,)))
-            continue
-        positive = _slot(config, make("positive", ex, (query.text,)), records)
-        if positive.text is None:
-            out.append(FieldExample((query, positive)))
-            continue
-        negatives = [
-            _slot(config, make("negative", ex, (query.text, positive.text), level), records)
-            for level in LEVELS
-        ]
-        out.append(FieldExample((query, positive, *negatives)))
-    return out
-
-
-def response_format(config: SynthConfig, stage: Stage) -> dict[str, Any] | None:
-    mode = config.endpoint.response_format
-    if stage in ("query", "positive", "negative"):
-        return None  # plain text
-    if mode == "json_schema":
-        return TASKS_SCHEMA if stage == "brainstorm" else EXAMPLE_SCHEMA
-    if mode == "json_object":
-        return {"type": "json_object"}
-    return None
-
-
-def check_answer(config: SynthConfig, request: Request, record: dict[str, Any]) -> Rejected | None:
-    truncated = record.get("finish_reason") == "length"
-    try:
-        if request.stage == "brainstorm":
-            parse_tasks(record["content"], config.validation, truncated=truncated)
-        elif request.stage == "generate":
-            parse_example(record["content"], config.validation, truncated=truncated)
-        else:
-            field_answer(config, request, record)
-    except Rejected as e:
-        return e
-    return None
 
 
 @contextmanager
@@ -560,23 +281,6 @@ async def _stage(
         await client.close()
 
 
-def journal_usage(records: dict[str, dict[str, Any]]) -> Usage:
-    usage = Usage()
-    for r in records.values():
-        usage.add(
-            int(r.get("prompt_tokens") or 0),
-            int(r.get("completion_tokens") or 0),
-            estimated=bool(r.get("usage_estimated")),
-        )
-    return usage
-
-
-@dataclass(frozen=True)
-class GenerateResult:
-    corpus: Corpus
-    complete: bool  # every planned request answered (no failures, no budget stop)
-
-
 def generate(
     config: SynthConfig, *, progress: bool = True, console: Console | None = None
 ) -> GenerateResult:
@@ -668,246 +372,3 @@ def _run_fields(
                 )
                 if state.stopped is not None:
                     return
-
-
-# (request, its example or why not, the raw answer, whether it settles an example: a rejected
-# `fields` text that is asked again does not)
-Candidate = tuple[Request, "Example | Rejected", str, bool]
-
-
-def json_candidates(
-    config: SynthConfig, stage2: list[Request], records: dict[str, dict[str, Any]]
-) -> Iterator[Candidate]:
-    """Each answered stage-2 request's example (one JSON answer each)."""
-    for request in stage2:
-        record = records.get(request.key)
-        if record is None:
-            continue
-        try:
-            yield (
-                request,
-                parse_example(
-                    record["content"],
-                    config.validation,
-                    truncated=record.get("finish_reason") == "length",
-                ),
-                record["content"],
-                True,
-            )
-        except Rejected as e:
-            yield request, e, record["content"], True
-
-
-def field_candidates(
-    config: SynthConfig, examples: list[FieldExample], records: dict[str, dict[str, Any]]
-) -> Iterator[Candidate]:
-    """Every rejected `fields` text, and each example once settled: its texts validated together,
-    or rejected with the reason of a text that used up its attempts."""
-    for ex in examples:
-        settled = False  # the 4 negatives are asked together: two may use up their attempts
-        for slot in ex.slots:
-            for n, (request, why, raw) in enumerate(slot.rejected, start=1):
-                settles = slot.exhausted and n == len(slot.rejected) and not settled
-                settled |= settles
-                yield request, why, raw, settles
-        if any(slot.pending or slot.exhausted for slot in ex.slots) or len(ex.slots) != 2 + len(
-            LEVELS
-        ):
-            continue
-        texts = [slot.text or "" for slot in ex.slots]
-        raw = json.dumps(
-            {"query": texts[0], "positive": texts[1], "negatives": texts[2:]}, ensure_ascii=False
-        )
-        first = replace(ex.slots[0].requests[-1], stage="generate")  # the example as a whole
-        try:
-            yield (
-                first,
-                validate_example(
-                    Example(query=texts[0], positive=texts[1], negatives=texts[2:]),
-                    config.validation,
-                ),
-                raw,
-                True,
-            )
-        except Rejected as e:
-            yield first, e, raw, True
-
-
-def build_corpus(
-    config: SynthConfig,
-    prompts: PromptSet,
-    endpoint: Endpoint,
-    stage1: list[Request],
-    stage2: list[Request],
-    candidates: Iterable[Candidate],
-    pools: dict[str, list[str]],
-    records: dict[str, dict[str, Any]],
-    state: RunState,
-    *,
-    seconds: float,
-    complete: bool,
-) -> Corpus:
-    """Validate every journaled answer of the plan, dedup, write the corpus and ``rejects.jsonl``."""
-    rows, rejects = RowBuilder(), []
-    reasons: Counter[str] = Counter()
-
-    def reject(request: Request, reason: str, detail: str, raw: str) -> None:
-        reasons[f"{request.stage}/{reason}"] += 1
-        rejects.append(
-            {
-                "key": request.key,
-                "stage": request.stage,
-                "subtask": request.subtask,
-                "index": request.index,
-                "task": request.task,
-                "reason": reason,
-                "detail": detail,
-                "raw": raw,
-            }
-        )
-
-    for request in stage1:
-        record = records.get(request.key)
-        if record is not None and (error := check_answer(config, request, record)) is not None:
-            reject(request, error.reason, error.detail, record["content"])
-    queries: set[str] = set()
-    positives: set[str] = set()
-    resolved = 0  # examples with every answer in (accepted or not)
-    for request, example, raw, settles in candidates:
-        resolved += settles
-        if isinstance(example, Rejected):
-            reject(request, example.reason, example.detail, raw)
-            continue
-        if example.query in queries:
-            reject(request, DUPLICATE_QUERY, "", raw)
-            continue
-        if example.positive in positives:
-            reject(request, DUPLICATE_POSITIVE, "", raw)
-            continue
-        queries.add(example.query)
-        positives.add(example.positive)
-        assert request.task is not None
-        rows.add(
-            source="synthetic",
-            task_kind=task_kind(request.subtask),
-            subtask=request.subtask,
-            instruction=request.task,
-            query=example.query,
-            positive=example.positive,
-            negatives=example.negatives,
-        )
-    config.output.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(config.output / REJECTS_FILE, rejects)
-    examples_planned = sum(config.tasks.examples[s] for s in pools if pools[s])
-    times = sorted(r["time"] for r in records.values() if "time" in r)
-    build = {
-        "kind": "synthesis",
-        "method": "MGH (two stages: brainstorm tasks, then query/positive/4 graded negatives)",
-        "stage2": config.stage2,  # json: one JSON answer per example; fields: one text per request
-        "endpoint": {
-            "base_url": endpoint.base_url,
-            "model": endpoint.model_id,
-            "response_format": config.endpoint.response_format,
-        },
-        "local_server": config.server.model_dump() if config.server else None,
-        "prompts": {
-            **prompts.versions(),
-            **(
-                {
-                    "fields": {
-                        "version": config.prompts.fields,
-                        "sha256": text_sha256(config.prompts.fields),
-                    }
-                }
-                if config.stage2 == "fields"
-                else {}
-            ),
-        },
-        "sampling": config.sampling.model_dump(),
-        "tasks": config.tasks.model_dump(),
-        "concurrency": config.concurrency,
-        "negative_levels": "neg_1 hard (most similar to the query), neg_2/neg_3 medium, neg_4 easy",
-    }
-    extra = {
-        "requests": {
-            "brainstorm": {
-                "planned": len(stage1),
-                "answered": sum(r.key in records for r in stage1),
-            },
-            "generate": {"planned": examples_planned, "answered": resolved},
-            **(
-                {
-                    "texts": {
-                        step: {
-                            "planned": sum(r.stage == step for r in stage2),
-                            "answered": sum(r.stage == step and r.key in records for r in stage2),
-                        }
-                        for step in ("query", "positive", "negative")
-                    }
-                }
-                if config.stage2 == "fields"
-                else {}
-            ),
-            "failed_this_run": state.failed,
-            "failures_this_run": dict(sorted(state.failures.items())),
-            "last_error": state.last_error,
-            "retries_this_run": state.retries,
-        },
-        "task_pool_sizes": {subtask: len(pool) for subtask, pool in pools.items()},
-        "rejects": dict(sorted(reasons.items())),
-        "acceptance_rate": round(len(rows.rows) / resolved, 4) if resolved else None,
-        "timing": {
-            "this_run_s": round(seconds, 1),
-            "first_answer": times[0] if times else None,
-            "last_answer": times[-1] if times else None,
-        },
-        "stopped": state.stopped,
-        "complete": complete,  # every planned request answered (else a rerun resumes it)
-    }
-    return write_corpus(
-        rows.frame(),
-        config.output,
-        name=config.name,
-        build=build,
-        usage=state.usage.report(config.budget),
-        extra=extra,
-    )
-
-
-def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def summary_lines(result: GenerateResult) -> list[str]:
-    """What a user wants to see after a run: rows, tokens and cost, rejects, and whether it is done."""
-    m = result.corpus.manifest
-    usage, requests = m["usage"], m["requests"]
-    answered, planned = requests["generate"]["answered"], requests["generate"]["planned"]
-    lines = [
-        (
-            f"{m['counts']['rows']} rows -> {result.corpus.path}  ({answered}/{planned} examples answered,"
-            f" acceptance {m['acceptance_rate']})"
-        ),
-        (
-            f"tokens {usage['total_tokens']:,} (in {usage['prompt_tokens']:,}, out {usage['completion_tokens']:,}),"
-            f" estimated cost ${usage['estimated_cost_usd']:.4f}"
-            + (f" (tokens {usage['token_count']})" if usage.get("estimated_requests") else "")
-        ),
-    ]
-    if m["rejects"]:
-        lines.append("rejects: " + ", ".join(f"{k} {v}" for k, v in m["rejects"].items()))
-    if requests["failed_this_run"]:
-        kinds = ", ".join(f"{k} {v}" for k, v in requests["failures_this_run"].items())
-        lines.append(
-            f"{requests['failed_this_run']} request(s) failed ({kinds}); "
-            f"last error: {requests['last_error']}"
-        )
-    if not result.complete:
-        lines.append(
-            f"incomplete: {m['stopped'] or 'some requests failed (run again to retry them)'}"
-        )
-    return lines

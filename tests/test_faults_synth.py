@@ -48,9 +48,10 @@ from harness.cli import app as harness_app
 from harness.config import load_experiment
 from harness.corpora import load_corpus
 from synth.answers import INVALID_UNICODE, Rejected, parse_example
+from synth.assemble import REJECTS_FILE
 from synth.cli import app
 from synth.corpus import Corpus, read_corpus
-from synth.generate import JOURNAL_FILE, REJECTS_FILE, generate
+from synth.generate import JOURNAL_FILE, generate
 from synth.journal import Journal
 from synth.server import command
 from synth.synth_config import LocalServer, SynthConfig, Validation, load_synth_config

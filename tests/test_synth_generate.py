@@ -24,17 +24,12 @@ from synth_servers import good_with as _with
 from synth_servers import synth_config_file as _config
 
 from synth.answers import Rejected, parse_example, parse_field, parse_tasks
+from synth.assemble import REJECTS_FILE
 from synth.corpus import read_corpus
-from synth.generate import (
-    JOURNAL_FILE,
-    REJECTS_FILE,
-    FieldExample,
-    Request,
-    Slot,
-    field_candidates,
-    generate,
-)
+from synth.fields import FieldExample, Slot, field_candidates
+from synth.generate import JOURNAL_FILE, generate
 from synth.journal import Journal
+from synth.plan import Request
 from synth.synth_config import SynthConfigError, Validation, load_synth_config
 
 pytestmark = pytest.mark.faults
