@@ -30,8 +30,9 @@ from harness.tracking import LEVEL_ORDER
 from synth.corpus import Corpus
 
 # Reserved result keys (everything else in a result is a metric).
-KIND = "harness/kind"  # "step" (a training step) or "final"
+KIND = "harness/kind"  # "step" (a training step), "note" (a progress line) or "final"
 STEP = "harness/step"
+NOTE = "harness/note"  # the text of a "note" report
 TAGS = "harness/tags"
 ARTIFACTS = "harness/artifacts"  # tar bytes, popped by the driver before Ray stores the result
 INLINE_ARTIFACT_LIMIT = 256 * 2**20  # bigger artifacts stay on the worker; a tag says where
@@ -65,6 +66,7 @@ class TrialContext:
     key: str
     workdir: Path  # this trial's folder on the node it runs on
     report: Callable[[int, Mapping[str, float]], None]  # stream metrics of one training step
+    say: Callable[[str], None] = print  # a progress line for the driver to print (evaluation)
     # use a finished training an earlier attempt of this trial left in ``workdir`` (it failed
     # later, e.g. in evaluation) instead of training again; off for `harness sweep --no-resume`
     reuse_training: bool = True
@@ -150,7 +152,12 @@ def train_and_evaluate(exp: Experiment, corpus: Corpus, ctx: TrialContext) -> Tr
         embedder = Embedder.load(result.model_dir)
         # The driver prints the trial's progress; a worker's own lines would interleave with it.
         evaluated = evaluate_embedder(
-            embedder, exp.eval, output_dir=ctx.workdir / "mteb", name=name, progress=False
+            embedder,
+            exp.eval,
+            output_dir=ctx.workdir / "mteb",
+            name=name,
+            progress=False,
+            on_task=ctx.say,
         )
         out.metrics.update(
             {k if k.startswith("eval/") else f"eval/{k}": v for k, v in evaluated.metrics.items()}
@@ -186,9 +193,14 @@ def run_trial(
     def report(step: int, metrics: Mapping[str, float]) -> None:
         tune.report({KIND: "step", STEP: int(step), **metrics, **sample()})
 
+    def say(line: str) -> None:
+        tune.report({KIND: "note", NOTE: line})
+
     started = time.time()
     output = (trial_fn or train_and_evaluate)(
-        spec.exp, corpus, TrialContext(spec.label, spec.key, workdir, report, reuse_training)
+        spec.exp,
+        corpus,
+        TrialContext(spec.label, spec.key, workdir, report, say, reuse_training=reuse_training),
     )
     ended = time.time()
     broken = sorted(k for k, v in output.metrics.items() if not math.isfinite(float(v)))

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,13 +49,15 @@ def evaluate_embedder(
     data_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    on_task: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """Score ``embedder`` on ``eval_settings``' suite and tasks with mteb.
 
     ``name`` (default ``embedder.name``) keys mteb's result cache: give each trained model its own
     (e.g. the trial key) so that two models never share cached results. ``data_dir`` replaces
     ``${NM_SHARED_DATA}`` in local task paths. Named tasks whose Hub data is out of reach fail
-    before any model work starts.
+    before any model work starts. ``on_task`` gets one line per finished task ("task k/n NAME:
+    score, seconds, ETA"): a trial sends it to the driver, which prints it.
     """
     tasks = resolve_tasks(
         task_entries(eval_settings), data=data_dir, max_docs=eval_settings.max_docs
@@ -116,6 +118,13 @@ def evaluate_embedder(
                 note=getattr(task, "note", ""),
             )
             rows.append(row)
+            if on_task is not None:
+                spent = sum(r.seconds for r in rows)
+                eta = spent / i * (len(tasks) - i)
+                on_task(
+                    f"evaluated {label} ({row.main_score} {row.score:.4f}, "
+                    f"{row.seconds:.0f} s; ETA {eta:.0f} s)"
+                )
             if progress:
                 _say(
                     f"{label}: {row.main_score} {row.score:.4f} ({row.seconds:.0f} "
