@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from harness.config import Pooling
 
 app = typer.Typer(
     add_completion=False,
@@ -32,7 +34,10 @@ ExperimentArg = Annotated[Path, typer.Argument(help="Experiment YAML file.", sho
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--set", help="Override a field: --set train.lr=1e-4 (repeatable).", show_default=False
+        "--set",
+        metavar="FIELD=VALUE",
+        help="Override a field: --set train.lr=1e-4 (repeatable).",
+        show_default=False,
     ),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show library logs.")]
@@ -43,14 +48,13 @@ ModelOrRunArg = Annotated[
     ),
 ]
 # How an untrained base model embeds (a saved model or run carries its own settings)
-PoolingOpt = Annotated[
-    str, typer.Option(help="Pooling for an untrained base model: eos, mean or ata.")
-]
+PoolingOpt = Annotated[Pooling, typer.Option(help="Pooling for an untrained base model.")]
 AttentionOpt = Annotated[
-    str | None, typer.Option(help="For a base model: native, causal or bidirectional.")
+    Literal["native", "causal", "bidirectional"] | None, typer.Option(help="For a base model.")
 ]
 TemplateOpt = Annotated[
-    str | None, typer.Option(help="For a base model: e5, llm2vec or a custom template.")
+    str | None,
+    typer.Option(metavar="e5|llm2vec|TEMPLATE", help="For a base model: a template with {text}."),
 ]
 InitAdapterOpt = Annotated[
     str | None,
@@ -123,7 +127,8 @@ def train(
     cell: Annotated[
         list[str] | None,
         typer.Option(
-            help="Pick one grid cell: --cell strategy=curriculum,pooling=ata (default: the file's base settings)."
+            metavar="AXIS=VALUE,...",
+            help="Pick one grid cell: --cell strategy=curriculum,pooling=ata (default: the file's base settings).",
         ),
     ] = None,
     set_: SetOpt = None,
@@ -261,11 +266,8 @@ def ui(
 def _base_settings(
     pooling: str, attention: str | None, template: str | None, init_adapter: str | None
 ) -> dict[str, str | None]:
-    """Check the base-model options (before anything loads) and return them as model.* fields."""
-    if pooling not in ("eos", "mean", "ata"):
-        _fail(f"--pooling {pooling!r}: expected eos, mean or ata")
-    if attention not in (None, "native", "causal", "bidirectional"):
-        _fail(f"--attention {attention!r}: expected native, causal or bidirectional")
+    """Check the base-model options (before anything loads) and return them as model.* fields
+    (typer has checked --pooling and --attention against their choices)."""
     if template is not None and template not in ("e5", "llm2vec") and "{text}" not in template:
         _fail(f"--template {template!r}: expected e5, llm2vec or a template with {{text}}")
     return {"attention": attention, "template": template, "init_adapter": init_adapter}
@@ -280,7 +282,9 @@ def eval_(
     ] = None,
     tasks: Annotated[
         list[str] | None,
-        typer.Option("--tasks", help="mteb task name or local folder (repeatable)."),
+        typer.Option(
+            "--tasks", metavar="TASK", help="mteb task name or local folder (repeatable)."
+        ),
     ] = None,
     data_dir: Annotated[
         str | None,

@@ -1,0 +1,304 @@
+"""The sweep's driver: the Ray Tune callback that is the only MLflow writer of trial runs, the
+console progress lines and the closing summary.
+
+:class:`TrackingCallback` runs on the driver and turns the trials' ``tune.report`` results into the
+parent / child run layout of DESIGN.md; :func:`print_plan` and :func:`print_summary` are what the
+sweep prints before and after its trials. ``harness/sweep.py`` plans and runs the sweep.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from rich.console import Console
+from rich.table import Table
+
+from harness.config import Experiment
+from harness.tracking import Tracker, describe_error, redact_text
+from harness.trial import (
+    ARTIFACTS,
+    KIND,
+    STEP,
+    TAGS,
+    TrialSpec,
+    cell_of,
+    trial_spec,
+    unpack_artifacts,
+)
+
+PROGRESS_EVERY_S = 15.0  # one progress line per running trial at most this often
+
+
+@dataclass
+class TrialRecord:
+    label: str
+    key: str
+    status: str  # RUNNING, FINISHED, FAILED, KILLED, SKIPPED
+    run_id: str | None = None
+    seconds: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class SweepSummary:
+    experiment: str
+    tracking_uri: str
+    parent_run_id: str | None
+    records: list[TrialRecord]
+    wall_seconds: float
+    concurrency: int
+    next_command: str = ""  # what to run next (the tables of this experiment), shown last
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.records)
+
+    @property
+    def failed(self) -> int:
+        return sum(r.status in ("FAILED", "KILLED") for r in self.records)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    @property
+    def ideal_seconds(self) -> float:
+        """Sum of trial times divided by the concurrency: the wall time with zero overhead."""
+        ran = [r.seconds for r in self.records if r.seconds is not None and r.status != "SKIPPED"]
+        return sum(ran) / max(1, min(self.concurrency, len(ran))) if ran else 0.0
+
+
+@dataclass
+class Plan:
+    """What a sweep runs and skips (made by ``harness.sweep.make_plan``, shown by print_plan)."""
+
+    pending: list[TrialSpec]
+    skipped: list[TrialSpec]
+    search_samples: int  # Optuna samples still to run (0 for a grid)
+    warm_start: list[Any]  # finished trials fed to Optuna
+
+
+# ---------------------------------------------------------------- the driver's MLflow writer
+
+
+class TrackingCallback(tune.Callback):
+    """Turns trial reports into MLflow child runs; runs on the driver (the store's one writer)."""
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        parent_id: str,
+        base: Experiment,
+        corpus_sha256: str,
+        tags: Mapping[str, str],
+        console: Console,
+    ):
+        self.tracker = tracker
+        self.parent_id = parent_id
+        self.base = base
+        self.corpus_sha256 = corpus_sha256
+        self.tags = dict(tags)
+        self.console = console
+        self.records: dict[str, TrialRecord] = {}  # by Tune trial id
+        self._specs: dict[str, TrialSpec] = {}
+        self._last_step: dict[str, int] = {}
+        self._last_print: dict[str, float] = {}
+        self._first_step: dict[
+            str, tuple[float, int]
+        ] = {}  # trial -> (time, step) of its first step
+        self._started: dict[str, float] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles its run config, callbacks included, for ``Tuner.restore``; this sweep
+        resumes from MLflow instead, so the live client and console stay out of the pickle."""
+        return {**self.__dict__, "tracker": None, "console": None}
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id in self.records:  # a retry (resources.max_failures) continues its run
+            return
+        spec = trial_spec(self.base, cell_of(trial.config), self.corpus_sha256)
+        run_id = self.tracker.start_trial_run(
+            spec.exp,
+            parent_id=self.parent_id,
+            name=spec.label,
+            key=spec.key,
+            cell=spec.cell,
+            tags=self.tags,
+        )
+        self._specs[trial.trial_id] = spec
+        self._started[trial.trial_id] = time.time()
+        self.records[trial.trial_id] = TrialRecord(spec.label, spec.key, "RUNNING", run_id)
+        self.console.print(f"[cyan]start[/] {spec.label} ({spec.key})")
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        record = self.records[trial.trial_id]
+        kind = result.pop(KIND, None)
+        tags = result.pop(TAGS, {})
+        bundle = result.pop(ARTIFACTS, None)  # popped before Ray stores or logs the result
+        metrics = {
+            k: float(v)
+            for k, v in result.items()
+            if "/" in k
+            and not k.startswith("harness/")
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
+        }
+        if kind == "step":
+            step = int(result[STEP])
+            self._last_step[trial.trial_id] = step
+            self.tracker.log_metrics(record.run_id, metrics, step)
+            record.metrics.update(metrics)
+            self._progress(trial.trial_id, step)
+        elif kind == "final":
+            self.tracker.log_metrics(record.run_id, metrics, self._last_step.get(trial.trial_id, 0))
+            self.tracker.set_tags(record.run_id, tags)
+            record.tags.update(tags)
+            if bundle:
+                with tempfile.TemporaryDirectory(prefix="harness-artifacts-") as tmp:
+                    for entry in unpack_artifacts(bundle, Path(tmp)):
+                        if entry.is_dir():
+                            self.tracker.log_artifacts(record.run_id, entry, entry.name)
+                        else:
+                            self.tracker.log_artifacts(record.run_id, entry.parent)
+            record.metrics.update(metrics)
+            record.seconds = metrics.get("trial/seconds")
+
+    def _progress(self, trial_id: str, step: int) -> None:
+        now = time.time()
+        if step == 0:  # metrics of the untrained model (heldout_before): no loss and no rate yet
+            return
+        # the rate counts from the first step reported, so model loading and the untrained model's
+        # held-out score do not inflate it
+        first_time, first_step = self._first_step.setdefault(trial_id, (now, step))
+        if now - self._last_print.get(trial_id, 0.0) < PROGRESS_EVERY_S:
+            return
+        self._last_print[trial_id] = now
+        spec, record = self._specs[trial_id], self.records[trial_id]
+        total = spec.exp.train.steps
+        loss = record.metrics.get("train/loss", math.nan)
+        line = f"  {spec.label}: step {step}/{total}, loss {loss:.4f}"
+        if step > first_step:
+            per_step = (now - first_time) / (step - first_step)
+            line += f", {per_step:.2f} s/step, ETA {per_step * max(total - step, 0):.0f} s"
+        self.console.print(line)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        record = self.records[trial.trial_id]
+        self.tracker.finish_trial(record.run_id)
+        record.status = "FINISHED"
+        if record.seconds is None:
+            record.seconds = time.time() - self._started[trial.trial_id]
+        self.console.print(
+            f"[green]done[/]  {record.label} in {record.seconds:.0f} s {_key_metrics(record)}"
+        )
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        record = self.records.get(trial.trial_id)
+        if record is None:  # failed before it started (e.g. the actor could not be created)
+            self.on_trial_start(iteration, trials, trial)
+            record = self.records[trial.trial_id]
+        record.error = describe_error(_trial_exception(trial))
+        record.status = "FAILED"
+        record.seconds = time.time() - self._started[trial.trial_id]
+        self.tracker.fail_trial(record.run_id, record.error)
+        self.console.print(f"[red]FAILED[/] {record.label}: {record.error}")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Runs still open here were interrupted (Ctrl-C): mark them KILLED, not RUNNING forever."""
+        for record in self.records.values():
+            if record.status == "RUNNING":
+                record.status = "KILLED"
+                self.tracker.client.set_terminated(record.run_id, "KILLED")
+
+
+def _trial_exception(trial: Any) -> BaseException | None:
+    """The exception Tune just saved for ``trial`` on this machine (before it syncs to storage)."""
+    path = trial.pickled_error_file
+    if not path or not Path(path).is_file():
+        return None
+    from ray import cloudpickle
+
+    with open(path, "rb") as f:
+        return cloudpickle.load(f)
+
+
+def _key_metrics(record: TrialRecord) -> str:
+    keys = [k for k in ("heldout/recall_at_1", "eval/avg") if k in record.metrics]
+    return " ".join(f"{k} {record.metrics[k]:.4f}" for k in keys)
+
+
+# ---------------------------------------------------------------- console
+
+
+def print_plan(
+    console: Console, exp: Experiment, plan: Plan, per_trial: Mapping[str, float], concurrency: int
+) -> None:
+    wanted = {k: v for k, v in per_trial.items() if v}
+    n = plan.search_samples if exp.search else len(plan.pending)
+    what = f"{n} Optuna samples toward {exp.search.metric}" if exp.search else f"{n} trials"
+    console.print(
+        f"[bold]plan[/] {exp.name}: {what}, {len(plan.skipped) + len(plan.warm_start)} already finished, "
+        f"resources per trial {wanted}, expected concurrency {concurrency}"
+    )
+    for spec in plan.skipped:
+        console.print(f"  skip {spec.label} ({spec.key}): FINISHED in MLflow")
+    for spec in plan.pending:
+        console.print(f"  run  {spec.label} ({spec.key})")
+
+
+def print_summary(console: Console, summary: SweepSummary) -> None:
+    """The closing table: one row per trial with its status, time and key metrics; errors below."""
+    metric_keys = [
+        "train/loss",
+        *sorted(
+            {
+                k
+                for r in summary.records
+                for k in r.metrics
+                if k.startswith(("heldout/recall", "eval/avg"))
+            }
+        ),
+    ]
+    table = Table(title=f"sweep {summary.experiment}")
+    # short headers; cells fold rather than end in "…" on a narrow terminal or in a file
+    for col in ("trial", "key", "status", "s", *(k.split("/")[-1] for k in metric_keys)):
+        table.add_column(col, overflow="fold")
+    style = {"FINISHED": "green", "FAILED": "red", "KILLED": "red", "SKIPPED": "dim"}
+    for r in summary.records:
+        table.add_row(
+            r.label,
+            r.key,
+            f"[{style.get(r.status, 'default')}]{r.status}[/]",
+            f"{r.seconds:.0f}" if r.seconds is not None else "",
+            *(f"{r.metrics[k]:.4f}" if k in r.metrics else "" for k in metric_keys),
+        )
+    console.print(table)
+    for r in summary.records:
+        if r.error:
+            console.print(f"[red]{r.label}[/]: {r.error}")
+    timing = (
+        f" (sum of trial times / concurrency {summary.concurrency}: {summary.ideal_seconds:.0f} s)"
+        if summary.concurrency
+        else ""
+    )
+    console.print(
+        f"{summary.count('FINISHED')} finished, {summary.failed} failed, {summary.count('SKIPPED')} skipped "
+        f"in {summary.wall_seconds:.0f} s{timing}; MLflow: {redact_text(summary.tracking_uri)}"
+        + (f", parent run {summary.parent_run_id}" if summary.parent_run_id else ""),
+        highlight=False,
+    )
+    if summary.next_command:
+        # soft_wrap: the command stays on one line, copyable, however narrow the terminal
+        console.print(
+            f"next: {summary.next_command}", highlight=False, markup=False, soft_wrap=True
+        )
