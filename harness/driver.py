@@ -57,6 +57,7 @@ class SweepSummary:
     wall_seconds: float
     concurrency: int
     next_command: str = ""  # what to run next (the tables of this experiment), shown last
+    stopped: str | None = None  # why Ray Tune stopped before every trial ended (then exit 1)
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.records)
@@ -67,7 +68,7 @@ class SweepSummary:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed else 0
+        return 1 if self.failed or self.stopped else 0
 
     @property
     def ideal_seconds(self) -> float:
@@ -212,6 +213,17 @@ class TrackingCallback(tune.Callback):
         record.seconds = time.time() - self._started[trial.trial_id]
         self.tracker.fail_trial(record.run_id, record.error)
         self.console.print(f"[red]FAILED[/] {record.label}: {record.error}")
+
+    def abandon(self, reason: str) -> None:
+        """Ray Tune itself stopped (not a trial: e.g. the memory monitor killed one of its
+        workers): the trials still running fail with that reason, so no run stays RUNNING."""
+        for trial_id, record in self.records.items():
+            # RUNNING, or KILLED by on_experiment_end, which Tune calls on its way out
+            if record.status in ("RUNNING", "KILLED") and record.error is None:
+                record.status = "FAILED"
+                record.error = f"the sweep stopped: {reason}"
+                record.seconds = time.time() - self._started[trial_id]
+                self.tracker.fail_trial(record.run_id, record.error)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Runs still open here were interrupted (Ctrl-C): mark them KILLED, not RUNNING forever."""

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 from ray import tune
 from rich.console import Console
+from rich.markup import escape
 
 from harness.config import (
     Experiment,
@@ -51,8 +52,10 @@ from harness.mntp import mntp_builder
 from harness.tracking import (
     CORPUS_SHA,
     GIT_SHA,
+    MAX_ERROR_CHARS,
     SWEEP_KEY,
     Tracker,
+    describe_error,
     git_sha,
     redact_text,
     resolve_uri,
@@ -281,17 +284,27 @@ def run_sweep(
                 },
                 console,
             )
-            _fit(
-                exp,
-                plan,
-                corpus,
-                trial_fn,
-                callback,
-                results_dir,
-                per_trial,
-                init_adapter,
-                reuse_training=resume,
-            )
+            stopped = None
+            try:
+                _fit(
+                    exp,
+                    plan,
+                    corpus,
+                    trial_fn,
+                    callback,
+                    results_dir,
+                    per_trial,
+                    init_adapter,
+                    reuse_training=resume,
+                )
+            except Exception as e:  # Tune itself failed: keep what finished, say so, exit 1
+                stopped = _stop_reason(e)
+                callback.abandon(stopped)
+                console.print(
+                    f"[red]the sweep stopped early[/]: {escape(stopped)}; run the same command "
+                    "again to resume (finished trials are kept)",
+                    highlight=False,
+                )
             records = skipped + list(callback.records.values())
             summary = SweepSummary(
                 exp.name,
@@ -301,10 +314,11 @@ def run_sweep(
                 time.time() - t0,
                 concurrency,
                 tables_command,
+                stopped,
             )
             tracker.end_sweep(
                 parent_id,
-                failed=summary.failed,
+                failed=summary.failed or bool(stopped),
                 metrics={
                     "sweep/wall_seconds": summary.wall_seconds,
                     "sweep/ideal_seconds": summary.ideal_seconds,
@@ -374,6 +388,21 @@ def _fit(
     # Our callback prints progress; Ray's own result tables would bury it.
     with _environ(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0", **env):
         tuner.fit()
+
+
+def _stop_reason(e: BaseException) -> str:
+    """One line saying why Tune stopped: the first exception of the chain whose message is not a
+    formatted traceback (Tune wraps errors in TuneErrors whose message is one)."""
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        lines = str(current).strip().splitlines()
+        if lines and not lines[0].startswith("Traceback"):
+            text = f"{type(current).__name__}: {lines[0]}"
+            return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+    return describe_error(e).splitlines()[0]
 
 
 def _trial_name(trial: Any) -> str:

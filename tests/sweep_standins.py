@@ -86,3 +86,13 @@ def nan_score(exp, corpus, ctx):
     """A trial whose scores come out NaN for ``eos`` (a broken model scored): it must not FINISH."""
     ctx.report(1, {"train/loss": 1.0})
     return TrialOutput(metrics={"eval/avg": float("nan") if exp.model.pooling == "eos" else 0.5})
+
+
+def slow_ata(exp, corpus, ctx):
+    """eos finishes at once; ata keeps running (a second) so the sweep can stop under it."""
+    ctx.report(1, {"train/loss": 1.0})
+    if exp.model.pooling == "ata":
+        time.sleep(1.0)
+        ctx.report(2, {"train/loss": 0.5})
+        time.sleep(30.0)
+    return TrialOutput(metrics={"heldout/recall_at_1": 0.5, "eval/avg": 0.5})

@@ -395,3 +395,55 @@ def test_git_sha_is_dirty_for_code_not_for_results(tmp_path):
     assert git_sha(tmp_path) == sha
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_sha(tmp_path) == sha + "+dirty"
+
+
+@pytest.mark.faults
+def test_a_sweep_that_ray_tune_stops_keeps_its_finished_trials_and_says_so(
+    ray_instance, tmp_path, tiny_corpus_dir, monkeypatch, tally
+):
+    """The memory monitor killed a Tune worker mid-sweep: `tuner.fit` raised "Caught unexpected
+    exception", the driver died with a traceback, no summary, and runs stayed RUNNING. A real OOM
+    kill cannot be produced on demand, so the driver's callback raises that error here while one
+    trial runs (fake); what the driver does with it is real."""
+    from harness.driver import TrackingCallback
+
+    original = TrackingCallback.on_trial_result
+
+    def dies_mid_sweep(self, iteration, trials, trial, result, **info):
+        original(self, iteration, trials, trial, result, **info)
+        if result.get("harness/step") == 2:
+            raise RuntimeError(
+                "Caught unexpected exception: 1 worker(s) were killed due to the node running low on memory.\nmore"
+            )
+
+    monkeypatch.setattr(TrackingCallback, "on_trial_result", dies_mid_sweep)
+    exp = write_experiment(
+        tmp_path,
+        tiny_corpus_dir,
+        "stopped",
+        grid={"pooling": ["eos", "ata"]},
+        resources={"cpus_per_trial": 1, "max_concurrent_trials": 1},
+    )
+    out = io.StringIO()
+    summary = run_sweep(
+        exp,
+        [],
+        trial_fn=sweep_standins.slow_ata,
+        results_dir=tmp_path / "r",
+        console=Console(file=out, width=200),
+    )
+    assert summary.exit_code == 1 and summary.stopped and "running low on memory" in summary.stopped
+    assert {r.label: r.status for r in summary.records} == {"eos": "FINISHED", "ata": "FAILED"}
+    printed = out.getvalue()
+    assert (
+        "the sweep stopped early" in printed and "run the same command again to resume" in printed
+    )
+    assert "Traceback" not in printed
+    statuses = {r.info.run_name: r.info.status for r in runs(tmp_path, "stopped", "trial")}
+    assert statuses == {"eos": "FINISHED", "ata": "FAILED"}  # nothing left RUNNING
+    (parent,) = runs(tmp_path, "stopped", "sweep")
+    assert parent.info.status == "FAILED"
+    monkeypatch.setattr(TrackingCallback, "on_trial_result", original)
+    again = run_sweep(exp, [], trial_fn=sweep_standins.quick, results_dir=tmp_path / "r")
+    assert {r.label: r.status for r in again.records} == {"eos": "SKIPPED", "ata": "FINISHED"}
+    tally(cases=2, faults=1, trials=4)
