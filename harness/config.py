@@ -18,9 +18,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from synth.textfiles import TextFileError, load_yaml, read_text
+from synth.configfile import (
+    ConfigFileError,
+    Strict,
+    expand_env,
+    format_validation,
+    read_mapping,
+    yaml_floats,
+)
 
 STRATEGIES = ("curriculum", "reverse", "random", "level-1", "level-2", "level-3", "level-4", "all")
 POOLINGS = ("eos", "mean", "ata")
@@ -49,13 +56,14 @@ Strategy = Literal[
 Pooling = Literal["eos", "mean", "ata"]
 
 
-class ConfigError(ValueError):
+class ConfigError(ConfigFileError):
     """An experiment file is invalid; the message names the file and the field."""
 
 
-class _Strict(BaseModel):
-    # NaN and infinities are never a valid setting: a NaN lr would train a model of NaNs
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+class _Strict(Strict):
+    # On top of Strict's extra="forbid": NaN and infinities are never a valid setting (a NaN lr
+    # would train a model of NaNs), and assigning to a field validates the value.
+    model_config = ConfigDict(validate_assignment=True, allow_inf_nan=False)
 
 
 class TemplateSpec(_Strict):
@@ -214,8 +222,9 @@ class CorpusSettings(_Strict):
 class EvalSettings(_Strict):
     # A named suite (see `harness suites`) and/or explicit tasks: mteb task names or local folders.
     suite: str | None = None
-    tasks: list[str] = []
-    instructions: dict[str, str] = {}  # per-task query instruction overrides
+    tasks: list[str] = Field(default_factory=list)
+    # per-task query instruction overrides
+    instructions: dict[str, str] = Field(default_factory=dict)
     batch_size: int = Field(32, ge=1)
     max_docs: int | None = Field(None, ge=1)  # cap corpus size of local retrieval tasks (smoke)
     enabled: bool = True
@@ -227,7 +236,7 @@ class MntpSettings(_Strict):
 
     # Plain text to train on: "corpus" (the experiment corpus's own texts) and/or files or folders
     # of .txt (one text per non-empty line) or .jsonl ({"text": ...}), relative to the file.
-    text: list[str] = ["corpus"]
+    text: list[str] = Field(default_factory=lambda: ["corpus"])
     output: str  # the adapter folder, relative to the file; model.init_adapter points here
     attention: Literal["native", "causal", "bidirectional"] = "bidirectional"
     steps: int = Field(1000, ge=1, le=10_000_000)
@@ -285,7 +294,7 @@ class ResourceSettings(_Strict):
     # worker start and the torch/transformers imports (~10 s a trial on a small CPU machine).
     reuse_workers: bool = True
     # Custom Ray resources per trial, e.g. {"accelerator_type:A100": 0.01} or a test's {"fake_gpu": 1}
-    custom: dict[str, float] = {}
+    custom: dict[str, float] = Field(default_factory=dict)
 
 
 class TrackingSettings(_Strict):
@@ -306,7 +315,7 @@ class Experiment(_Strict):
     corpus: CorpusSettings
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()
-    grid: dict[str, list[Any]] = {}
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
     search: SearchSettings | None = None
     eval: EvalSettings = EvalSettings()
     resources: ResourceSettings = ResourceSettings()
@@ -353,8 +362,9 @@ class Experiment(_Strict):
         return out
 
     def resolve_path(self, p: str) -> Path:
-        """A path from the file, relative to the file's folder (or the cwd when from a string)."""
-        path = Path(os.path.expandvars(os.path.expanduser(p)))
+        """A path from the file, relative to the file's folder (or the cwd when from a string);
+        ``${VAR}`` / ``${VAR:-default}`` come from the environment (unset without default: an error)."""
+        path = Path(expand_env(p, f"{self.source or '<experiment>'}: path {p!r}", ConfigError))
         if path.is_absolute() or self.source is None:
             return path
         return Path(self.source).parent / path
@@ -377,23 +387,10 @@ def _field_exists(dotted: str) -> bool:
 # ---------------------------------------------------------------- loading and errors
 
 
-def _format_validation(e: ValidationError, where: str) -> str:
-    lines = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the experiment file reference in README.md)"
-        elif err["type"] == "missing":
-            msg = "required field is missing"
-        inp = err.get("input")
-        shown = (
-            ""
-            if err["type"] in ("missing", "extra_forbidden") or isinstance(inp, dict)
-            else f" (got {inp!r})"
-        )
-        lines.append(f"  {loc}: {msg}{shown}")
-    return f"{where}: invalid experiment file\n" + "\n".join(lines)
+_MESSAGES = {
+    "extra_forbidden": "unknown key (check the spelling; see the experiment file reference in README.md)",
+    "missing": "required field is missing",
+}
 
 
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -406,24 +403,6 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
     return out
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = load_yaml(read_text(path), str(path))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: experiment file not found") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e})") from None
-    except TextFileError as e:  # not UTF-8, broken, nested too deeply, an alias bomb
-        raise ConfigError(str(e)) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: the top level must be a mapping of keys, not {type(data).__name__}"
-        )
-    return data
-
-
 def load_raw(path: str | os.PathLike[str], _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML file and resolve its ``extends`` chain into one mapping."""
     path = Path(path)
@@ -431,7 +410,7 @@ def load_raw(path: str | os.PathLike[str], _seen: tuple[Path, ...] = ()) -> dict
     if resolved in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, resolved))
         raise ConfigError(f"{path}: 'extends' forms a cycle: {chain}")
-    data = _read_yaml(path)
+    data = read_mapping(path, "experiment file", ConfigError)
     parent = data.pop("extends", None)
     if parent is None:
         return data
@@ -504,13 +483,7 @@ def parse_override(item: str) -> tuple[str, Any]:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
-    parsed = _yaml12_scalar(value.strip(), parsed)
-    # YAML 1.1 reads 1e-4 as a string; accept it as a float.
-    if isinstance(parsed, str):
-        try:
-            parsed = float(parsed) if any(c in parsed for c in ".eE") else parsed
-        except ValueError:
-            pass
+    parsed = yaml_floats(_yaml12_scalar(value.strip(), parsed))
     return AXIS_ALIASES.get(key, key), parsed
 
 
@@ -546,27 +519,15 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _yaml_floats(data: Any) -> Any:
-    """YAML 1.1 reads ``2e-4`` (no dot) as a string; turn such strings back into floats."""
-    if isinstance(data, dict):
-        return {k: _yaml_floats(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_yaml_floats(v) for v in data]
-    if isinstance(data, str):
-        s = data.strip()
-        if s and s[0] in "0123456789.-+" and any(c in s for c in "eE"):
-            try:
-                return float(s)
-            except ValueError:
-                return data
-    return data
-
-
 def validate(data: Mapping[str, Any], where: str = "<experiment>") -> Experiment:
     try:
-        exp = Experiment.model_validate(_yaml_floats(dict(data)))
+        exp = Experiment.model_validate(yaml_floats(dict(data)))
     except ValidationError as e:
-        raise ConfigError(_format_validation(e, where)) from None
+        raise ConfigError(
+            format_validation(
+                e, where, header="invalid experiment file", messages=_MESSAGES, show_input=True
+            )
+        ) from None
     return exp
 
 

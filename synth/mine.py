@@ -27,17 +27,16 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from rich.console import Console
 
-from synth import textfiles
+from synth.configfile import ConfigFileError, Strict, expand_env, format_validation, read_mapping
 from synth.corpus import LEVELS, Corpus, RowBuilder, check_output_folder, write_corpus
 from synth.embed import DEFAULT_ENCODER, encode, load_encoder
 from synth.sources import Columns, Pair, PairSet, SourceError, read_hub, read_local
@@ -52,18 +51,12 @@ HUB_PREFIX = "hf:"
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-_ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
-
-class MineError(ValueError):
+class MineError(ConfigFileError):
     """A mining config is invalid; the message names the file and the field."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ColumnsConfig(_Strict):
+class ColumnsConfig(Strict):
     """Field names in JSON Lines files and Hub data sets (BEIR folders have fixed names)."""
 
     query: str = "query"
@@ -71,7 +64,7 @@ class ColumnsConfig(_Strict):
     negative: str | None = "negative"
 
 
-class SourceConfig(_Strict):
+class SourceConfig(Strict):
     path: str | None = None  # a .jsonl file, a folder with <split>.jsonl, or a BEIR folder
     hf: str | None = None  # a Hugging Face data set id
     subset: str | None = None  # the Hub data set's configuration name
@@ -103,7 +96,7 @@ class SourceConfig(_Strict):
         )
 
 
-class MineConfig(_Strict):
+class MineConfig(Strict):
     sources: list[SourceConfig] = Field(min_length=1)
     name: str | None = None  # corpus name in the manifest; default: the output folder's name
     # Base folder for relative source paths; may use ${VAR} or ${VAR:-default}. Default: the
@@ -138,28 +131,6 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds >= 0.1 else f"{1000 * seconds:.0f} ms"
 
 
-def _expand(value: str, where: str) -> str:
-    """``${VAR}`` / ``${VAR:-default}`` from the environment; an unset VAR without default is an error."""
-
-    def sub(match: re.Match[str]) -> str:
-        var, default = match.group(1), match.group(2)
-        if var in os.environ:
-            return os.environ[var]
-        if default is None:
-            raise MineError(f"{where}: environment variable {var} is not set")
-        return default
-
-    return os.path.expanduser(_ENV.sub(sub, value))
-
-
-def _format_validation(error: ValidationError, where: str) -> str:
-    lines = []
-    for e in error.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"{where}: {field}: {e['msg']}")
-    return "\n".join(lines)
-
-
 def build_config(
     raw: Mapping[str, Any],
     *,
@@ -182,10 +153,10 @@ def build_config(
     try:
         config = MineConfig.model_validate(raw)
     except ValidationError as e:
-        raise MineError(_format_validation(e, where)) from None
+        raise MineError(format_validation(e, where)) from None
     root = base_dir
     if config.data_root is not None:
-        root = base_dir / _expand(config.data_root, f"{where}: data_root")
+        root = base_dir / expand_env(config.data_root, f"{where}: data_root", MineError)
         if not root.is_dir():
             raise MineError(
                 f"{where}: data_root {config.data_root!r} is {root}, which is not a folder "
@@ -193,7 +164,8 @@ def build_config(
             )
     for i, source in enumerate(config.sources):
         if source.path is not None:
-            source.path = str((root / _expand(source.path, f"{where}: sources.{i}.path")).resolve())
+            path = expand_env(source.path, f"{where}: sources.{i}.path", MineError)
+            source.path = str((root / path).resolve())
     config.data_root = str(root.resolve())
     return config
 
@@ -203,14 +175,7 @@ def load_config(
 ) -> MineConfig:
     """Read a mining YAML file; relative source paths are relative to ``data_root`` or the file."""
     path = Path(path)
-    if not path.is_file():
-        raise MineError(f"{path}: mining config not found")
-    try:
-        raw = textfiles.load_yaml(textfiles.read_text(path), str(path)) or {}
-    except textfiles.TextFileError as e:  # not UTF-8, broken YAML, an alias bomb
-        raise MineError(str(e)) from None
-    if not isinstance(raw, dict):
-        raise MineError(f"{path}: expected a mapping at the top level")
+    raw = read_mapping(path, "mining config", MineError)
     return build_config(raw, where=str(path), base_dir=path.resolve().parent, overrides=overrides)
 
 

@@ -12,23 +12,19 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from synth import textfiles
+from synth.configfile import ConfigFileError, Strict, format_validation, read_mapping
 from synth.corpus import SYNTH_SUBTASKS
 
 ResponseFormat = Literal["json_schema", "json_object", "none"]
 
 
-class SynthConfigError(ValueError):
+class SynthConfigError(ConfigFileError):
     """A synthesis config is invalid; the message names the file and the field."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LocalServer(_Strict):
+class LocalServer(Strict):
     """Start ``transformers serve`` on 127.0.0.1 for a local model folder (the offline default)."""
 
     model: str = "packaged:smollm2-135m-instruct"
@@ -43,7 +39,7 @@ class LocalServer(_Strict):
     extra_args: list[str] = Field(default_factory=list)
 
 
-class Endpoint(_Strict):
+class Endpoint(Strict):
     """An OpenAI-compatible endpoint; unset values come from OPENAI_BASE_URL / the local server."""
 
     base_url: str | None = None
@@ -58,14 +54,14 @@ class Endpoint(_Strict):
     extra_body: dict[str, object] = Field(default_factory=dict)
 
 
-class Sampling(_Strict):
+class Sampling(Strict):
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     brainstorm_max_tokens: int = Field(512, gt=0)
     generate_max_tokens: int = Field(640, gt=0)
 
 
-class Budget(_Strict):
+class Budget(Strict):
     """Stop cleanly once this many tokens (prompt + completion, all runs together) are spent, or
     after ``max_seconds`` of requests in this run (a rerun resumes); the corpus is written either way."""
 
@@ -75,7 +71,7 @@ class Budget(_Strict):
     price_per_1m_output: float = Field(0.0, ge=0)
 
 
-class Tasks(_Strict):
+class Tasks(Strict):
     """How many stage-1 brainstorm requests and stage-2 examples to ask for, per subtask.
 
     ``given`` task descriptions join the brainstormed ones (first, in the given order); with
@@ -103,7 +99,7 @@ class Tasks(_Strict):
         return self
 
 
-class Prompts(_Strict):
+class Prompts(Strict):
     """Template versions under ``synth/prompts/`` (a changed prompt gets a new version)."""
 
     brainstorm: str = "brainstorm_v1"
@@ -112,12 +108,12 @@ class Prompts(_Strict):
     fields: str = "fields_v1"  # the one-text-per-request templates of `stage2: fields`
 
 
-class Validation(_Strict):
+class Validation(Strict):
     max_chars: int = Field(2000, gt=0)  # longer texts are rejected as "too_long"
     min_chars: int = Field(3, ge=1)  # shorter ones as "too_short"
 
 
-class SynthConfig(_Strict):
+class SynthConfig(Strict):
     name: str
     output: Path  # the corpus folder; the journal and work files live in `<output>/work/`
     endpoint: Endpoint = Field(default_factory=Endpoint)
@@ -148,27 +144,13 @@ class SynthConfig(_Strict):
         return self.output / "work"
 
 
-def _format(error: ValidationError, where: str) -> str:
-    return "\n".join(
-        f"{where}: {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
-        for e in error.errors()
-    )
-
-
 def load_synth_config(path: str | os.PathLike[str], *, output: Path | None = None) -> SynthConfig:
     """Read and validate a SYNTH.yaml; a relative ``output`` is relative to the working directory."""
     path = Path(path)
-    if not path.is_file():
-        raise SynthConfigError(f"{path}: synthesis config not found")
-    try:
-        raw = textfiles.load_yaml(textfiles.read_text(path), str(path)) or {}
-    except textfiles.TextFileError as e:  # not UTF-8, broken YAML, nested too deeply, an alias bomb
-        raise SynthConfigError(str(e)) from None
-    if not isinstance(raw, dict):
-        raise SynthConfigError(f"{path}: expected a mapping at the top level")
+    raw = read_mapping(path, "synthesis config", SynthConfigError)
     if output is not None:
         raw["output"] = str(output)
     try:
         return SynthConfig.model_validate(raw)
     except ValidationError as e:
-        raise SynthConfigError(_format(e, str(path))) from None
+        raise SynthConfigError(format_validation(e, str(path))) from None
