@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from harness.config import Pooling
+from harness.config import Attention, Pooling
 
 app = typer.Typer(
     add_completion=False,
@@ -49,9 +49,7 @@ ModelOrRunArg = Annotated[
 ]
 # How an untrained base model embeds (a saved model or run carries its own settings)
 PoolingOpt = Annotated[Pooling, typer.Option(help="Pooling for an untrained base model.")]
-AttentionOpt = Annotated[
-    Literal["native", "causal", "bidirectional"] | None, typer.Option(help="For a base model.")
-]
+AttentionOpt = Annotated[Attention | None, typer.Option(help="For a base model.")]
 TemplateOpt = Annotated[
     str | None,
     typer.Option(metavar="e5|llm2vec|TEMPLATE", help="For a base model: a template with {text}."),

@@ -54,6 +54,7 @@ Strategy = Literal[
     "curriculum", "reverse", "random", "level-1", "level-2", "level-3", "level-4", "all"
 ]
 Pooling = Literal["eos", "mean", "ata"]
+Attention = Literal["native", "causal", "bidirectional"]
 
 
 class ConfigError(ConfigFileError):
@@ -107,7 +108,7 @@ class ModelSettings(_Strict):
     # Attention of the backbone: "bidirectional" makes a decoder LLM attend to every real token in
     # every layer (LLM2Vec); "causal" keeps a decoder as pretrained; "native" is the architecture's
     # own (causal for decoders, bidirectional for encoders). See harness/models.py.
-    attention: Literal["native", "causal", "bidirectional"] = "native"
+    attention: Attention = "native"
     # A PEFT adapter (folder or Hub id) merged into the base before the trainable LoRA is added,
     # as LLM2Vec merges its MNTP adapter; `harness mntp` makes one. A folder is relative to the file.
     init_adapter: str | None = None
@@ -238,7 +239,7 @@ class MntpSettings(_Strict):
     # of .txt (one text per non-empty line) or .jsonl ({"text": ...}), relative to the file.
     text: list[str] = Field(default_factory=lambda: ["corpus"])
     output: str  # the adapter folder, relative to the file; model.init_adapter points here
-    attention: Literal["native", "causal", "bidirectional"] = "bidirectional"
+    attention: Attention = "bidirectional"
     steps: int = Field(1000, ge=1, le=10_000_000)
     batch_size: int = Field(32, ge=1, le=1_000_000)
     max_length: int = Field(512, ge=8)  # texts are concatenated and cut into blocks of this length
