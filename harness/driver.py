@@ -25,6 +25,7 @@ from harness.tracking import Tracker, describe_error, redact_text
 from harness.trial import (
     ARTIFACTS,
     KIND,
+    NOTE,
     STEP,
     TAGS,
     TrialSpec,
@@ -160,6 +161,10 @@ class TrackingCallback(tune.Callback):
             self.tracker.log_metrics(record.run_id, metrics, step)
             record.metrics.update(metrics)
             self._progress(trial.trial_id, step)
+        elif kind == "note":  # a progress line of the trial (e.g. each evaluated task)
+            self.console.print(
+                f"  {record.label}: {result.get(NOTE, '')}", highlight=False, markup=False
+            )
         elif kind == "final":
             self.tracker.log_metrics(record.run_id, metrics, self._last_step.get(trial.trial_id, 0))
             self.tracker.set_tags(record.run_id, tags)

@@ -362,8 +362,13 @@ def test_a_trial_that_failed_after_training_is_evaluated_not_trained_again(
     trained_at = adapter.stat().st_mtime_ns
 
     (task / "test.tsv").write_text(good, encoding="utf-8")
-    second = run_sweep(exp, [], results_dir=tmp_path / "results")
+    out = io.StringIO()
+    second = run_sweep(
+        exp, [], results_dir=tmp_path / "results", console=Console(file=out, width=200)
+    )
     assert [r.status for r in second.records] == ["FINISHED"], second.records
+    # the trial's evaluation progress reaches the driver's console, a line per task
+    assert "base: evaluated [1/1] BIOSSES (cosine_spearman " in out.getvalue(), out.getvalue()
     assert adapter.stat().st_mtime_ns == trained_at, "the model was trained again"
     finished = next(r for r in runs(tmp_path, "reuse", "trial") if r.info.status == "FINISHED")
     assert finished.data.tags["harness.reused_training"].endswith("trained.json")
