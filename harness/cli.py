@@ -253,7 +253,7 @@ def ui(
 ) -> None:
     """Start the MLflow UI for the experiment's store and print its URL (Ctrl-C stops it)."""
     _quiet(verbose)
-    from harness.tracking import UIError, serve_ui
+    from harness.ui import UIError, serve_ui
 
     try:
         serve_ui(target, port=port, host=host, timeout=timeout)

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import time
@@ -386,101 +385,6 @@ def _pid_alive(pid: int) -> bool:
 
 
 # ---------------------------------------------------------------- the MLflow UI
-
-
-def ui_command(uri: str, port: int, host: str = "127.0.0.1") -> list[str]:
-    """``mlflow ui`` for one store, small: one worker, no job-execution processes (3.3 GB -> 0.5 GB)."""
-    import sys
-
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-            "--host", host, "--port", str(port), "--workers", "1"]  # fmt: skip
-
-
-class UIError(RuntimeError):
-    """The MLflow UI could not be started."""
-
-
-def start_ui(
-    uri: str, port: int, host: str = "127.0.0.1", timeout: float = 180.0
-) -> subprocess.Popen[bytes]:
-    """Start the MLflow UI and return once ``/health`` answers (the caller stops the process)."""
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    # its own process group: stopping it stops the server workers it forks too
-    proc = subprocess.Popen(
-        ui_command(resolve_uri(uri), port, host),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise UIError(f"mlflow ui exited with code {proc.returncode} (is port {port} taken?)")
-        try:
-            with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.5)
-    stop_ui(proc)
-    raise UIError(
-        f"mlflow ui did not answer on http://{host}:{port} within {timeout:.0f} s "
-        "(a loaded machine starts it slowly: raise --timeout)"
-    )
-
-
-def stop_ui(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """Stop the UI and every process of its group (SIGTERM, then SIGKILL after ``timeout``)."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        # the leader is gone; its workers may linger a moment
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        return
-
-
-def serve_ui(
-    exp_path_or_uri: str | os.PathLike[str],
-    port: int = 5000,
-    host: str = "127.0.0.1",
-    timeout: float = 180.0,
-) -> None:
-    """``harness ui``: serve the store of an experiment file (or a tracking URI) until Ctrl-C."""
-    target = str(exp_path_or_uri)
-    if target.endswith((".yaml", ".yml")) or Path(target).is_file():
-        from harness.config import load_experiment
-
-        target = load_experiment(target).tracking.uri
-    if target.startswith("sqlite:///"):
-        store = Path(target[len("sqlite:///") :]).expanduser()
-        if not store.is_file():  # mlflow would create an empty store there
-            raise UIError(
-                f"no MLflow store at {store.resolve()} (run a sweep first, or give the store's URI)"
-            )
-    print(
-        f"starting the MLflow UI for {resolve_uri(target)} on http://{host}:{port} ...", flush=True
-    )
-    proc = start_ui(target, port, host, timeout=timeout)
-    print(
-        f"MLflow UI for {resolve_uri(target)}: http://{host}:{port}  (Ctrl-C to stop)", flush=True
-    )
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)  # `kill` stops the UI like Ctrl-C does
-    try:
-        proc.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop_ui(proc)
-        signal.signal(signal.SIGTERM, previous)
 
 
 def git_sha(repo: Path | None = None) -> str:

@@ -20,7 +20,8 @@ from sweep_util import runs, write_experiment
 from harness.cli import ui
 from harness.config import TrackingSettings
 from harness.sweep import SweepError, _check_reachable, run_sweep
-from harness.tracking import Tracker, metric_name, redact, start_ui, stop_ui
+from harness.tracking import Tracker, metric_name, redact
+from harness.ui import start_ui, stop_ui
 from synth.corpus import read_manifest
 
 
