@@ -158,8 +158,8 @@ def corpus_path(path: Path | None) -> Path:
         return path
     from rich.console import Console
 
-    from harness.config import load_experiment
     from harness.corpora import load_corpus
+    from harness.experiment_file import load_experiment
 
     exp = load_experiment(REPO / "experiments" / "smoke.yaml")
     load_corpus(exp, Console(stderr=True))  # builds it when missing

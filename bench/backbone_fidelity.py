@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from _common import REPO, Report, corpus_path, parse, parser
 
-from harness.config import ModelSettings, validate
+from harness.config import ModelSettings
 from harness.embedder import Embedder
+from harness.experiment_file import validate
 from harness.pooling import ata_weights
 
 BACKBONES = {

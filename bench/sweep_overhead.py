@@ -147,7 +147,7 @@ def run(args: Any, corpus: Path, scratch: Path) -> dict[str, Any]:
     """One sweep; returns the time line of the driver and of every trial."""
     import ray
 
-    from harness.config import load_experiment
+    from harness.experiment_file import load_experiment
     from harness.sweep import run_sweep
     from harness.tracking import Tracker
 

@@ -51,7 +51,8 @@ import torch
 import yaml
 from rich.console import Console
 
-from harness.config import Experiment, validate
+from harness.config import Experiment
+from harness.experiment_file import validate
 from harness.schedules import Example, schedule_for
 from synth.corpus import read_corpus
 from synth.packaged import resolve

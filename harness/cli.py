@@ -172,8 +172,8 @@ def mntp(
 ) -> None:
     """Train the file's MNTP adapter (mntp: block); trials use it through model.init_adapter."""
     _quiet(verbose)
-    from harness.config import load_experiment
     from harness.corpora import load_corpus
+    from harness.experiment_file import load_experiment
     from harness.mntp import MntpError, corpus_texts, run_mntp
 
     try:
@@ -215,7 +215,7 @@ def tables(
 ) -> None:
     """Regenerate the ablation tables (Markdown, CSV, LaTeX), plots and long export from MLflow."""
     _quiet(verbose)
-    from harness.config import load_experiment
+    from harness.experiment_file import load_experiment
     from harness.tables import TablesError, write_tables
 
     if experiment is None and experiment_name is None:
@@ -391,7 +391,7 @@ def audit(
 @app.command()
 def check(experiment: ExperimentArg, set_: SetOpt = None) -> None:
     """Validate an experiment file (nothing is loaded or run) and list its trials."""
-    from harness.config import cell_label, load_experiment, validated_cells
+    from harness.experiment_file import cell_label, load_experiment, validated_cells
     from harness.init_adapter import check_init_adapter
 
     try:

@@ -1,41 +1,30 @@
-"""The experiment file: one typed schema, validated before anything heavy runs.
+"""What an experiment is: the typed schema of an experiment file, and a trial's identity.
 
-An experiment file (YAML) describes one sweep. It may ``extends:`` a base file (a path relative to
-itself); mappings are merged recursively, lists and scalars replace. ``--set a.b=value`` overrides
-are applied last. Every error names the file and the dotted field.
+The pydantic models (:class:`Experiment` and its sections) with their defaults and checks, the names
+accepted as grid axes, and what makes two trials the same (:func:`trial_key`). Reading a file
+(``extends``, ``--set``) and expanding the grid into trials is :mod:`harness.experiment_file`.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import itertools
 import json
-import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from synth.configfile import (
-    ConfigFileError,
-    Strict,
-    expand_env,
-    format_validation,
-    read_mapping,
-    yaml_floats,
-)
+from synth.configfile import ConfigFileError, Strict, expand_env
 
 STRATEGIES = ("curriculum", "reverse", "random", "level-1", "level-2", "level-3", "level-4", "all")
 POOLINGS = ("eos", "mean", "ata")
 TEMPLATES = ("e5", "llm2vec")  # named input formats, see harness/templates.py
 BATCHINGS = ("mixed", "by_task")
+MAX_TRAINING_EXAMPLES = 20_000_000  # a schedule holds every example of the run (~0.3 kB each)
 # Sections one sweep shares across its trials: the MLflow experiment and store, the corpus shipped to
 # every trial, Ray's per-trial resources, the MNTP stage, the tables.
-MAX_TRAINING_EXAMPLES = 20_000_000  # a schedule holds every example of the run (~0.3 kB each)
 FIXED_PER_SWEEP = (
     "name",
     "description",
@@ -123,9 +112,8 @@ class ModelSettings(_Strict):
     lora: LoraSettings = LoraSettings()
     max_query_length: int = Field(128, ge=8)
     max_doc_length: int = Field(256, ge=8)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = (
-        "auto"  # auto: bf16 on GPU, fp32 on CPU
-    )
+    # auto: bf16 on GPU, fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     autocast: Literal["auto", "none", "bf16"] = "auto"  # auto: none (weights already bf16 on GPU)
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     # The input format (harness/templates.py): "e5", "llm2vec", or a custom template with {text}
@@ -137,9 +125,7 @@ class ModelSettings(_Strict):
     @field_validator("init_adapter_sha256", mode="before")
     @classmethod
     def _sha256(cls, v: Any) -> Any:
-        if isinstance(v, int) and not isinstance(
-            v, bool
-        ):  # YAML reads an all-digit hash as a number
+        if isinstance(v, int) and not isinstance(v, bool):  # YAML reads an all-digit hash as int
             v = f"{v:064d}"
         if isinstance(v, str) and not re.fullmatch(r"[0-9a-f]{64}", v):
             raise ValueError("must be a sha256: 64 lowercase hex digits")
@@ -246,16 +232,14 @@ class MntpSettings(_Strict):
     mask_probability: float = Field(0.8, gt=0, lt=1)
     # None: the tokenizer's mask token, else "_" (LLM2Vec's "blank" mask for Llama/Mistral)
     mask_token: str | None = None
-    lr: float = Field(
-        5e-5, gt=0, le=1.0
-    )  # LLM2Vec's config sets none: transformers' Trainer default
+    # LLM2Vec's config sets none: transformers' Trainer default
+    lr: float = Field(5e-5, gt=0, le=1.0)
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     lora: LoraSettings = LoraSettings(r=16, alpha=32, dropout=0.05)  # LLM2Vec: r 16, alpha 2r
     gradient_checkpointing: bool = False
-    eval_blocks: int = Field(
-        32, ge=0
-    )  # blocks kept out to measure the masked-token loss before/after
+    # blocks kept out to measure the masked-token loss before/after
+    eval_blocks: int = Field(32, ge=0)
     seed: int = Field(42, ge=0, lt=2**32)
     log_every: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -343,7 +327,7 @@ class Experiment(_Strict):
         out: dict[str, list[Any]] = {}
         for axis, values in grid.items():
             field = AXIS_ALIASES.get(axis, axis)
-            if not _field_exists(field):
+            if not field_exists(field):
                 raise ValueError(
                     f"grid axis {axis!r} is not a field of the experiment (axes: "
                     f"{', '.join(AXIS_ALIASES)} or any dotted field, e.g. model.lora.r)"
@@ -371,7 +355,8 @@ class Experiment(_Strict):
         return Path(self.source).parent / path
 
 
-def _field_exists(dotted: str) -> bool:
+def field_exists(dotted: str) -> bool:
+    """Whether ``dotted`` (e.g. ``model.lora.r``) names a field of :class:`Experiment`."""
     model: Any = Experiment
     for part in dotted.split("."):
         fields = getattr(model, "model_fields", None)
@@ -385,48 +370,7 @@ def _field_exists(dotted: str) -> bool:
     return True
 
 
-# ---------------------------------------------------------------- loading and errors
-
-
-_MESSAGES = {
-    "extra_forbidden": "unknown key (check the spelling; see the experiment file reference in README.md)",
-    "missing": "required field is missing",
-}
-
-
-def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def load_raw(path: str | os.PathLike[str], _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML file and resolve its ``extends`` chain into one mapping."""
-    path = Path(path)
-    resolved = path.resolve()
-    if resolved in _seen:
-        chain = " -> ".join(str(p) for p in (*_seen, resolved))
-        raise ConfigError(f"{path}: 'extends' forms a cycle: {chain}")
-    data = read_mapping(path, "experiment file", ConfigError)
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str) or not parent.strip():
-        raise ConfigError(f"{path}: extends: must be a file path (got {parent!r})")
-    if not (path.parent / parent).is_file():
-        raise ConfigError(f"{path}: extends: {path.parent / parent} not found (or not a file)")
-    base = load_raw(path.parent / parent, (*_seen, resolved))
-    # paths in the base file are relative to the base file: rewrite the ones we know
-    base_dir = (path.parent / parent).parent
-    _rebase_paths(base, base_dir, path.parent)
-    return _deep_merge(base, data)
-
-
-_PATH_FIELDS = (("corpus", "path"), ("corpus", "build", "config"), ("mntp", "output"))
+# ---------------------------------------------------------------- paths and trial identity
 
 
 def is_local_path(s: str) -> bool:
@@ -435,192 +379,10 @@ def is_local_path(s: str) -> bool:
     return s.startswith((".", "/", "~")) or s.count("/") != 1
 
 
-def _rebase_paths(data: dict[str, Any], src: Path, dst: Path) -> None:
-    for keys in _PATH_FIELDS:
-        node: Any = data
-        for k in keys[:-1]:
-            node = node.get(k) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
-            p = node[keys[-1]]
-            if not os.path.isabs(os.path.expanduser(p)):
-                node[keys[-1]] = os.path.relpath(src / p, dst)
-    model = data.get("model")
-    adapter = model.get("init_adapter") if isinstance(model, dict) else None
-    if (
-        isinstance(adapter, str)
-        and is_local_path(adapter)
-        and not os.path.isabs(os.path.expanduser(adapter))
-    ):
-        model["init_adapter"] = os.path.relpath(src / adapter, dst)
-    mntp = data.get("mntp")
-    if isinstance(mntp, dict) and isinstance(mntp.get("text"), list):
-        mntp["text"] = [
-            os.path.relpath(src / t, dst)
-            if isinstance(t, str) and t != "corpus" and not os.path.isabs(t)
-            else t
-            for t in mntp["text"]
-        ]
-    eval_tasks = data.get("eval", {}).get("tasks") if isinstance(data.get("eval"), dict) else None
-    if isinstance(eval_tasks, list):
-        data["eval"]["tasks"] = [
-            os.path.relpath(src / t, dst) if isinstance(t, str) and _looks_like_path(t) else t
-            for t in eval_tasks
-        ]
-
-
-def _looks_like_path(s: str) -> bool:
-    return s.startswith((".", "/", "~")) or "/" in s
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """``a.b=value`` -> ("a.b", yaml-parsed value)."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. train.lr=1e-4")
-    key, value = item.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"--set {item!r}: empty field name")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
-        parsed = value
-    parsed = yaml_floats(_yaml12_scalar(value.strip(), parsed))
-    return AXIS_ALIASES.get(key, key), parsed
-
-
-_YAML12_INT = re.compile(r"[-+]?[0-9]+")
-_YAML12_FLOAT = re.compile(
-    r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)"
-)
-
-
-def _yaml12_scalar(text: str, parsed: Any) -> Any:
-    """Undo YAML 1.1's surprises in a ``--set`` value: ``yes``/``on`` as booleans, ``0x10``,
-    ``0o17``, ``1_000`` or ``1:30`` (sexagesimal) as numbers stay the text they are (the field's
-    type then accepts or names them); ``true``/``false`` and plain decimal numbers are unchanged."""
-    if isinstance(parsed, bool):
-        return parsed if text.lower() in ("true", "false") else text
-    if isinstance(parsed, int):
-        return parsed if _YAML12_INT.fullmatch(text) else text
-    if isinstance(parsed, float):
-        return parsed if _YAML12_FLOAT.fullmatch(text) else text
-    return parsed
-
-
-def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    node = data
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"cannot set {dotted!r}: {part!r} is not a mapping")
-        node = nxt
-    node[parts[-1]] = value
-
-
-def validate(data: Mapping[str, Any], where: str = "<experiment>") -> Experiment:
-    try:
-        exp = Experiment.model_validate(yaml_floats(dict(data)))
-    except ValidationError as e:
-        raise ConfigError(
-            format_validation(
-                e, where, header="invalid experiment file", messages=_MESSAGES, show_input=True
-            )
-        ) from None
-    return exp
-
-
-def load_experiment(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Experiment:
-    """Load, merge ``extends``, apply ``--set`` overrides and validate an experiment file."""
-    data = load_raw(path)
-    for item in overrides:
-        key, value = parse_override(item)
-        set_dotted(data, key, value)
-    where = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
-    exp = validate(data, where)
-    exp.source = str(Path(path))
-    return exp
-
-
-# ---------------------------------------------------------------- grid and trial identity
-
-
-def grid_cells(exp: Experiment) -> list[dict[str, Any]]:
-    """Every combination of the grid axes, in file order (first axis slowest)."""
-    if not exp.grid:
-        return [{}]
-    axes = list(exp.grid)
-    return [dict(zip(axes, combo)) for combo in itertools.product(*(exp.grid[a] for a in axes))]
-
-
-def validated_cells(exp: Experiment) -> list[dict[str, Any]]:
-    """:func:`grid_cells`, each applied once: a bad grid value (an unknown strategy, a wrong type)
-    is a :class:`ConfigError` naming the file and the field before anything is built or run."""
-    cells = grid_cells(exp)
-    seen: dict[tuple[str, str], Any] = {}
-    for axis, values in exp.grid.items():  # 1, 1.0 and true are one seed: the field's type decides
-        for value in values:
-            resolved = flatten(apply_cell(exp, {axis: value}).model_dump(mode="json"))
-            canonical = json.dumps(
-                {k: v for k, v in resolved.items() if k == axis or k.startswith(axis + ".")},
-                sort_keys=True,
-            )
-            if (axis, canonical) in seen:
-                raise ConfigError(
-                    f"{exp.source or exp.name}: grid axis {axis!r} repeats a value: {seen[(axis, canonical)]!r} and "
-                    f"{value!r} are the same {axis}"
-                )
-            seen[(axis, canonical)] = value
-    for cell in cells:
-        apply_cell(exp, cell)
-    return cells
-
-
 def path_part(text: str) -> str:
     """``text`` as one safe path component (names, cell labels): no separators, no '..'."""
     safe = re.sub(r"[^\w.=-]+", "_", text).strip(".")
     return safe or "_"
-
-
-def apply_cell(exp: Experiment, cell: Mapping[str, Any]) -> Experiment:
-    """The experiment with one grid cell's values set (validated again)."""
-    data = exp.model_dump(mode="json")
-    for key, value in cell.items():
-        set_dotted(data, AXIS_ALIASES.get(key, key), value)
-    data["grid"] = {}
-    data["search"] = None
-    out = validate(data, f"{exp.source or exp.name} (cell {cell_label(cell)})")
-    out.source = exp.source
-    return out
-
-
-def parse_cell(items: Iterable[str], exp: Experiment) -> dict[str, Any]:
-    """``strategy=curriculum,pooling=ata`` (or a list of such) -> a grid cell, checked against the grid."""
-    cell: dict[str, Any] = {}
-    for item in items:
-        for part in filter(None, (p.strip() for p in item.split(","))):
-            key, value = parse_override(part)
-            cell[key] = value
-    for key, value in cell.items():
-        if key in exp.grid and value not in exp.grid[key]:
-            raise ConfigError(f"--cell {key}={value!r}: not in the grid's values {exp.grid[key]}")
-        if not _field_exists(key):
-            raise ConfigError(f"--cell {key}: not a field of the experiment")
-    return cell
-
-
-def cell_label(cell: Mapping[str, Any]) -> str:
-    """Run name of a cell, like ``curriculum-ata-s1`` (strategy, pooling, others, seed last)."""
-    order = ["train.strategy", "model.pooling"]
-    keys = [k for k in order if k in cell] + sorted(
-        k for k in cell if k not in (*order, "train.seed")
-    )
-    parts = [str(cell[k]) if k in order else f"{k.split('.')[-1]}={cell[k]}" for k in keys]
-    if "train.seed" in cell:
-        parts.append(f"s{cell['train.seed']}")
-    return "-".join(parts) or "base"
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -7,16 +7,15 @@ from pathlib import Path
 
 from rich.console import Console
 
-from harness.config import (
+from harness.config import path_part, trial_key
+from harness.corpora import check_corpus_fits, load_corpus
+from harness.experiment_file import (
     apply_cell,
     cell_label,
     load_experiment,
     parse_cell,
-    path_part,
-    trial_key,
     validated_cells,
 )
-from harness.corpora import check_corpus_fits, load_corpus
 from harness.init_adapter import check_init_adapter, prepare_init_adapter
 from harness.mntp import mntp_builder
 from harness.tracking import (

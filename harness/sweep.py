@@ -29,15 +29,7 @@ from ray import tune
 from rich.console import Console
 from rich.markup import escape
 
-from harness.config import (
-    Experiment,
-    apply_cell,
-    cell_label,
-    grid_cells,
-    load_experiment,
-    path_part,
-    validated_cells,
-)
+from harness.config import Experiment, path_part
 from harness.corpora import check_corpus_fits, load_corpus
 from harness.driver import (
     Plan,
@@ -46,6 +38,13 @@ from harness.driver import (
     TrialRecord,
     print_plan,
     print_summary,
+)
+from harness.experiment_file import (
+    apply_cell,
+    cell_label,
+    grid_cells,
+    load_experiment,
+    validated_cells,
 )
 from harness.init_adapter import AdapterFiles, check_init_adapter, prepare_init_adapter
 from harness.mntp import mntp_builder

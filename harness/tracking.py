@@ -2,7 +2,7 @@
 
 One experiment per experiment file (its ``name``), one parent run per ``harness sweep`` invocation
 (tag ``harness.role=sweep``) and one child run per trial (tag ``harness.role=trial``, nested by
-``mlflow.parentRunId``, named by :func:`harness.config.cell_label`). A SQLite store tolerates one
+``mlflow.parentRunId``, named by :func:`harness.experiment_file.cell_label`). A SQLite store tolerates one
 writer (mlflow#4123), so trials never touch MLflow: they report through Ray and the driver's
 :class:`Tracker` writes. Everything that leaves the process passes :func:`redact` first.
 """

@@ -24,7 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from harness.config import Experiment, apply_cell, cell_label, path_part, trial_key
+from harness.config import Experiment, path_part, trial_key
+from harness.experiment_file import apply_cell, cell_label
 from harness.init_adapter import AdapterFiles
 from harness.tracking import LEVEL_ORDER
 from synth.corpus import Corpus

@@ -79,7 +79,7 @@ def serve_ui(
     """``harness ui``: serve the store of an experiment file (or a tracking URI) until Ctrl-C."""
     target = str(exp_path_or_uri)
     if target.endswith((".yaml", ".yml")) or Path(target).is_file():
-        from harness.config import load_experiment
+        from harness.experiment_file import load_experiment
 
         target = load_experiment(target).tracking.uri
     if target.startswith("sqlite:///"):

@@ -6,16 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import (
-    ConfigError,
-    apply_cell,
-    cell_label,
-    grid_cells,
-    load_experiment,
-    parse_cell,
-    trial_key,
-    trial_params,
-)
+from harness.config import ConfigError, trial_key, trial_params
+from harness.experiment_file import apply_cell, cell_label, grid_cells, load_experiment, parse_cell
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:
@@ -199,7 +191,7 @@ def test_axes_that_cannot_vary_per_trial_are_refused(tmp_path, axis, tally):
 @pytest.mark.faults
 @pytest.mark.parametrize("values", ["[1, 1.0]", "[1, true]", "[curriculum, reverse, curriculum]"])
 def test_grid_values_that_are_one_value_are_refused(tmp_path, values, tally):
-    from harness.config import validated_cells
+    from harness.experiment_file import validated_cells
 
     axis = "strategy" if "curriculum" in values else "seed"
     f = _write(tmp_path, "e.yaml", f"name: e\ncorpus: {{path: c}}\ngrid: {{{axis}: {values}}}\n")
@@ -238,7 +230,7 @@ def test_path_parts_never_nest_or_climb():
     ],
 )
 def test_yaml_1_1_scalars_in_set_stay_text(item, expected, tally):
-    from harness.config import parse_override
+    from harness.experiment_file import parse_override
 
     assert parse_override(item)[1] == expected
     tally(cases=1)
@@ -274,7 +266,8 @@ def test_trial_keys_of_earlier_stores_stay_the_same():
     """Fields added since (train.schedule_rows, train.other_rows_level, model.init_adapter_recipe)
     leave the key at their defaults: this key was computed by the code of commit fc80777, before
     they existed, so a store made then still resumes."""
-    from harness.config import trial_key, validate
+    from harness.config import trial_key
+    from harness.experiment_file import validate
 
     exp = validate(
         {

@@ -28,7 +28,8 @@ from sweep_util import write_experiment
 from typer.testing import CliRunner
 
 from harness.cli import app
-from harness.config import ConfigError, apply_cell, cell_label, grid_cells, load_experiment
+from harness.config import ConfigError
+from harness.experiment_file import apply_cell, cell_label, grid_cells, load_experiment
 from synth.corpus import MANIFEST_FILE, SAMPLES_FILE, sha256_file
 from synth.synth_config import SynthConfigError, load_synth_config
 
@@ -635,7 +636,7 @@ def test_every_text_input_fails_in_one_line_on_bad_bytes_deep_nesting_and_alias_
 
 
 def test_mntp_text_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
-    from harness.config import validate
+    from harness.experiment_file import validate
     from harness.mntp import MntpError, read_texts
 
     bad = tmp_path / "t.txt"

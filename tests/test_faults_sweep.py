@@ -36,7 +36,7 @@ from synth_servers import scripted, serve, synth_config_file
 from typer.testing import CliRunner
 
 from harness.cli import app
-from harness.config import grid_cells, load_experiment
+from harness.experiment_file import grid_cells, load_experiment
 from harness.sweep import run_sweep
 from harness.trial import trial_spec
 from synth.corpus import read_manifest

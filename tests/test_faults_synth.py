@@ -45,8 +45,8 @@ from synth_servers import Recorder, good_with, scripted, serve, synth_config_fil
 from typer.testing import CliRunner
 
 from harness.cli import app as harness_app
-from harness.config import load_experiment
 from harness.corpora import load_corpus
+from harness.experiment_file import load_experiment
 from synth.answers import INVALID_UNICODE, Rejected, parse_example
 from synth.assemble import REJECTS_FILE
 from synth.cli import app

@@ -11,8 +11,8 @@ import torch
 from rich.console import Console
 from sweep_util import runs, write_experiment
 
-from harness.config import validate
 from harness.embedder import INIT_ADAPTER_DIR, Embedder
+from harness.experiment_file import validate
 from harness.mntp import (
     META_FILE,
     MntpError,

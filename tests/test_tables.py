@@ -19,7 +19,8 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from harness.config import ConfigError, apply_cell, load_experiment, trial_key
+from harness.config import ConfigError, trial_key
+from harness.experiment_file import apply_cell, load_experiment
 from harness.tables import TablesError, write_tables
 from harness.tables.plots import mean_curve
 from harness.tracking import CELL, ERROR, PARENT, ROLE, TRIAL_KEY

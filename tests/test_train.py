@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from harness.config import validate
 from harness.embedder import Embedder
+from harness.experiment_file import validate
 from harness.schedules import build_schedule
 from harness.train import StepRunner, train_one
 from synth.corpus import read_corpus
@@ -171,7 +171,7 @@ def test_bad_experiment_files_fail_before_any_model_loads(tmp_path):
 
 @pytest.mark.parametrize("name", ["smoke", "pooling", "strategy", "main", "retrieval_only"])
 def test_shipped_experiment_files_validate(name):
-    from harness.config import apply_cell, grid_cells, load_experiment
+    from harness.experiment_file import apply_cell, grid_cells, load_experiment
 
     exp = load_experiment(Path(__file__).parents[1] / "experiments" / f"{name}.yaml")
     for cell in grid_cells(exp):
@@ -222,7 +222,8 @@ def test_a_run_that_diverges_on_its_last_step_fails(tiny_corpus_dir, tmp_path, t
 )
 @pytest.mark.faults
 def test_numbers_that_cannot_train_are_config_errors(tmp_path, override, tally):
-    from harness.config import ConfigError, load_experiment
+    from harness.config import ConfigError
+    from harness.experiment_file import load_experiment
 
     f = tmp_path / "e.yaml"
     f.write_text("name: e\ncorpus: {path: c}\n")

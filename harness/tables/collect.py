@@ -28,11 +28,9 @@ from harness.config import (
     Experiment,
     TablesSettings,
     TrackingSettings,
-    apply_cell,
-    cell_label,
     trial_key,
-    validate,
 )
+from harness.experiment_file import apply_cell, cell_label, validate
 from harness.tracking import (
     CELL,
     CORPUS_SHA,
@@ -263,7 +261,7 @@ def _grid_from_runs(trials: Sequence[TrialRun]) -> dict[str, list[Any]]:
 
 
 def _cells(grid: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every combination, first axis slowest (as :func:`harness.config.grid_cells`)."""
+    """Every combination, first axis slowest (as :func:`harness.experiment_file.grid_cells`)."""
     axes = list(grid)
     return [dict(zip(axes, combo)) for combo in itertools.product(*(grid[a] for a in axes))]
 

@@ -1,0 +1,257 @@
+"""Reading an experiment file and deriving its trials, validated before anything heavy runs.
+
+An experiment file (YAML) describes one sweep. It may ``extends:`` a base file (a path relative to
+itself); mappings are merged recursively, lists and scalars replace, and the base file's relative
+paths are rebased onto the extending file. ``--set a.b=value`` overrides are applied last. The grid
+expands into cells, each one trial's values. Every error names the file and the dotted field. The
+schema itself is :mod:`harness.config`.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from harness.config import (
+    AXIS_ALIASES,
+    ConfigError,
+    Experiment,
+    field_exists,
+    flatten,
+    is_local_path,
+)
+from synth.configfile import format_validation, read_mapping, yaml_floats
+
+# ---------------------------------------------------------------- loading and errors
+
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key (check the spelling; see the experiment file reference in README.md)",
+    "missing": "required field is missing",
+}
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_raw(path: str | os.PathLike[str], _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML file and resolve its ``extends`` chain into one mapping."""
+    path = Path(path)
+    resolved = path.resolve()
+    if resolved in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, resolved))
+        raise ConfigError(f"{path}: 'extends' forms a cycle: {chain}")
+    data = read_mapping(path, "experiment file", ConfigError)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{path}: extends: must be a file path (got {parent!r})")
+    if not (path.parent / parent).is_file():
+        raise ConfigError(f"{path}: extends: {path.parent / parent} not found (or not a file)")
+    base = load_raw(path.parent / parent, (*_seen, resolved))
+    # paths in the base file are relative to the base file: rewrite the ones we know
+    base_dir = (path.parent / parent).parent
+    _rebase_paths(base, base_dir, path.parent)
+    return _deep_merge(base, data)
+
+
+_PATH_FIELDS = (("corpus", "path"), ("corpus", "build", "config"), ("mntp", "output"))
+
+
+def _rebase_paths(data: dict[str, Any], src: Path, dst: Path) -> None:
+    for keys in _PATH_FIELDS:
+        node: Any = data
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            p = node[keys[-1]]
+            if not os.path.isabs(os.path.expanduser(p)):
+                node[keys[-1]] = os.path.relpath(src / p, dst)
+    model = data.get("model")
+    adapter = model.get("init_adapter") if isinstance(model, dict) else None
+    if (
+        isinstance(adapter, str)
+        and is_local_path(adapter)
+        and not os.path.isabs(os.path.expanduser(adapter))
+    ):
+        model["init_adapter"] = os.path.relpath(src / adapter, dst)
+    mntp = data.get("mntp")
+    if isinstance(mntp, dict) and isinstance(mntp.get("text"), list):
+        mntp["text"] = [
+            os.path.relpath(src / t, dst)
+            if isinstance(t, str) and t != "corpus" and not os.path.isabs(t)
+            else t
+            for t in mntp["text"]
+        ]
+    eval_tasks = data.get("eval", {}).get("tasks") if isinstance(data.get("eval"), dict) else None
+    if isinstance(eval_tasks, list):
+        data["eval"]["tasks"] = [
+            os.path.relpath(src / t, dst) if isinstance(t, str) and _looks_like_path(t) else t
+            for t in eval_tasks
+        ]
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.startswith((".", "/", "~")) or "/" in s
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", yaml-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. train.lr=1e-4")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: empty field name")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    parsed = yaml_floats(_yaml12_scalar(value.strip(), parsed))
+    return AXIS_ALIASES.get(key, key), parsed
+
+
+_YAML12_INT = re.compile(r"[-+]?[0-9]+")
+_YAML12_FLOAT = re.compile(
+    r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)"
+)
+
+
+def _yaml12_scalar(text: str, parsed: Any) -> Any:
+    """Undo YAML 1.1's surprises in a ``--set`` value: ``yes``/``on`` as booleans, ``0x10``,
+    ``0o17``, ``1_000`` or ``1:30`` (sexagesimal) as numbers stay the text they are (the field's
+    type then accepts or names them); ``true``/``false`` and plain decimal numbers are unchanged."""
+    if isinstance(parsed, bool):
+        return parsed if text.lower() in ("true", "false") else text
+    if isinstance(parsed, int):
+        return parsed if _YAML12_INT.fullmatch(text) else text
+    if isinstance(parsed, float):
+        return parsed if _YAML12_FLOAT.fullmatch(text) else text
+    return parsed
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {part!r} is not a mapping")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def validate(data: Mapping[str, Any], where: str = "<experiment>") -> Experiment:
+    try:
+        exp = Experiment.model_validate(yaml_floats(dict(data)))
+    except ValidationError as e:
+        raise ConfigError(
+            format_validation(
+                e, where, header="invalid experiment file", messages=_MESSAGES, show_input=True
+            )
+        ) from None
+    return exp
+
+
+def load_experiment(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Experiment:
+    """Load, merge ``extends``, apply ``--set`` overrides and validate an experiment file."""
+    data = load_raw(path)
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(data, key, value)
+    where = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    exp = validate(data, where)
+    exp.source = str(Path(path))
+    return exp
+
+
+# ---------------------------------------------------------------- the grid
+
+
+def grid_cells(exp: Experiment) -> list[dict[str, Any]]:
+    """Every combination of the grid axes, in file order (first axis slowest)."""
+    if not exp.grid:
+        return [{}]
+    axes = list(exp.grid)
+    return [dict(zip(axes, combo)) for combo in itertools.product(*(exp.grid[a] for a in axes))]
+
+
+def validated_cells(exp: Experiment) -> list[dict[str, Any]]:
+    """:func:`grid_cells`, each applied once: a bad grid value (an unknown strategy, a wrong type)
+    is a :class:`ConfigError` naming the file and the field before anything is built or run."""
+    cells = grid_cells(exp)
+    seen: dict[tuple[str, str], Any] = {}
+    for axis, values in exp.grid.items():  # 1, 1.0 and true are one seed: the field's type decides
+        for value in values:
+            resolved = flatten(apply_cell(exp, {axis: value}).model_dump(mode="json"))
+            canonical = json.dumps(
+                {k: v for k, v in resolved.items() if k == axis or k.startswith(axis + ".")},
+                sort_keys=True,
+            )
+            if (axis, canonical) in seen:
+                raise ConfigError(
+                    f"{exp.source or exp.name}: grid axis {axis!r} repeats a value: {seen[(axis, canonical)]!r} and "
+                    f"{value!r} are the same {axis}"
+                )
+            seen[(axis, canonical)] = value
+    for cell in cells:
+        apply_cell(exp, cell)
+    return cells
+
+
+def apply_cell(exp: Experiment, cell: Mapping[str, Any]) -> Experiment:
+    """The experiment with one grid cell's values set (validated again)."""
+    data = exp.model_dump(mode="json")
+    for key, value in cell.items():
+        set_dotted(data, AXIS_ALIASES.get(key, key), value)
+    data["grid"] = {}
+    data["search"] = None
+    out = validate(data, f"{exp.source or exp.name} (cell {cell_label(cell)})")
+    out.source = exp.source
+    return out
+
+
+def parse_cell(items: Iterable[str], exp: Experiment) -> dict[str, Any]:
+    """``strategy=curriculum,pooling=ata`` (or a list of such) -> a grid cell, checked against the grid."""
+    cell: dict[str, Any] = {}
+    for item in items:
+        for part in filter(None, (p.strip() for p in item.split(","))):
+            key, value = parse_override(part)
+            cell[key] = value
+    for key, value in cell.items():
+        if key in exp.grid and value not in exp.grid[key]:
+            raise ConfigError(f"--cell {key}={value!r}: not in the grid's values {exp.grid[key]}")
+        if not field_exists(key):
+            raise ConfigError(f"--cell {key}: not a field of the experiment")
+    return cell
+
+
+def cell_label(cell: Mapping[str, Any]) -> str:
+    """Run name of a cell, like ``curriculum-ata-s1`` (strategy, pooling, others, seed last)."""
+    order = ["train.strategy", "model.pooling"]
+    keys = [k for k in order if k in cell] + sorted(
+        k for k in cell if k not in (*order, "train.seed")
+    )
+    parts = [str(cell[k]) if k in order else f"{k.split('.')[-1]}={cell[k]}" for k in keys]
+    if "train.seed" in cell:
+        parts.append(f"s{cell['train.seed']}")
+    return "-".join(parts) or "base"
