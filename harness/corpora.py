@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 
 from harness.config import ConfigError, Experiment
+from harness.schedules import SYNTHETIC
 from synth.corpus import MANIFEST_FILE, Corpus, CorpusError, read_corpus
 from synth.errors import user_errors
 
@@ -39,6 +40,12 @@ def check_corpus_fits(exp: Experiment, corpus: Corpus) -> None:
     """Fail before any trial starts when the corpus is too small for a trial's held-out slice and
     batch (the trial itself would only find out after Ray started it)."""
     t, rows = exp.train, len(corpus)
+    if t.schedule_rows == "synthetic" and not corpus.frame["source"].eq(SYNTHETIC).any():
+        raise ConfigError(
+            f"{exp.source}: train.schedule_rows is 'synthetic' but corpus "
+            f"{corpus.path or corpus.name} has no rows whose source is {SYNTHETIC!r}, so no row "
+            "would follow the strategy; set train.schedule_rows: all"
+        )
     train_rows = rows - t.heldout_size if t.heldout_size > 0 else rows
     if train_rows < max(t.batch_size, 1) or (t.heldout_size > 0 and t.heldout_size >= rows):
         raise ConfigError(

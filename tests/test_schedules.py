@@ -250,3 +250,27 @@ def test_schedule_rows_synthetic_schedules_only_the_synthetic_rows(strategy):
         other_rows_level=4,
     )
     assert {e.levels for batch in easy for e in batch if kinds[e.row_id] != "synthetic"} == {(4,)}
+
+
+def test_schedule_rows_synthetic_on_a_corpus_without_synthetic_rows_is_refused(tiny_corpus_dir):
+    """The small ablations extend the paper configs (schedule_rows: synthetic) and train on a mined
+    corpus: without a word, no row would have followed the strategy and every strategy would have
+    trained the same. Refused before anything trains."""
+    from harness.config import ConfigError
+    from harness.corpora import check_corpus_fits
+    from harness.experiment_file import validate
+    from synth.corpus import read_corpus
+
+    exp = validate(
+        {
+            "name": "x",
+            "corpus": {"path": str(tiny_corpus_dir)},
+            "train": {"schedule_rows": "synthetic", "batch_size": 4, "heldout_size": 8},
+        }
+    )
+    with pytest.raises(
+        ConfigError, match="has no rows whose source is 'synthetic'.*set train.schedule_rows: all"
+    ):
+        check_corpus_fits(exp, read_corpus(tiny_corpus_dir))
+    exp.train.schedule_rows = "all"
+    check_corpus_fits(exp, read_corpus(tiny_corpus_dir))
