@@ -269,7 +269,7 @@ def test_schedule_rows_synthetic_on_a_corpus_without_synthetic_rows_is_refused(t
         }
     )
     with pytest.raises(
-        ConfigError, match="has no rows whose source is 'synthetic'.*set train.schedule_rows: all"
+        ConfigError, match=r"has no rows whose source is 'synthetic'.*set train\.schedule_rows: all"
     ):
         check_corpus_fits(exp, read_corpus(tiny_corpus_dir))
     exp.train.schedule_rows = "all"
