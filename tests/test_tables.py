@@ -249,7 +249,11 @@ def test_numbers_match_independent_computation(written) -> None:
                 statistics.mean(values) - base[c], abs=1e-12
             )
     assert rows["mean"]["baseline"] == "1" and rows["mean"]["significant"] == ""
-    assert rows["ata"]["significant"] == "1"  # +3 points on every pair
+    # +3 points on every pair, but only 2 seeds shared with the baseline: the interval excludes 0,
+    # the exact sign-flip test over 2 seeds cannot go below p = 0.5, so no significance is claimed
+    assert float(rows["ata"]["test_ci_low"]) > 0 and rows["ata"]["test_seeds"] == "2"
+    assert float(rows["ata"]["test_sign_flip_p"]) == 0.5
+    assert rows["ata"]["significant"] == "0"
     assert rows["eos"]["significant"] == "0"  # +-noise around 0
     # the paired test's mean difference is the mean over (seed, task) pairs shared with the baseline
     ata_diffs = [
@@ -281,7 +285,7 @@ def test_markdown_bold_markers_and_footnotes(written) -> None:
     delta = statistics.mean(m["eval/avg"] for m in expected("ata")) - statistics.mean(
         m["eval/avg"] for m in expected("mean")
     )
-    assert lines["ata"].endswith(f"| {100 * delta:+.2f}† |")
+    assert lines["ata"].endswith(f"| {100 * delta:+.2f} |")  # 2 seeds: no † (see the csv test)
     eos = statistics.mean(m["eval/avg"] for m in expected("eos")) - statistics.mean(
         m["eval/avg"] for m in expected("mean")
     )
@@ -522,3 +526,17 @@ def test_the_per_task_table_has_one_column_per_task(written) -> None:
     assert "\\label{tab:" in tex and "\\label{tab:" in (out / "ablation.tex").read_text(
         encoding="utf-8"
     )
+
+
+def test_significance_needs_seeds_that_a_sign_flip_test_can_trust() -> None:
+    """With 3 seeds a seed-level bootstrap interval is about the range of the 3 differences and
+    excluded 0 whenever all 3 agreed (the small pooling ablation did): a † then claimed p < 0.05
+    from what a sign test puts at p = 0.25. The exact sign-flip p over seeds now gates the †."""
+    from harness.tables.ablation import PairedTest, sign_flip_p
+
+    assert sign_flip_p([0.9, 1.3, 11.8]) == 0.25  # 2 of the 8 sign assignments are as extreme
+    assert sign_flip_p([1.0] * 6) == 2 / 64
+    assert sign_flip_p([1.0, -1.0]) == 1.0
+    assert not PairedTest(4.6, 0.9, 11.8, 6, 3, 2, sign_flip_p([0.9, 1.3, 11.8])).significant
+    assert PairedTest(1.0, 0.5, 1.5, 12, 6, 2, sign_flip_p([1.0] * 6)).significant
+    assert not PairedTest(1.0, -0.5, 1.5, 12, 6, 2, sign_flip_p([1.0] * 6)).significant

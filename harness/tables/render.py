@@ -117,14 +117,18 @@ def notes(table: AblationTable) -> list[str]:
             unit, pairs = ("task", "same seed, same task") if by_task else ("value", "same seed")
             intervals = "; ".join(
                 f"{row.label} {fmt_delta(t.diff)} [{fmt_delta(t.low)}, {fmt_delta(t.high)}]"
-                f" ({t.replicates} seeds x {t.tasks} {unit}{'s' if t.tasks > 1 else ''})"
+                f" ({t.replicates} seeds x {t.tasks} {unit}{'s' if t.tasks > 1 else ''},"
+                f" sign-flip p = {t.p_value:.3g})"
                 for row, t in tested
             )
             out.append(
                 f"{DAGGER}: the {CONFIDENCE:.0%} paired cluster-bootstrap interval of the mean difference "
                 f"to the baseline excludes 0 (pairs: {pairs}; seeds resampled, each with all its "
                 f"{unit}s, since a seed's {unit}s share one model; {BOOTSTRAP_RESAMPLES} resamples, "
-                f"RNG seed {BOOTSTRAP_SEED}; with few seeds the interval is coarse). Intervals: {intervals}."
+                f"RNG seed {BOOTSTRAP_SEED}) and so does the exact sign-flip test over the seeds' mean "
+                f"differences (p < {1 - CONFIDENCE:.2g}; it cannot go below 2/2^seeds, so a † needs at "
+                f"least 6 seeds that agree: with fewer, read the intervals as descriptive). "
+                f"Intervals: {intervals}."
             )
         elif len(table.rows) > 1:
             out.append("No significance test: it needs at least 2 seeds shared with the baseline.")
@@ -227,6 +231,8 @@ def csv_text(table: AblationTable) -> str:
         "test_ci_low",
         "test_ci_high",
         "test_pairs",
+        "test_seeds",
+        "test_sign_flip_p",
         "significant",
     ]
     buf = io.StringIO()
@@ -247,9 +253,17 @@ def csv_text(table: AblationTable) -> str:
         t = row.test
         line += [table.main.metric if table.main else ""]
         line += (
-            [_num(t.diff), _num(t.low), _num(t.high), t.pairs, int(t.significant)]
+            [
+                _num(t.diff),
+                _num(t.low),
+                _num(t.high),
+                t.pairs,
+                t.replicates,
+                _num(t.p_value),
+                int(t.significant),
+            ]
             if t
-            else [""] * 5
+            else [""] * 7
         )
         writer.writerow(line)
     return buf.getvalue()
