@@ -76,7 +76,8 @@ def report(client: MlflowClient, name: str, folder: str, axis: str) -> list[str]
                     lines.append(
                         f"- {r[axis.split('.')[-1]]}: {r['test_metric']} Δ {100 * float(r['test_diff']):+.2f}, "
                         f"95 % interval [{100 * float(r['test_ci_low']):+.2f}, {100 * float(r['test_ci_high']):+.2f}], "
-                        f"{r['test_pairs']} (seed, task) pairs over {r['test_seeds']} seeds, sign-flip p = {float(r['test_sign_flip_p']):.3g}"
+                        f"{r['test_pairs']} (seed, task) pairs over {r['test_seeds']} seeds, "
+                        f"sign-flip p = {float(r['test_sign_flip_p']):.3g}"
                     )
     return [*lines, ""]
 
