@@ -10,8 +10,7 @@ from pathlib import Path
 from rich.console import Console
 
 from harness.config import ConfigError, Experiment
-from harness.schedules import SYNTHETIC
-from synth.corpus import MANIFEST_FILE, Corpus, CorpusError, read_corpus
+from synth.corpus import MANIFEST_FILE, SYNTHETIC_SOURCE, Corpus, CorpusError, read_corpus
 from synth.errors import user_errors
 
 
@@ -40,10 +39,10 @@ def check_corpus_fits(exp: Experiment, corpus: Corpus) -> None:
     """Fail before any trial starts when the corpus is too small for a trial's held-out slice and
     batch (the trial itself would only find out after Ray started it)."""
     t, rows = exp.train, len(corpus)
-    if t.schedule_rows == "synthetic" and not corpus.frame["source"].eq(SYNTHETIC).any():
+    if t.schedule_rows == "synthetic" and not corpus.frame["source"].eq(SYNTHETIC_SOURCE).any():
         raise ConfigError(
             f"{exp.source}: train.schedule_rows is 'synthetic' but corpus "
-            f"{corpus.path or corpus.name} has no rows whose source is {SYNTHETIC!r}, so no row "
+            f"{corpus.path or corpus.name} has no rows whose source is {SYNTHETIC_SOURCE!r}, so no row "
             "would follow the strategy; set train.schedule_rows: all"
         )
     train_rows = rows - t.heldout_size if t.heldout_size > 0 else rows

@@ -36,11 +36,7 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from harness.config import TrainSettings
-from synth.corpus import LEVELS, NEG_COLUMNS
-
-SYNTHETIC = (
-    "synthetic"  # the ``source`` of MGH rows (DESIGN.md), what schedule_rows "synthetic" schedules
-)
+from synth.corpus import LEVELS, NEG_COLUMNS, SYNTHETIC_SOURCE
 
 PHASED = {"curriculum": (4, 3, 2, 1), "reverse": (1, 2, 3, 4)}
 
@@ -139,7 +135,7 @@ def build_schedule(
     columns = ["id", "instruction", "query", "positive", *NEG_COLUMNS]
     kinds = frame["task_kind"].to_list() if "task_kind" in frame.columns else [None] * frame.height
     if schedule_rows == "synthetic":  # only the MGH rows follow the strategy
-        scheduled = [source == SYNTHETIC for source in frame["source"].to_list()]
+        scheduled = [source == SYNTHETIC_SOURCE for source in frame["source"].to_list()]
     elif schedule_rows == "all":
         scheduled = [True] * frame.height
     else:

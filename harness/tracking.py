@@ -28,7 +28,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 
-from harness.config import TrackingSettings
+from harness.config import TrackingSettings, trial_params
 
 if TYPE_CHECKING:
     from harness.config import Experiment
@@ -250,8 +250,6 @@ class Tracker:
     ) -> str:
         """The run of one trial, for the sweep's driver and `harness train` alike: its parameters,
         ``trial_key`` and cell tags, and its whole configuration (secrets redacted) as config.yaml."""
-        from harness.config import trial_params
-
         run_id = self.start_trial(
             parent_id,
             name=name,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from synth.answers import DUPLICATE_POSITIVE, DUPLICATE_QUERY, Rejected, parse_example, parse_tasks
-from synth.corpus import Corpus, RowBuilder, write_corpus
+from synth.corpus import SYNTHETIC_SOURCE, Corpus, RowBuilder, write_corpus
 from synth.fields import Candidate, field_answer
 from synth.llm import Usage
 from synth.plan import Request, task_kind
@@ -135,7 +135,7 @@ def build_corpus(
         positives.add(example.positive)
         assert request.task is not None
         rows.add(
-            source="synthetic",
+            source=SYNTHETIC_SOURCE,
             task_kind=task_kind(request.subtask),
             subtask=request.subtask,
             instruction=request.task,

@@ -28,6 +28,7 @@ LEVELS = (1, 2, 3, 4)
 NEG_COLUMNS = tuple(f"neg_{level}" for level in LEVELS)
 TASK_KINDS = ("asymmetric", "symmetric", "retrieval")
 SYNTH_SUBTASKS = ("short-long", "long-short", "short-short", "long-long", "sts")
+SYNTHETIC_SOURCE = "synthetic"  # the ``source`` of every MGH row (`synth generate`; DESIGN.md)
 
 SCHEMA: dict[str, pl.DataType] = {
     "id": pl.String(),
