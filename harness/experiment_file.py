@@ -9,7 +9,6 @@ schema itself is :mod:`harness.config`.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import os
@@ -29,7 +28,7 @@ from harness.config import (
     flatten,
     is_local_path,
 )
-from synth.configfile import format_validation, read_mapping, yaml_floats
+from synth.configfile import format_validation, read_with_extends, yaml_floats
 
 # ---------------------------------------------------------------- loading and errors
 
@@ -40,36 +39,9 @@ _MESSAGES = {
 }
 
 
-def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def load_raw(path: str | os.PathLike[str], _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def load_raw(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML file and resolve its ``extends`` chain into one mapping."""
-    path = Path(path)
-    resolved = path.resolve()
-    if resolved in _seen:
-        chain = " -> ".join(str(p) for p in (*_seen, resolved))
-        raise ConfigError(f"{path}: 'extends' forms a cycle: {chain}")
-    data = read_mapping(path, "experiment file", ConfigError)
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str) or not parent.strip():
-        raise ConfigError(f"{path}: extends: must be a file path (got {parent!r})")
-    if not (path.parent / parent).is_file():
-        raise ConfigError(f"{path}: extends: {path.parent / parent} not found (or not a file)")
-    base = load_raw(path.parent / parent, (*_seen, resolved))
-    # paths in the base file are relative to the base file: rewrite the ones we know
-    base_dir = (path.parent / parent).parent
-    _rebase_paths(base, base_dir, path.parent)
-    return _deep_merge(base, data)
+    return read_with_extends(path, "experiment file", ConfigError, rebase=_rebase_paths)
 
 
 _PATH_FIELDS = (("corpus", "path"), ("corpus", "build", "config"), ("mntp", "output"))

@@ -36,6 +36,7 @@ NO_TASKS = "no_tasks"
 DUPLICATE_QUERY = "duplicate_query"
 DUPLICATE_POSITIVE = "duplicate_positive"
 ECHOES_PROMPT = "echoes_prompt"  # a one-text answer that copies its instructions (stage2: fields)
+PARAPHRASES_PROMPT = "paraphrases_prompt"  # ... or says them again in other words (embedding check)
 
 # A task description is one sentence; shorter entries are placeholders copied from the prompt
 # ("first task", "Given ...").

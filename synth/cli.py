@@ -1,4 +1,4 @@
-"""The ``synth`` command line: build a corpus (mine, generate) and audit its negative levels.
+"""The ``synth`` command line: build a corpus (mine, generate, merge), verify and audit its levels.
 
 Thin by design: each command parses its options, calls one function of its module, and turns the
 errors a user can fix (bad config, bad data, bad corpus) into one red line and exit code 2.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -169,6 +169,76 @@ def merge(
             f"wrote {len(corpus):,} rows to {out} ({kept}; {build['duplicates_dropped']:,} duplicates dropped), "
             f"sha256 {corpus.sha256[:12]}",
             highlight=False,
+        )
+
+    _run(go)
+
+
+@app.command()
+def verify(
+    corpus: Annotated[
+        Path, typer.Argument(help="Corpus folder to verify (or, with --undo, undo).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Corpus folder to write.")],
+    mode: Annotated[
+        Literal["reorder", "reject"],
+        typer.Option(
+            help="reorder: sort each row's negatives into levels by teacher score; reject: drop "
+            "rows whose level order the teacher contradicts beyond --tolerance."
+        ),
+    ] = "reorder",
+    model: Annotated[
+        str,
+        typer.Option(help="Teacher: a sentence-transformers model (Hub id, folder, packaged:)."),
+    ] = "packaged:all-minilm-l6-v2",
+    relative_margin: Annotated[
+        float,
+        typer.Option(help="Drop negatives scored within this share of the positive's score."),
+    ] = 0.05,
+    tolerance: Annotated[
+        float, typer.Option(help="reject: cosine slack before an inverted pair of levels counts.")
+    ] = 0.05,
+    rows: Annotated[
+        Literal["all", "synthetic"],
+        typer.Option(help="Verify every row, or only synthetic (MGH) rows; the rest pass through."),
+    ] = "all",
+    batch_size: Annotated[int, typer.Option(help="Encoder batch size.")] = 64,
+    undo: Annotated[
+        bool, typer.Option("--undo", help="CORPUS was written by synth verify: rebuild its source.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Check every negative with a teacher embedder: drop likely false negatives, then re-order the
+    levels or reject rows whose order the teacher contradicts; counts go to the manifest."""
+
+    def go() -> None:
+        from synth.verify import REPORT_FILE, Settings, undo_verify, verify_corpus
+
+        console = Console(highlight=False)
+        if undo:
+            restored = undo_verify(corpus, out)
+            console.print(
+                f"restored {len(restored):,} rows to {out}, sha256 {restored.sha256[:12]}"
+            )
+            return
+        settings = Settings(
+            mode=mode,
+            model=model,
+            relative_margin=relative_margin,
+            tolerance=tolerance,
+            rows=rows,
+            batch_size=batch_size,
+        )
+        verified = verify_corpus(
+            corpus, out, settings, progress=not quiet, log=lambda m: err.print(m, highlight=False)
+        )
+        counts = verified.manifest["build"]["counts"]
+        rejected = ", ".join(f"{n:,} {r}" for r, n in counts["rows_rejected"].items()) or "none"
+        console.print(
+            f"wrote {len(verified):,} rows to {out} (kept {counts['rows_kept']:,} of "
+            f"{counts['rows_verified']:,} verified; rejected: {rejected}; "
+            f"re-ordered {counts['rows_reordered']:,}), sha256 {verified.sha256[:12]}; "
+            f"report: {Path(out) / REPORT_FILE}"
         )
 
     _run(go)

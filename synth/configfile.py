@@ -8,6 +8,8 @@
 - :func:`yaml_floats`: YAML 1.1 (PyYAML) reads ``1e-4`` (no dot) as a string; make it a float.
 - :func:`read_mapping`: a YAML file read through :mod:`synth.textfiles`'s safe loader, which must
   hold a mapping at the top level.
+- :func:`read_with_extends`: :func:`read_mapping` plus an ``extends:`` chain (a base file, its path
+  relative to the extending file): mappings merge recursively, lists and scalars replace.
 - :func:`format_validation`: a pydantic ``ValidationError`` as one line per error, naming the file
   and the dotted field.
 
@@ -17,9 +19,10 @@ its own exception type.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +97,48 @@ def read_mapping(
     if not isinstance(data, dict):
         raise error(f"{path}: the top level must be a mapping of keys, not {type(data).__name__}")
     return data
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``: mappings recursively, anything else replaced."""
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_with_extends(
+    path: str | os.PathLike[str],
+    what: str,
+    error: type[ConfigFileError] = ConfigFileError,
+    *,
+    rebase: Callable[[dict[str, Any], Path, Path], None] | None = None,
+    _seen: tuple[Path, ...] = (),
+) -> dict[str, Any]:
+    """The mapping of a YAML file with its ``extends:`` chain resolved (see the module docstring).
+    ``rebase(base, base_dir, file_dir)``, when given, rewrites the base's relative paths in place
+    so they keep pointing where they did from the base file."""
+    path = Path(path)
+    resolved = path.resolve()
+    if resolved in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, resolved))
+        raise error(f"{path}: 'extends' forms a cycle: {chain}")
+    data = read_mapping(path, what, error)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent.strip():
+        raise error(f"{path}: extends: must be a file path (got {parent!r})")
+    base_file = path.parent / parent
+    if not base_file.is_file():
+        raise error(f"{path}: extends: {base_file} not found (or not a file)")
+    base = read_with_extends(base_file, what, error, rebase=rebase, _seen=(*_seen, resolved))
+    if rebase is not None:
+        rebase(base, base_file.parent, path.parent)
+    return deep_merge(base, data)
 
 
 def format_validation(

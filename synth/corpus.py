@@ -41,6 +41,14 @@ SCHEMA: dict[str, pl.DataType] = {
     **{col: pl.String() for col in NEG_COLUMNS},
 }
 REQUIRED_NON_NULL = ("id", "source", "task_kind", "subtask", "instruction", "query", "positive")
+# Optional columns, written by `synth verify` (synth/verify.py) so its changes can be undone: the
+# row's negatives in their original level order and the teacher's cosine scores. Other readers
+# ignore them; a corpus without them is unchanged (same file, same hash).
+VERIFY_COLUMNS: dict[str, pl.DataType] = {
+    "verify_original": pl.List(pl.String()),  # neg_1..neg_4 as they were before verification
+    "verify_scores": pl.List(pl.Float64()),  # teacher cos(query, negative), original level order
+    "verify_positive": pl.Float64(),  # teacher cos(query, positive)
+}
 
 
 class CorpusError(ValueError):
@@ -95,7 +103,14 @@ def validate_frame(frame: pl.DataFrame, where: str = "corpus") -> pl.DataFrame:
     ]
     if wrong:
         raise CorpusError(f"{where}: columns must be strings: {'; '.join(wrong)}")
-    frame = frame.select([pl.col(c).cast(pl.String) for c in SCHEMA])
+    optional = [c for c in VERIFY_COLUMNS if c in frame.columns]
+    try:
+        frame = frame.select(
+            [pl.col(c).cast(pl.String) for c in SCHEMA]
+            + [pl.col(c).cast(VERIFY_COLUMNS[c]) for c in optional]
+        )
+    except pl.exceptions.PolarsError as e:
+        raise CorpusError(f"{where}: columns {', '.join(optional)}: {e}") from None
     for col in REQUIRED_NON_NULL:
         bad = frame.filter(pl.col(col).is_null() | (pl.col(col).str.strip_chars() == ""))
         if (

@@ -91,3 +91,25 @@ def encode(
                     f"{(len(texts) - done) / rate:.0f} s left"
                 )
     return out
+
+
+@lru_cache(maxsize=1 << 16)
+def _embedding(model: str, text: str) -> torch.Tensor:
+    """One text's normalized embedding (cached: a text is checked again on every resume)."""
+    with torch.inference_mode():
+        return (
+            load_encoder(model)
+            .encode(
+                text, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False
+            )
+            .float()
+            .cpu()
+        )
+
+
+def closest(model: str, text: str, phrases: Sequence[str]) -> tuple[float, str]:
+    """The highest cosine between ``text`` and one of ``phrases``, and that phrase."""
+    query = _embedding(model, text)
+    scores = [float(query @ _embedding(model, p)) for p in phrases]
+    best = max(range(len(phrases)), key=scores.__getitem__)
+    return scores[best], phrases[best]

@@ -16,6 +16,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from synth.sources import SourceError
     from synth.synth_config import SynthConfigError
     from synth.templates import PromptError
+    from synth.verify import VerifyError
 
     return (
         CorpusError,
@@ -28,4 +29,5 @@ def user_errors() -> tuple[type[Exception], ...]:
         PromptError,
         LockedError,
         MergeError,
+        VerifyError,
     )

@@ -12,6 +12,7 @@ from typing import Any
 from synth.answers import (
     NEGATIVE_EQUALS_POSITIVE,
     NEGATIVE_EQUALS_QUERY,
+    PARAPHRASES_PROMPT,
     QUERY_EQUALS_POSITIVE,
     Example,
     Rejected,
@@ -38,6 +39,13 @@ def field_answer(config: SynthConfig, request: Request, record: dict[str, Any]) 
     for given, reason in zip(request.given, FIELD_EQUALS[request.stage]):
         if same_text(text, given):
             raise Rejected(reason, name)
+    threshold = config.validation.prompt_similarity
+    if threshold is not None and request.echoes:
+        from synth.embed import closest  # torch and the encoder only where the check is on
+
+        score, phrase = closest(config.validation.similarity_model, text, request.echoes)
+        if score >= threshold:
+            raise Rejected(PARAPHRASES_PROMPT, f"{name} ~ {phrase!r} (cosine {score:.2f})")
     return text
 
 

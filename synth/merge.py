@@ -88,7 +88,8 @@ def merge_corpora(
                 "build_kind": corpus.manifest.get("build", {}).get("kind"),
             }
         )
-    merged = pl.concat(frames, how="vertical")
+    # diagonal: a part verified by `synth verify` brings its verify_* columns, the others null
+    merged = pl.concat(frames, how="diagonal_relaxed")
     duplicates = merged.height - merged["id"].n_unique()
     merged = merged.unique(subset="id", keep="first", maintain_order=True)
     if merged.height == 0:

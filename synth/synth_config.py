@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from synth.configfile import ConfigFileError, Strict, format_validation, read_mapping
+from synth.configfile import ConfigFileError, Strict, format_validation, read_with_extends
 from synth.corpus import SYNTH_SUBTASKS
 
 ResponseFormat = Literal["json_schema", "json_object", "none"]
@@ -111,6 +111,12 @@ class Prompts(Strict):
 class Validation(Strict):
     max_chars: int = Field(2000, gt=0)  # longer texts are rejected as "too_long"
     min_chars: int = Field(3, ge=1)  # shorter ones as "too_short"
+    # `fields` only: reject a text whose cosine to a phrase of its own prompt (the length spec, the
+    # level's wording) is at least this, as "paraphrases_prompt" (copies in other words, which the
+    # exact-phrase check misses). None: off. With all-MiniLM-L6-v2, rewordings of a spec score
+    # 0.8-0.9 and on-topic texts under 0.2; 0.6 also catches texts about the instructions.
+    prompt_similarity: float | None = Field(None, gt=0, le=1)
+    similarity_model: str = "packaged:all-minilm-l6-v2"  # a sentence-transformers model
 
 
 class SynthConfig(Strict):
@@ -145,9 +151,10 @@ class SynthConfig(Strict):
 
 
 def load_synth_config(path: str | os.PathLike[str], *, output: Path | None = None) -> SynthConfig:
-    """Read and validate a SYNTH.yaml; a relative ``output`` is relative to the working directory."""
+    """Read and validate a SYNTH.yaml (it may ``extends:`` another, see :mod:`synth.configfile`); a
+    relative ``output`` is relative to the working directory."""
     path = Path(path)
-    raw = read_mapping(path, "synthesis config", SynthConfigError)
+    raw = read_with_extends(path, "synthesis config", SynthConfigError)
     if output is not None:
         raw["output"] = str(output)
     try:

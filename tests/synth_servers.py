@@ -156,10 +156,13 @@ def synth_config_file(tmp_path: Path, **overrides: Any) -> Path:
     return path
 
 
-def scripted(faults: dict[str, list[int]] | None = None, delay_s: float = 0.0) -> Responder:
+def scripted(
+    faults: dict[str, list[int]] | None = None, delay_s: float = 0.0, paraphrase: bool = False
+) -> Responder:
     """Deterministic answers from the prompt (same prompt, same answer), with HTTP faults
     injected by prompt: ``faults[subtask-marker] = [429, 500]`` answers those statuses first.
-    ``delay_s`` per answer leaves time to kill a client mid-run."""
+    ``delay_s`` per answer leaves time to kill a client mid-run; ``paraphrase``: see
+    :func:`field_answer`."""
     seen: Counter[str] = Counter()
     pending = {k: list(v) for k, v in (faults or {}).items()}
 
@@ -188,7 +191,7 @@ def scripted(faults: dict[str, list[int]] | None = None, delay_s: float = 0.0) -
             )
         seen[h] += 1
         if "Answer with the text only" in text:  # stage2: fields, one plain text per request
-            return 200, {}, chat_response(field_answer(text, body["seed"]))
+            return 200, {}, chat_response(field_answer(text, body["seed"], paraphrase))
         n = (
             body["seed"] % 4
         )  # the seed is derived from the request key: one fixed answer per request
@@ -229,14 +232,25 @@ _LEVEL_MARKERS = {
 }
 
 
-def field_answer(prompt: str, seed: int) -> str:
+# "answer with the text only" in other words (MiniLM cosine 0.78-0.88 to it)
+PARAPHRASES = (
+    "Text only as the answer.",
+    "Text only as the answer, as asked.",
+    "The text only, as the answer.",
+)
+
+
+def field_answer(prompt: str, seed: int, paraphrase: bool = False) -> str:
     """A deterministic plain-text answer to a `stage2: fields` prompt. Queries vary by the seed:
     seed % 5 == 0 copies its instructions (rejected as echoes_prompt), == 1 comes labelled and
-    quoted (cleaned, accepted). A positive repeats its query when seed % 3 == 0 (rejected).
-    Negatives end with "L<level>" read from the prompt's level wording."""
+    quoted (cleaned, accepted); with ``paraphrase``, == 2 says its instructions in other words
+    (caught only by the embedding check). A positive repeats its query when seed % 3 == 0
+    (rejected). Negatives end with "L<level>" read from the prompt's level wording."""
     if "Write the input" in prompt:
         if seed % 5 == 0:
             return "Answer with the text only, nothing else."
+        if paraphrase and seed % 5 == 2:
+            return PARAPHRASES[seed // 5 % len(PARAPHRASES)]
         return f'Query: "topic {seed} question"' if seed % 5 == 1 else f"topic {seed} question"
     query = prompt.split("Input: ", 1)[1].split("\n", 1)[0]
     if "Write the matching result" in prompt:

@@ -18,8 +18,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
-from synth_servers import GOOD, Recorder, forward_to, scripted, serve
+from synth_servers import GOOD, PARAPHRASES, Recorder, forward_to, scripted, serve
 from synth_servers import good_with as _with
 from synth_servers import synth_config_file as _config
 
@@ -305,6 +306,38 @@ def test_field_answers_are_cleaned_or_rejected_with_their_reason() -> None:
         with pytest.raises(Rejected) as e:
             parse_field(text, limits, echoes, truncated=truncated)
         assert e.value.reason == reason, text
+
+
+def test_paraphrased_instructions_are_caught_by_embedding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A query that says its instructions in other words ("Text only as the answer") passes the
+    exact-phrase check; with `validation.prompt_similarity` the real MiniLM catches it, the
+    reject is counted, and the text is asked again."""
+    monkeypatch.setenv("NM_TEST_KEY", KEY)
+    with serve(scripted(paraphrase=True)) as url:
+        results = {
+            threshold: generate(
+                load_synth_config(
+                    _config(
+                        tmp_path / str(threshold),
+                        endpoint={"base_url": url},
+                        stage2="fields",
+                        validation={"prompt_similarity": threshold},
+                        tasks={"examples": {"short-long": 10, "sts": 10}},
+                    )
+                ),
+                progress=False,
+            )
+            for threshold in (None, 0.7)
+        }
+    paraphrased = pl.col("query").is_in(PARAPHRASES)
+    off, on = results[None].corpus, results[0.7].corpus
+    assert off.frame.filter(paraphrased).height >= 1  # the exact-phrase check lets them through
+    assert "query/paraphrases_prompt" not in off.manifest["rejects"]
+    assert on.manifest["rejects"]["query/paraphrases_prompt"] >= 1
+    assert on.frame.filter(paraphrased).height == 0  # asked again: another sample
+    assert len(on) >= len(off)
 
 
 def test_fields_mode_builds_each_example_text_by_text(
