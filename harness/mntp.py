@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import set_seed
 
 from harness.config import Experiment, MntpSettings
 from harness.init_adapter import MNTP_META as META_FILE
@@ -40,7 +41,7 @@ from harness.models import (
     load_backbone,
     pick_device,
 )
-from harness.train import lr_lambda, progress_bar, seed_everything
+from harness.train import lr_lambda, progress_bar
 from synth import textfiles
 
 if TYPE_CHECKING:
@@ -189,7 +190,7 @@ def train_mntp(
     m: MntpSettings = exp.mntp  # type: ignore[assignment]
     if m is None:
         raise MntpError(f"{exp.source}: no mntp: block")
-    seed_everything(m.seed)
+    set_seed(m.seed)
     device = pick_device(m.device)
     settings = exp.model.model_copy(
         update={"init_adapter": None, "init_adapter_sha256": None, "init_adapter_recipe": None}

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
+from transformers import set_seed
 
 from harness.config import Experiment
 from harness.embedder import Embedder, Encoded
@@ -40,14 +39,14 @@ class TrainResult:
     heldout_before: dict[str, float] = field(default_factory=dict)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warm-up, then linear decay to zero."""
+    """Linear warm-up, then linear decay to zero.
+
+    Not ``transformers.get_linear_schedule_with_warmup``: that one starts at ``step / warmup``, so
+    its first optimizer step runs at learning rate 0 (a step that changes nothing); this one starts
+    at ``1 / warmup`` and is otherwise the same. Changing it would also change every trial with
+    warm-up, i.e. the results already stored under their trial keys.
+    """
 
     def f(step: int) -> float:
         if warmup and step < warmup:
@@ -143,7 +142,7 @@ def train_one(
 ) -> TrainResult:
     """Train one configuration on ``corpus``; save the model under ``output_dir/model``."""
     t = exp.train
-    seed_everything(t.seed)
+    set_seed(t.seed)  # python, numpy, torch (and CUDA) generators
     device = pick_device(t.device)
     train_frame, heldout = split_heldout(corpus.frame, t.heldout_size)
     schedule = schedule_for(t, train_frame)
@@ -175,6 +174,7 @@ def train_one(
         corpus_sha256=corpus.sha256,
         level_order=schedule.level_order(),
         steps=t.steps,
+        train=t.model_dump(mode="json"),  # for the model card of an export
     )
     return TrainResult(
         model_dir=model_dir,
