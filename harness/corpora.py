@@ -70,7 +70,8 @@ def _build_corpus(kind: str, config: Path, output: Path, exp: Experiment) -> Non
     synthesis stops the sweep (rerun it to resume: every finished answer is journaled)."""
     try:
         if kind == "mine":
-            from synth.mine import load_config, mine
+            from synth.mine import mine
+            from synth.mine_config import load_config
 
             mine(load_config(config), output)
         else:

@@ -79,8 +79,8 @@ def mine(
     """Mine a graded corpus (4 negative levels by similarity rank) from (query, positive) pairs."""
 
     def go() -> None:
-        from synth.mine import MineError, config_from_sources, load_config
         from synth.mine import mine as run_mine
+        from synth.mine_config import MineError, config_from_sources, load_config
 
         overrides = {
             "model": model,

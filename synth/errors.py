@@ -10,7 +10,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from synth.llm import EndpointError
     from synth.locks import LockedError
     from synth.merge import MergeError
-    from synth.mine import MineError
+    from synth.mine_config import MineError
     from synth.packaged import PackagedModelError
     from synth.server import ServerError
     from synth.sources import SourceError

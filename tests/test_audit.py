@@ -9,7 +9,8 @@ import pytest
 
 from synth.audit import AUDIT_JSON, AUDIT_MD, audit_corpus
 from synth.corpus import CorpusError, read_corpus
-from synth.mine import config_from_sources, mine
+from synth.mine import mine
+from synth.mine_config import config_from_sources
 
 
 @pytest.fixture(scope="module")

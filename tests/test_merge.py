@@ -18,7 +18,8 @@ from synth.cli import app
 from synth.corpus import read_corpus
 from synth.generate import generate
 from synth.merge import MergeError, merge_corpora
-from synth.mine import config_from_sources, mine
+from synth.mine import mine
+from synth.mine_config import config_from_sources
 from synth.synth_config import load_synth_config
 
 

@@ -16,7 +16,8 @@ import torch
 
 from synth.corpus import NEG_COLUMNS, read_corpus
 from synth.embed import encode, load_encoder
-from synth.mine import MineError, config_from_sources, load_config, mine, pick_negatives
+from synth.mine import mine, pick_negatives
+from synth.mine_config import MineError, config_from_sources, load_config
 from synth.sources import Columns, SourceError, read_beir, read_hub, read_local
 
 SMALL_BANDS = [[1, 5], [6, 15], [16, 40], [41, 100]]
