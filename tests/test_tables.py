@@ -35,6 +35,7 @@ HELDOUT = "heldout/recall_at_1"
 EOS_OFFSETS = {0: [0.05, -0.05, 0.04], 1: [-0.04, 0.03, -0.03]}
 EXPERIMENT_YAML = """
 name: abl
+description: Pooling of the last hidden states (a test grid)
 corpus: {{path: corpora/none}}
 train: {{steps: 4}}
 grid: {{pooling: [eos, mean, ata], seed: [0, 1, 2]}}
@@ -272,7 +273,10 @@ def test_markdown_bold_markers_and_footnotes(written) -> None:
     lines = {
         line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")
     }
-    assert lines["pooling"] == "| pooling | n | Retrieval | STS | Avg | Held-out R@1 | Δ Avg |"
+    assert (
+        lines["pooling"]
+        == "| pooling | n | Retrieval | STS | Avg | Held-out R@1 | Δ Avg [95% CI] |"
+    )
     for c in COLUMNS:  # the best mean of each column, and only it, is bold
         means = {p: statistics.mean(m[c] for m in expected(p)) for p in POOLINGS}
         best = max(means, key=means.__getitem__)
@@ -285,11 +289,14 @@ def test_markdown_bold_markers_and_footnotes(written) -> None:
     delta = statistics.mean(m["eval/avg"] for m in expected("ata")) - statistics.mean(
         m["eval/avg"] for m in expected("mean")
     )
-    assert lines["ata"].endswith(f"| {100 * delta:+.2f} |")  # 2 seeds: no † (see the csv test)
+    # 2 seeds: no † (see the csv test); the interval of the paired test beside the difference
+    rows = read_csv(out / "ablation.csv")
+    ci = f"[{100 * float(rows['ata']['test_ci_low']):+.2f}, {100 * float(rows['ata']['test_ci_high']):+.2f}]"
+    assert lines["ata"].endswith(f"| {100 * delta:+.2f} {ci} |")
     eos = statistics.mean(m["eval/avg"] for m in expected("eos")) - statistics.mean(
         m["eval/avg"] for m in expected("mean")
     )
-    assert lines["eos"].endswith(f"| {100 * eos:+.2f} |")  # no marker
+    assert f"| {100 * eos:+.2f} [" in lines["eos"] and "†" not in lines["eos"]  # no marker
     assert lines["mean"].endswith("| baseline |")
     assert "Missing: 2 of 9 grid cells have no FINISHED run" in md
     assert "eos-s2 (never run)" in md
@@ -297,7 +304,10 @@ def test_markdown_bold_markers_and_footnotes(written) -> None:
     assert "seed in {0, 1, 2}" in md
     assert "†: the 95% paired cluster-bootstrap interval" in md and "seeds resampled" in md
     assert "2 older or superseded runs passed over" in md
+    # the experiment file's description is the caption
+    assert md.splitlines()[2] == "Pooling of the last hidden states (a test grid)"
     tex = (out / "ablation.tex").read_text(encoding="utf-8")
+    assert "\\caption{Pooling of the last hidden states (a test grid) (scores" in tex
     assert "\\toprule" in tex and "\\bottomrule" in tex and "$^\\dagger$" in tex
     assert (
         f"\\textbf{{{100 * max(statistics.mean(m['eval/avg'] for m in expected(p)) for p in POOLINGS):.2f}}}"
@@ -318,7 +328,11 @@ def test_rerun_is_byte_identical_and_logged_to_the_parent(written, store: dict) 
             "tasks.tex",
             "long.parquet",
             "long.csv",
-            *(f"{plot}.{fmt}" for plot in ("loss", "scores") for fmt in ("png", "pdf", "svg")),
+            *(
+                f"{plot}.{fmt}"
+                for plot in ("loss", "scores", "categories")
+                for fmt in ("png", "pdf", "svg")
+            ),
         ]
     )
     first = {p.name: p.read_bytes() for p in result.files}
@@ -384,7 +398,7 @@ def test_runs_without_parent_or_eval(store: dict) -> None:
     assert float(rows[1][f"{HELDOUT}_delta"]) == pytest.approx(-0.1)
     assert rows[1]["test_metric"] == HELDOUT and rows[1]["test_pairs"] == "2"
     md = (out / "ablation.md").read_text(encoding="utf-8")
-    assert "| strategy | n | Held-out R@1 | Δ Held-out R@1 |" in md
+    assert "| strategy | n | Held-out R@1 | Δ Held-out R@1 [95% CI] |" in md
     assert "set tables.baseline to choose" in md and "the runs' cells (sorted)" in md
     assert {p.name for p in result.files} >= {"loss.png", "scores.png"}
 
@@ -516,7 +530,7 @@ def test_the_per_task_table_has_one_column_per_task(written) -> None:
     md = (out / "tasks.md").read_text(encoding="utf-8")
     header = next(line for line in md.splitlines() if line.startswith("| pooling"))
     cells = [c.strip() for c in header.strip("|").split("|")]
-    assert cells[:2] == ["pooling", "n"] and cells[-2:] == ["Avg", "Δ Avg"]
+    assert cells[:2] == ["pooling", "n"] and cells[-2:] == ["Avg", "Δ Avg [95% CI]"]
     tasks = cells[2:-2]
     assert (
         tasks == sorted(tasks) and len(tasks) >= 2 and "STS" not in tasks

@@ -104,6 +104,7 @@ class Collected:
     losses: dict[str, list[tuple[int, float]]]  # run_id -> (step, train/loss), for used runs
     grid_source: str  # where the grid order came from (the file, the parent run, the runs)
     extra_runs: int  # FINISHED trial runs whose cell is not in the grid
+    description: str = ""  # the experiment file's `description`: the tables' caption
 
 
 def cell_json(cell: Mapping[str, Any]) -> str:
@@ -171,6 +172,7 @@ def collect(
         losses=losses,
         grid_source=source,
         extra_runs=extra,
+        description=exp.description if exp is not None else "",
     )
 
 

@@ -1,4 +1,5 @@
-"""The two figures of an ablation: training loss per variant, and the main score per variant.
+"""The figures of an ablation: training loss per variant, the main score per variant, and every
+column (mteb categories, Avg, held-out) as bars grouped by column.
 
 Figures are drawn on matplotlib's Agg canvas without pyplot (no global state, no display needed),
 at a fixed size and dpi, and saved as PNG plus vector PDF and SVG twins (for papers) without
@@ -129,4 +130,44 @@ def score_plot(table: AblationTable, path: Path) -> Path | None:
         ax.axhline(0.0, color="0.3", linewidth=0.8)
     cut = " (x100; the axis does not start at 0)" if bottom > 0 else " (x100)"
     ax.set_ylabel(main.title + cut)
+    return _save(fig, path)
+
+
+def category_plot(table: AblationTable, path: Path) -> Path | None:
+    """Grouped bars: one group per table column (the mteb categories, Avg, held-out R@1), one bar
+    per variant with ± std error bars; the best mean of each group outlined. ``None`` with fewer
+    than two columns (the score plot already shows the one)."""
+    columns = [c for c in table.columns if any(c.metric in row.mean for row in table.rows)]
+    if len(columns) < 2 or not table.rows:
+        return None
+    fig = Figure(figsize=(max(FIGSIZE[0], 1.2 * len(columns) + 2), FIGSIZE[1]), dpi=DPI,
+                 layout="constrained")  # fmt: skip
+    ax = fig.add_subplot()
+    width = 0.8 / len(table.rows)
+    for i, row in enumerate(table.rows):
+        x = [j + (i - (len(table.rows) - 1) / 2) * width for j in range(len(columns))]
+        heights = [SCALE * row.mean.get(c.metric, float("nan")) for c in columns]
+        errors = [
+            SCALE * row.std[c.metric] if row.count.get(c.metric, 0) > 1 else 0.0 for c in columns
+        ]
+        best = [
+            row.mean.get(c.metric)
+            == max(r.mean[c.metric] for r in table.rows if c.metric in r.mean)
+            for c in columns
+        ]
+        ax.bar(
+            x, heights, width, yerr=errors if any(errors) else None, capsize=2,
+            label=f"{row.label} (n={len(row.runs)})",
+            edgecolor=["black" if b and len(table.rows) > 1 else "none" for b in best],
+            linewidth=1.2,
+        )  # fmt: skip
+    ax.set_xticks(range(len(columns)), [c.title for c in columns], fontsize="small")
+    counts = [row.count.get(c.metric, 0) for row in table.rows for c in columns]
+    ax.set_title(
+        f"{table.experiment}: every column, {over_seeds(counts)} (outlined: best mean)",
+        fontsize="medium",
+    )
+    ax.set_ylabel("score (x100)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small")
     return _save(fig, path)

@@ -62,12 +62,16 @@ def _delta(table: AblationTable, i: int, dagger: str) -> str:
         return "baseline"
     if main is None or main.metric not in row.delta:
         return "–"
-    marker = dagger if row.test is not None and row.test.significant else ""
-    return fmt_delta(row.delta[main.metric]) + marker
+    t, delta = row.test, fmt_delta(row.delta[main.metric])
+    if t is None:
+        return delta
+    return f"{delta}{dagger if t.significant else ''} [{fmt_delta(t.low)}, {fmt_delta(t.high)}]"
 
 
 def _header(table: AblationTable) -> list[str]:
-    main = [f"Δ {table.main.title}"] if table.main is not None else []
+    tested = any(row.test is not None for row in table.rows)
+    ci = f" [{CONFIDENCE:.0%} CI]" if tested else ""
+    main = [f"Δ {table.main.title}{ci}"] if table.main is not None else []
     return [axis_title(a) for a in table.row_axes] + ["n"] + [c.title for c in table.columns] + main
 
 
@@ -109,7 +113,13 @@ def notes(table: AblationTable) -> list[str]:
             else "the first row; set tables.baseline to choose"
         )
         out.append(
-            f"Δ {table.main.title}: the row's mean minus the baseline's ({base.label}; {how})."
+            f"Δ {table.main.title}: the row's mean minus the baseline's ({base.label}; {how})"
+            + (
+                f"; in brackets the {CONFIDENCE:.0%} interval of the paired difference (the seeds"
+                f" both rows have; see {DAGGER})."
+                if any(row.test is not None for row in table.rows)
+                else "."
+            )
         )
         tested = [(row, row.test) for row in table.rows if row.test is not None]
         if tested:
@@ -200,9 +210,11 @@ def markdown(table: AblationTable) -> str:
     header = _header(table)
     n_label = len(table.row_axes) or 1
     align = [":--"] * n_label + ["--:"] * (len(header) - n_label)
+    description = table.collected.description
     lines = [
         f"# {table.experiment}: {_what(table)}",
         "",
+        *([description, ""] if description else []),
         "| " + " | ".join(_md_escape(h) for h in header) + " |",
         "|" + "|".join(align) + "|",
     ]
@@ -318,7 +330,7 @@ def latex(table: AblationTable) -> str:
     lines += [
         "\\bottomrule",
         "\\end{tabular}",
-        f"\\caption{{{latex_escape(table.experiment)}: {_what(table)}"
+        f"\\caption{{{latex_escape(_caption(table))}"
         " (scores $\\times$100, mean $\\pm$ std over seeds).}",
         f"\\label{{tab:{_label(table)}}}",
         "\\par\\smallskip",
@@ -336,6 +348,14 @@ def render_all(table: AblationTable) -> dict[str, str]:
         f"{table.kind}.csv": csv_text(table),
         f"{table.kind}.tex": latex(table),
     }
+
+
+def _caption(table: AblationTable) -> str:
+    """The experiment file's ``description`` (the per-task table says so), else name and kind."""
+    description = table.collected.description.strip().rstrip(".")
+    if not description:
+        return f"{table.experiment}: {_what(table)}"
+    return description if table.kind == "ablation" else f"{description}: {_what(table)}"
 
 
 def _what(table: AblationTable) -> str:

@@ -11,11 +11,11 @@ from harness.config import Experiment
 from harness.tables.ablation import AblationTable, build_table
 from harness.tables.collect import collect
 from harness.tables.export import long_frame
-from harness.tables.plots import VECTOR_FORMATS, loss_plot, score_plot
+from harness.tables.plots import VECTOR_FORMATS, category_plot, loss_plot, score_plot
 from harness.tables.render import render_all
 
 ARTIFACT_DIR = "tables"  # under the parent (sweep) run
-PLOTS = ("loss.png", "scores.png")
+PLOTS = ("loss.png", "scores.png", "categories.png")
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,11 @@ def write_tables(
     files += [out / "long.parquet", out / "long.csv"]
     for name, made in zip(
         PLOTS,
-        (loss_plot(table, collected.losses, out / PLOTS[0]), score_plot(table, out / PLOTS[1])),
+        (
+            loss_plot(table, collected.losses, out / PLOTS[0]),
+            score_plot(table, out / PLOTS[1]),
+            category_plot(table, out / PLOTS[2]),
+        ),
     ):
         twins = [(out / name).with_suffix(f".{fmt}") for fmt in VECTOR_FORMATS]
         if made is None:
