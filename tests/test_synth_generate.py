@@ -33,7 +33,8 @@ from synth.journal import Journal
 from synth.plan import Request
 from synth.synth_config import SynthConfigError, Validation, load_synth_config
 
-pytestmark = pytest.mark.faults
+# faults marks the fault-injection and bad-input tests; parsing, the fields mode and the real
+# server's end-to-end path are the module's core behaviour and run unmarked.
 
 KEY = "sk-test-never-written-7c1f"
 LIMITS = Validation()
@@ -74,14 +75,17 @@ def test_valid_answers_parse_inside_fences_and_chatter() -> None:
         (_with(negatives=[GOOD["negatives"][0]] * 4), "duplicate_negatives"),
     ],
 )
+@pytest.mark.faults
 def test_bad_answers_are_rejected_with_their_reason(text: str, reason: str) -> None:
     assert _reason(text) == reason
 
 
+@pytest.mark.faults
 def test_cut_off_answer_is_counted_as_truncated() -> None:
     assert _reason('{"query": "how do', truncated=True) == "truncated"
 
 
+@pytest.mark.faults
 def test_journal_tolerates_a_torn_last_line(tmp_path: Path) -> None:
     journal = Journal(tmp_path / JOURNAL_FILE)
     with journal.open() as w:
@@ -101,6 +105,7 @@ def test_shipped_configs_load(name: str) -> None:
     assert sum(config.tasks.examples.values()) >= 200
 
 
+@pytest.mark.faults
 def test_config_errors_name_the_field_and_the_file(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\noutput: y\nconcurency: 3\ntasks: {examples: {shrt-long: 2}}\n")
@@ -109,6 +114,7 @@ def test_config_errors_name_the_field_and_the_file(tmp_path: Path) -> None:
     assert "bad.yaml: concurency" in str(e.value) and "shrt-long" in str(e.value)
 
 
+@pytest.mark.faults
 def test_cli_reports_a_missing_key_in_one_line_naming_the_variable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -125,6 +131,7 @@ def test_cli_reports_a_missing_key_in_one_line_naming_the_variable(
     assert "NM_TEST_KEY" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.faults
 def test_generate_rejects_retries_and_never_writes_the_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -163,6 +170,7 @@ def test_generate_rejects_retries_and_never_writes_the_key(
             assert KEY.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.faults
 def test_budget_stops_cleanly_and_a_rerun_with_more_budget_finishes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -219,6 +227,7 @@ def _assert_nothing_twice_nothing_lost(
     assert sum(seeds.values()) <= len(keys) + in_flight  # only requests cut off by the kill repeat
 
 
+@pytest.mark.faults
 def test_sigkill_mid_run_then_rerun_gives_the_same_corpus(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -260,6 +269,7 @@ def _real_config(tmp_path: Path, url: str, model: str) -> Path:
     )
 
 
+@pytest.mark.faults
 def test_real_server_sigkill_then_rerun_requests_nothing_twice_and_loses_nothing(
     tmp_path: Path, real_server: Any
 ) -> None:
@@ -389,6 +399,7 @@ def test_fields_mode_builds_each_example_text_by_text(
     assert len(recorder.bodies) == manifest["usage"]["requests"] + m1["usage"]["requests"]
 
 
+@pytest.mark.faults
 def test_fields_example_lost_to_two_negatives_counts_once(tmp_path: Path) -> None:
     """The 4 negatives of an example are asked together, so two of them can use up their attempts:
     each rejected answer is reported, but the example is resolved once (a real 400-example run
@@ -436,6 +447,7 @@ def test_fields_example_lost_to_two_negatives_counts_once(tmp_path: Path) -> Non
     assert sum(settles for *_, settles in out) == 1
 
 
+@pytest.mark.faults
 def test_fields_mode_killed_mid_run_resumes_to_the_same_corpus(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
