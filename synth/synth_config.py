@@ -29,10 +29,9 @@ class LocalServer(Strict):
 
     model: str = "packaged:smollm2-135m-instruct"
     device: str = "cpu"
-    # Batch the requests in flight (paged attention): on 2 idle CPU cores, 32 short answers in flight
-    # gave 47 tokens/s against 12 one at a time (4x), and a real run 5x the requests/minute. Off by
-    # default because, unbounded, it sizes its KV cache and masks from free memory (11 GB resident
-    # on a 24 GB machine); bound it with extra_args (`--cb-num-blocks` counts pages of 256 tokens,
+    # Batch the requests in flight (paged attention; the README's "Synthesis" gives the speed-up
+    # measured here). Off by default because, unbounded, it sizes its KV cache and masks from free
+    # memory; bound it with extra_args (`--cb-num-blocks` counts pages of 256 tokens,
     # `--cb-max-batch-tokens` the tokens of one forward), as synth/data/local-smollm2.yaml does.
     continuous_batching: bool = False
     startup_timeout_s: float = Field(300.0, gt=0)
