@@ -47,36 +47,37 @@ def load_raw(path: str | os.PathLike[str]) -> dict[str, Any]:
 _PATH_FIELDS = (("corpus", "path"), ("corpus", "build", "config"), ("mntp", "output"))
 
 
+def _relative(path: object) -> bool:
+    """A path that means something else from another folder: not absolute, not ``~``, and not
+    starting with ``$`` (``${NM_SHARED_DATA}/...`` is expanded later, where it is absolute)."""
+    return (
+        isinstance(path, str)
+        and not path.startswith("$")
+        and not os.path.isabs(os.path.expanduser(path))
+    )
+
+
 def _rebase_paths(data: dict[str, Any], src: Path, dst: Path) -> None:
+    def rebase(path: str) -> str:
+        return os.path.relpath(src / path, dst)
+
     for keys in _PATH_FIELDS:
         node: Any = data
         for k in keys[:-1]:
             node = node.get(k) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
-            p = node[keys[-1]]
-            if not os.path.isabs(os.path.expanduser(p)):
-                node[keys[-1]] = os.path.relpath(src / p, dst)
+        if isinstance(node, dict) and _relative(node.get(keys[-1])):
+            node[keys[-1]] = rebase(node[keys[-1]])
     model = data.get("model")
     adapter = model.get("init_adapter") if isinstance(model, dict) else None
-    if (
-        isinstance(adapter, str)
-        and is_local_path(adapter)
-        and not os.path.isabs(os.path.expanduser(adapter))
-    ):
-        model["init_adapter"] = os.path.relpath(src / adapter, dst)
+    if _relative(adapter) and is_local_path(adapter):
+        model["init_adapter"] = rebase(adapter)
     mntp = data.get("mntp")
     if isinstance(mntp, dict) and isinstance(mntp.get("text"), list):
-        mntp["text"] = [
-            os.path.relpath(src / t, dst)
-            if isinstance(t, str) and t != "corpus" and not os.path.isabs(t)
-            else t
-            for t in mntp["text"]
-        ]
+        mntp["text"] = [rebase(t) if t != "corpus" and _relative(t) else t for t in mntp["text"]]
     eval_tasks = data.get("eval", {}).get("tasks") if isinstance(data.get("eval"), dict) else None
     if isinstance(eval_tasks, list):
         data["eval"]["tasks"] = [
-            os.path.relpath(src / t, dst) if isinstance(t, str) and _looks_like_path(t) else t
-            for t in eval_tasks
+            rebase(t) if _relative(t) and _looks_like_path(t) else t for t in eval_tasks
         ]
 
 

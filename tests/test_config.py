@@ -35,6 +35,24 @@ def test_extends_merges_and_rebases_paths(tmp_path):
     assert exp.resolve_path(exp.corpus.path).resolve() == (tmp_path / "corpora" / "c").resolve()
 
 
+def test_extends_keeps_environment_and_absolute_paths(tmp_path, monkeypatch):
+    """A base in another folder: ``${VAR}/...`` and absolute paths stay as written (a ``${VAR}``
+    path was rebased into ``../${VAR}/...``, which pointed nowhere)."""
+    data = tmp_path / "data"
+    (data / "BIOSSES").mkdir(parents=True)
+    monkeypatch.setenv("NM_TEST_DATA", str(data))
+    _write(
+        tmp_path,
+        "base/base.yaml",
+        "name: base\ncorpus: {path: '${NM_TEST_DATA}/corpus'}\n"
+        f"eval: {{suite: null, tasks: ['${{NM_TEST_DATA}}/BIOSSES', '{data}/BIOSSES', tasks/X]}}\n",
+    )
+    exp = load_experiment(_write(tmp_path, "sub/exp.yaml", "extends: ../base/base.yaml\nname: e\n"))
+    assert exp.eval.tasks[:2] == ["${NM_TEST_DATA}/BIOSSES", f"{data}/BIOSSES"]  # expanded at use
+    assert exp.resolve_path(exp.eval.tasks[2]).resolve() == (tmp_path / "base/tasks/X").resolve()
+    assert exp.resolve_path(exp.corpus.path).resolve() == (data / "corpus").resolve()
+
+
 def test_overrides_and_yaml_floats(tmp_path):
     f = _write(tmp_path, "e.yaml", "name: e\ncorpus: {path: c}\n")
     exp = load_experiment(f, ["train.lr=1e-4", "pooling=mean", "grid.seed=[1, 2]"])
