@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from transformers import set_seed
 
 from harness.config import Experiment
+from harness.distributed import DataParallel
 from harness.embedder import Embedder, Encoded
 from harness.heldout import heldout_metrics
 from harness.loss import duplicate_mask, info_nce
@@ -70,13 +72,31 @@ class _RngState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
-class StepRunner:
-    """One optimization step's forward/backward, plain or GradCache-chunked."""
+def doc_texts(batch: Sequence[Example]) -> list[str]:
+    """The documents of a batch in the loss's order: every positive, then every hard negative."""
+    return [ex.positive for ex in batch] + [n for ex in batch for n in ex.negatives]
 
-    def __init__(self, embedder: Embedder, temperature: float, chunk: int | None):
+
+class StepRunner:
+    """One optimization step's forward/backward, plain or GradCache-chunked.
+
+    With ``parallel`` (more than one worker) each call takes the global batch, embeds this
+    worker's shard, takes the loss over the whole global batch and sums the trainable gradients
+    over the workers (see ``harness/distributed.py``); the gradients must be zero (or None) before
+    the call. Without it, or with one worker, the step is the single-process one.
+    """
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        temperature: float,
+        chunk: int | None,
+        parallel: DataParallel | None = None,
+    ):
         self.embedder = embedder
         self.temperature = temperature
         self.chunk = chunk
+        self.parallel = parallel if parallel is not None and parallel.world_size > 1 else None
 
     def tokenize(self, batch: Sequence[Example]) -> tuple[list[Encoded], list[Encoded], list[str]]:
         s = self.embedder.settings
@@ -84,33 +104,69 @@ class StepRunner:
             self.embedder.tokenize_one(ex.query, ex.instruction or None, s.max_query_length)
             for ex in batch
         ]
-        doc_texts = [ex.positive for ex in batch] + [n for ex in batch for n in ex.negatives]
+        texts = doc_texts(batch)
         doc_instructions = [ex.doc_instruction for ex in batch] + [
             ex.doc_instruction for ex in batch for _ in ex.negatives
         ]
         docs = [
             self.embedder.tokenize_one(t, i, s.max_doc_length)
-            for t, i in zip(doc_texts, doc_instructions)
+            for t, i in zip(texts, doc_instructions)
         ]
-        return queries, docs, doc_texts
+        return queries, docs, texts
 
     def __call__(self, batch: Sequence[Example]) -> float:
-        queries, docs, doc_texts = self.tokenize(batch)
-        exclude = duplicate_mask([ex.positive for ex in batch], doc_texts)
+        """The loss of the (global) ``batch``; its gradients are accumulated into the parameters."""
+        local = batch if self.parallel is None else self.parallel.shard(batch)
+        queries, docs, texts = self.tokenize(local)
+        if self.parallel is not None:
+            texts = doc_texts(batch)
+        exclude = duplicate_mask([ex.positive for ex in batch], texts)
         if self.chunk is None or self.chunk >= len(queries) + len(docs):
             q = self.embedder(self.embedder.collate(queries))
             d = self.embedder(self.embedder.collate(docs))
-            loss = info_nce(q, d, self.temperature, exclude)
+            loss = info_nce(*self._global(q, d, batch), self.temperature, exclude)
             loss.backward()
-            return float(loss.detach())
-        return self._grad_cache(queries, docs, exclude)
+            loss = loss.detach()
+        else:
+            loss = self._grad_cache(queries, docs, exclude, batch)
+        if self.parallel is not None:
+            self.parallel.all_reduce_grads(self.embedder.trainable_parameters())
+        return float(loss)
+
+    def _global(self, q: Tensor, d: Tensor, batch: Sequence[Example]) -> tuple[Tensor, Tensor]:
+        """The global batch's queries and documents from this worker's ``q`` and ``d``.
+
+        Documents in the one-worker order: every worker's positives, then every worker's hard
+        negatives. Only this worker's rows keep their autograd path. Without ``parallel``: ``q``
+        and ``d`` unchanged.
+        """
+        if self.parallel is None:
+            return q, d
+        parts = self.parallel.gather(torch.cat([q, d]))
+        queries, positives, negatives = [], [], []
+        for rank, (part, shard) in enumerate(zip(parts, self.parallel.shards(batch))):
+            n, m = len(shard), sum(len(ex.negatives) for ex in shard)
+            if part.shape[0] != 2 * n + m:
+                raise RuntimeError(
+                    f"worker {rank} sent {part.shape[0]} embeddings for a shard of {n} examples "
+                    f"with {m} hard negatives: the workers are not running the same schedule"
+                )
+            queries.append(part[:n])
+            positives.append(part[n : 2 * n])
+            negatives.append(part[2 * n :])
+        return torch.cat(queries), torch.cat(positives + negatives)
 
     def _grad_cache(
-        self, queries: list[Encoded], docs: list[Encoded], exclude: torch.Tensor
-    ) -> float:
+        self,
+        queries: list[Encoded],
+        docs: list[Encoded],
+        exclude: torch.Tensor,
+        batch: Sequence[Example],
+    ) -> Tensor:
         """GradCache (Gao et al. 2021): embed without graph, take the loss gradient w.r.t. the
         embeddings, then re-embed chunk by chunk with the graph and back-propagate those gradients.
-        Same gradients as the full batch, memory of one chunk."""
+        Same gradients as the full batch, memory of one chunk. With ``parallel`` the chunks are
+        this worker's; the loss is the global batch's (:meth:`_global`)."""
         chunks = [queries[i : i + self.chunk] for i in range(0, len(queries), self.chunk)]
         n_q = len(chunks)
         chunks += [docs[i : i + self.chunk] for i in range(0, len(docs), self.chunk)]
@@ -120,14 +176,15 @@ class StepRunner:
                 states.append(_RngState(self.embedder.device))
                 reps.append(self.embedder(self.embedder.collate(items)))
         reps = [r.detach().requires_grad_() for r in reps]
-        loss = info_nce(torch.cat(reps[:n_q]), torch.cat(reps[n_q:]), self.temperature, exclude)
+        q, d = self._global(torch.cat(reps[:n_q]), torch.cat(reps[n_q:]), batch)
+        loss = info_nce(q, d, self.temperature, exclude)
         loss.backward()
         loss = loss.detach()
         for items, state, rep in zip(chunks, states, reps):
             state.restore()
             out = self.embedder(self.embedder.collate(items))
             out.backward(rep.grad)
-        return float(loss)
+        return loss
 
 
 def train_one(
@@ -192,7 +249,10 @@ def _optimize(
     exp: Experiment,
     on_metrics: MetricsCallback | None,
     progress: bool,
+    parallel: DataParallel | None = None,
 ) -> None:
+    """Run every step of ``schedule``; with ``parallel`` each worker calls this with the same
+    schedule and the same initial weights, and all of them take the same optimizer steps."""
     t = exp.train
     params = embedder.trainable_parameters()
     if not params:
@@ -201,7 +261,7 @@ def _optimize(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(min(t.warmup_steps, t.steps - 1), t.steps)
     )
-    runner = StepRunner(embedder, t.temperature, t.grad_cache_chunk)
+    runner = StepRunner(embedder, t.temperature, t.grad_cache_chunk, parallel)
     embedder.train()
     bar = progress_bar() if progress else None
     with bar or nullcontext():
