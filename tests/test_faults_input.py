@@ -637,7 +637,7 @@ def test_every_text_input_fails_in_one_line_on_bad_bytes_deep_nesting_and_alias_
 
 def test_mntp_text_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
     from harness.experiment_file import validate
-    from harness.mntp import MntpError, read_texts
+    from harness.mntp_data import MntpError, read_texts
 
     bad = tmp_path / "t.txt"
     bad.write_bytes(b"fine line\n" + BAD_BYTES + b"\n")

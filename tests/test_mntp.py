@@ -13,16 +13,8 @@ from sweep_util import runs, write_experiment
 
 from harness.embedder import INIT_ADAPTER_DIR, Embedder
 from harness.experiment_file import validate
-from harness.mntp import (
-    META_FILE,
-    MntpError,
-    is_done,
-    make_blocks,
-    mask_block,
-    mask_token_id,
-    read_texts,
-    run_mntp,
-)
+from harness.mntp import META_FILE, is_done, run_mntp
+from harness.mntp_data import MntpError, make_blocks, mask_block, mask_token_id, read_texts
 from harness.models import load_backbone
 from harness.sweep import run_sweep
 
