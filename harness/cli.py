@@ -6,6 +6,7 @@ harness tables EXPERIMENT.yaml     ablation tables and plots from MLflow into re
 harness train EXPERIMENT.yaml      one configuration (the base settings or one grid cell), no Ray
 harness mntp EXPERIMENT.yaml       the file's MNTP adapter (LLM2Vec's bidirectional adaptation)
 harness eval MODEL_OR_RUN          mteb evaluation of a saved model or an MLflow run's model
+harness export MODEL_OR_RUN --out DIR   a trained model as a sentence-transformers folder
 harness audit CORPUS MODEL_OR_RUN  per-level similarity of a corpus's negatives, scored by a model
 harness check EXPERIMENT.yaml      validate a file and print the resolved trials
 """
@@ -334,6 +335,72 @@ def eval_(
         )
     except (*_known_errors(), ModelNotFoundError, ValueError) as e:
         _fail(str(e))
+
+
+@app.command()
+def export(
+    model_or_run: Annotated[
+        str,
+        typer.Argument(
+            help="A folder saved by `harness train` or an MLflow run id.", show_default=False
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="The folder to write.", show_default=False)],
+    merge: Annotated[
+        bool, typer.Option(help="Merge the LoRA adapter into the weights (no peft needed).")
+    ] = False,
+    instruction: Annotated[
+        str | None, typer.Option(help="The instruction of the `query` prompt.")
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(metavar="float32|bfloat16|float16", help="The weights' dtype."),
+    ] = None,
+    log: Annotated[
+        bool, typer.Option(help="Also log it to the run as an MLflow model (a run id only).")
+    ] = False,
+    register: Annotated[
+        str | None,
+        typer.Option(metavar="NAME", help="Also register that MLflow model under NAME."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace --out when it is not empty.")] = False,
+    tracking_uri: TrackingUriOpt = None,
+    device: DeviceOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Write a trained model as a sentence-transformers folder: one call loads it,
+    SentenceTransformer(DIR, trust_remote_code=True), and it embeds as the harness does."""
+    _quiet(verbose)
+    from harness.export import ExportError, export_model
+    from harness.saved_models import ModelNotFoundError
+
+    try:
+        result = export_model(
+            model_or_run,
+            out,
+            merge=merge,
+            instruction=instruction,
+            dtype=dtype,
+            device=device,
+            tracking_uri=tracking_uri,
+            force=force,
+            log=log,
+            register=register,
+        )
+    except (*_known_errors(), ModelNotFoundError, ExportError) as e:
+        _fail(str(e))
+    how = "LoRA merged" if result.merged else "LoRA adapter in adapter/, needs peft"
+    console.print(
+        f"exported to {result.folder} ({how}); load it with "
+        f"SentenceTransformer({str(result.folder)!r}, trust_remote_code=True)",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    if result.model_id:
+        console.print(f"MLflow model: models:/{result.model_id}", highlight=False)
+    if result.version:
+        console.print(f"registered: models:/{register}/{result.version}", highlight=False)
 
 
 @app.command()

@@ -276,7 +276,7 @@ class ResourceSettings(_Strict):
     max_concurrent_trials: int | None = Field(None, ge=1)
     max_failures: int = Field(0, ge=0)  # Ray retries of a failed trial
     # Run the next trial in the finished trial's worker process (Tune's reuse_actors): saves the
-    # worker start and the torch/transformers imports (~10 s a trial on a small CPU machine).
+    # worker start and the torch/transformers imports (see bench/sweep_overhead.py).
     reuse_workers: bool = True
     # Custom Ray resources per trial, e.g. {"accelerator_type:A100": 0.01} or a test's {"fake_gpu": 1}
     custom: dict[str, float] = Field(default_factory=dict)
@@ -286,6 +286,10 @@ class TrackingSettings(_Strict):
     uri: str = "sqlite:///results/mlflow.db"  # relative sqlite paths resolve against the cwd
     artifact_location: str | None = None
     system_metrics: bool = True
+    # Also log each trial's model as an MLflow model (a sentence-transformers folder, registrable):
+    # a full copy of the base weights per trial, so off by default; `harness export RUN_ID --log`
+    # logs one run's model when it is wanted. Every run tags where its trained model is either way.
+    log_model: bool = False
 
 
 class TablesSettings(_Strict):

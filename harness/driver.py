@@ -18,10 +18,20 @@ from typing import Any
 
 from ray import tune
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from harness.config import Experiment
-from harness.tracking import Tracker, describe_error, redact_text
+from harness.mlflow_model import NAME as MLFLOW_MODEL_NAME
+from harness.tracking import (
+    MLFLOW_MODEL,
+    MODEL_DIR,
+    MODEL_PATH,
+    MODEL_URI,
+    Tracker,
+    describe_error,
+    redact_text,
+)
 from harness.trial import (
     ARTIFACTS,
     KIND,
@@ -167,17 +177,37 @@ class TrackingCallback(tune.Callback):
             )
         elif kind == "final":
             self.tracker.log_metrics(record.run_id, metrics, self._last_step.get(trial.trial_id, 0))
+            logged = self._log_artifacts(record, bundle, tags) if bundle else set()
+            # where the trained model is: logged with the run, or left on the trial's node
+            location = f"runs:/{record.run_id}/model" if "model" in logged else tags.get(MODEL_DIR)
+            if location:
+                tags[MODEL_URI] = location
             self.tracker.set_tags(record.run_id, tags)
             record.tags.update(tags)
-            if bundle:
-                with tempfile.TemporaryDirectory(prefix="harness-artifacts-") as tmp:
-                    for entry in unpack_artifacts(bundle, Path(tmp)):
-                        if entry.is_dir():
-                            self.tracker.log_artifacts(record.run_id, entry, entry.name)
-                        else:
-                            self.tracker.log_artifacts(record.run_id, entry.parent)
             record.metrics.update(metrics)
             record.seconds = metrics.get("trial/seconds")
+
+    def _log_artifacts(self, record: TrialRecord, bundle: bytes, tags: dict[str, str]) -> set[str]:
+        """Log a trial's artifacts, its MLflow model (``tracking.log_model``) as a logged model
+        (tagged in ``tags``); return the names logged."""
+        logged: set[str] = set()
+        with tempfile.TemporaryDirectory(prefix="harness-artifacts-") as tmp:
+            for entry in unpack_artifacts(bundle, Path(tmp)):
+                if entry.name == MLFLOW_MODEL_NAME and entry.is_dir():
+                    try:
+                        tags[MLFLOW_MODEL] = self.tracker.log_model(record.run_id, entry)
+                    except Exception as e:  # the trial's results stand; say what was not logged
+                        self.console.print(
+                            f"[yellow]warning[/] {record.label}: its MLflow model was not logged: "
+                            f"{escape(describe_error(e))}"
+                        )
+                        continue
+                elif entry.is_dir():
+                    self.tracker.log_artifacts(record.run_id, entry, entry.name)
+                else:
+                    self.tracker.log_artifacts(record.run_id, entry.parent)
+                logged.add(entry.name)
+        return logged
 
     def _progress(self, trial_id: str, step: int) -> None:
         now = time.time()
@@ -303,6 +333,14 @@ def print_summary(console: Console, summary: SweepSummary) -> None:
     for r in summary.records:
         if r.error:
             console.print(f"[red]{r.label}[/]: {r.error}")
+    for r in summary.records:  # where each trained model is (harness export / eval take either)
+        if r.status == "FINISHED" and r.tags.get(MODEL_URI):
+            where = r.tags[MODEL_URI]
+            local = r.tags.get(MODEL_PATH)
+            extra = f" ({local})" if local and local != where else ""
+            console.print(
+                f"model {r.label}: {where}{extra}", highlight=False, markup=False, soft_wrap=True
+            )
     timing = (
         f" (sum of trial times / concurrency {summary.concurrency}: {summary.ideal_seconds:.0f} s)"
         if summary.concurrency

@@ -3,9 +3,8 @@
 Inputs are built so that every pooling gives the same vector whatever the padding side or batch:
 explicit ``position_ids`` (counted over real tokens only), an EOS appended to decoder inputs
 (``eos`` pooling reads it), and a ``pool_mask`` that leaves out padding and the part of the input
-format before the text: the instruction and the template's opening (``skip_instruction``; found
-through the tokenizer's character offsets, so no token-boundary guessing). The format itself is
-``harness/templates.py``'s.
+format before the text (``skip_instruction``); how is ``harness/inputs.py``'s, shared with the
+sentence-transformers module of an export. The format itself is ``harness/templates.py``'s.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import os
 import shutil
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from torch import Tensor, nn
 
 from harness import __version__
 from harness.config import ModelSettings
+from harness.inputs import Batch, Encoded, collate, tokenize_one
 from harness.models import (
     Backbone,
     apply_lora,
@@ -42,34 +41,6 @@ log = logging.getLogger(__name__)
 META_FILE = "embedder.json"
 ADAPTER_DIR = "adapter"
 INIT_ADAPTER_DIR = "init_adapter"  # a copy of model.init_adapter, so a saved model reloads anywhere
-
-
-@dataclass
-class Batch:
-    input_ids: Tensor
-    attention_mask: Tensor
-    position_ids: Tensor
-    pool_mask: Tensor
-
-    def to(self, device: torch.device) -> Batch:
-        return Batch(
-            *(
-                t.to(device, non_blocking=True)
-                for t in (self.input_ids, self.attention_mask, self.position_ids, self.pool_mask)
-            )
-        )
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.input_ids.shape)  # type: ignore[return-value]
-
-
-@dataclass
-class Encoded:
-    """One tokenized text before padding."""
-
-    ids: list[int]
-    pooled: list[bool]
 
 
 class Embedder(nn.Module):
@@ -207,73 +178,20 @@ class Embedder(nn.Module):
         return self.template.render(text, instruction)
 
     def tokenize_one(self, text: str, instruction: str | None, max_length: int) -> Encoded:
-        budget = max_length - (1 if self._eos_id is not None else 0)
-        full, pool_start = self.format(text, instruction)
-        enc = self._encode(full, budget + 1)
-        if len(enc["input_ids"]) > budget:
-            closing = full[pool_start + len(text) :]
-            if (
-                closing and text
-            ):  # cut the text, keep the template's closing (LLM2Vec cuts the text too)
-                full, pool_start, enc = self._cut_text(text, instruction, budget)
-            else:
-                enc = self._encode(full, budget)
-        ids = list(enc["input_ids"])
-        skip = self.settings.skip_instruction and pool_start > 0
-        # a token is the text's if it covers any character from the text on ("ĠA" starts on the space before it)
-        pooled = [not (skip and end <= pool_start) for _, end in enc["offset_mapping"]]
-        if self._eos_id is not None and (not ids or ids[-1] != self._eos_id):
-            ids.append(self._eos_id)
-            pooled.append(True)
-        if not any(pooled):  # a text truncated inside its instruction: pool what there is
-            pooled = [True] * len(ids)
-        return Encoded(ids, pooled)
-
-    def _encode(self, full: str, max_length: int) -> Any:
-        return self.tokenizer(
-            full,
-            truncation=True,
-            max_length=max_length,
-            return_offsets_mapping=True,
-            add_special_tokens=True,
+        return tokenize_one(
+            self.tokenizer,
+            self.format,
+            text,
+            instruction,
+            max_length,
+            eos_id=self._eos_id,
+            skip_instruction=self.settings.skip_instruction,
         )
-
-    def _cut_text(self, text: str, instruction: str | None, budget: int) -> tuple[str, int, Any]:
-        """The input with the text cut at a token boundary so that the whole fits ``budget`` tokens."""
-        overhead = len(self._encode(self.format("", instruction)[0], budget + 1)["input_ids"])
-        ends = [
-            end
-            for _, end in self.tokenizer(
-                text, add_special_tokens=False, return_offsets_mapping=True
-            )["offset_mapping"]
-        ]
-        keep = min(len(ends), budget - overhead)
-        while keep > 0:
-            full, pool_start = self.format(text[: ends[keep - 1]], instruction)
-            enc = self._encode(full, budget + 1)
-            over = len(enc["input_ids"]) - budget
-            if over <= 0:
-                return full, pool_start, enc
-            keep -= over  # tokens merge differently at the cut: try again a little shorter
-        full, pool_start = self.format(text, instruction)  # the instruction alone is over budget
-        return full, pool_start, self._encode(full, budget)
 
     def collate(self, items: Sequence[Encoded]) -> Batch:
         """Pad to the longest item on the configured side; positions count real tokens only."""
-        length = max(len(it.ids) for it in items)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(items), length), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(items), length), dtype=torch.long)
-        pmask = torch.zeros((len(items), length), dtype=torch.bool)
-        left = self.settings.padding_side == "left"
-        for row, it in enumerate(items):
-            n = len(it.ids)
-            sl = slice(length - n, length) if left else slice(0, n)
-            ids[row, sl] = torch.tensor(it.ids)
-            mask[row, sl] = 1
-            pmask[row, sl] = torch.tensor(it.pooled)
-        positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
-        return Batch(ids, mask, positions, pmask)
+        return collate(items, pad_id=pad_id, left=self.settings.padding_side == "left")
 
     def tokenize(
         self,

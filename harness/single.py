@@ -22,7 +22,10 @@ from harness.tracking import (
     CORPUS_SHA,
     GIT_SHA,
     LEVEL_ORDER,
+    MLFLOW_MODEL,
     MODEL_DIR,
+    MODEL_URI,
+    TRIAL_KEY,
     Tracker,
     describe_error,
     git_sha,
@@ -98,6 +101,7 @@ def train_single(
             f"({result.seconds / max(result.steps, 1):.2f} s/step, "
             f"{result.steps * exp.train.batch_size / max(result.seconds, 1e-9):.2f} queries/s)"
         )
+        scores = dict(result.heldout)
         if evaluate and exp.eval.enabled:
             from harness.embedder import Embedder
             from harness.evaluation.run import evaluate_embedder
@@ -108,24 +112,49 @@ def train_single(
                 output_dir=out / "mteb",
                 name=f"{exp.name}/{label}-{key}",
             )
+            scores.update(evaluated.metrics)  # eval/<Task>, eval/<Category>, eval/avg
             if tracker is not None:
                 tracker.log_metrics(run_id, evaluated.metrics, step=exp.train.steps)
                 tracker.log_artifacts(run_id, Path(evaluated.result_dir), "mteb")
         if tracker is not None:
-            tracker.set_tags(
-                run_id,
-                {
-                    MODEL_DIR: str(Path(result.model_dir).resolve()),
-                    LEVEL_ORDER: ",".join(map(str, result.level_order)),
-                },
-            )
+            tags = {
+                MODEL_DIR: str(Path(result.model_dir).resolve()),
+                MODEL_URI: f"runs:/{run_id}/model",
+                LEVEL_ORDER: ",".join(map(str, result.level_order)),
+            }
             tracker.log_artifacts(run_id, Path(result.model_dir), "model")
+            if exp.tracking.log_model:
+                tags[MLFLOW_MODEL] = _log_mlflow_model(tracker, run_id, result, out, key, scores)
+            tracker.set_tags(run_id, tags)
             tracker.finish_trial(run_id)
     except BaseException as e:
         if tracker is not None:
             tracker.fail_trial(run_id, describe_error(e))
         raise
     return result
+
+
+def _log_mlflow_model(
+    tracker: Tracker,
+    run_id: str,
+    result: TrainResult,
+    out: Path,
+    key: str,
+    metrics: dict[str, float],
+) -> str:
+    """The trained model as a registrable MLflow model of the run (``tracking.log_model``)."""
+    import shutil
+
+    from harness.export import export_mlflow_model
+    from harness.mlflow_model import NAME
+
+    target = out / NAME
+    shutil.rmtree(target, ignore_errors=True)
+    export_mlflow_model(result.model_dir, target, metrics=metrics, tags={TRIAL_KEY: key})
+    try:
+        return tracker.log_model(run_id, target)
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
 
 
 def _scores(metrics: dict[str, float]) -> str:

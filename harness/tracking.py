@@ -44,6 +44,9 @@ CORPUS_SHA = "corpus_sha256"
 GIT_SHA = "git_sha"
 LEVEL_ORDER = "harness.level_order"  # the schedule's levels in order, e.g. "4,3,2,1"
 MODEL_DIR = "model_dir"  # where a trained model lies ([host:]path), when it is not an artifact
+MODEL_URI = "harness.model_uri"  # where the trained model is: runs:/<run>/model, else [host:]path
+MODEL_PATH = "harness.model_path"  # the folder a trial saved its model in (host:path)
+MLFLOW_MODEL = "harness.mlflow_model"  # models:/<id>: the model as a registrable MLflow model
 
 MAX_PARAM_CHARS = 6000  # MLflow's param value limit (8000 in recent versions; stay well under)
 MAX_ERROR_CHARS = 1000
@@ -273,6 +276,12 @@ class Tracker:
 
     def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_model(self, run_id: str, folder: Path) -> str:
+        """Log an MLflow model folder (``harness/mlflow_model.py``) as the run's model; its URI."""
+        from harness.mlflow_model import log_mlflow_model
+
+        return f"models:/{log_mlflow_model(self.client, run_id, folder)}"
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)

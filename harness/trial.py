@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 import tarfile
@@ -27,7 +28,7 @@ from typing import Any
 from harness.config import Experiment, path_part, trial_key
 from harness.experiment_file import apply_cell, cell_label
 from harness.init_adapter import AdapterFiles
-from harness.tracking import LEVEL_ORDER
+from harness.tracking import LEVEL_ORDER, MODEL_PATH, TRIAL_KEY
 from synth.corpus import Corpus
 
 # Reserved result keys (everything else in a result is a metric).
@@ -164,6 +165,15 @@ def train_and_evaluate(exp: Experiment, corpus: Corpus, ctx: TrialContext) -> Tr
             {k if k.startswith("eval/") else f"eval/{k}": v for k, v in evaluated.metrics.items()}
         )
         out.artifacts["mteb"] = Path(evaluated.result_dir)
+    if exp.tracking.log_model:  # a registrable MLflow model, which the driver logs
+        from harness.export import export_mlflow_model
+        from harness.mlflow_model import NAME
+
+        target = ctx.workdir / NAME
+        shutil.rmtree(target, ignore_errors=True)  # an earlier attempt's
+        out.artifacts[NAME] = export_mlflow_model(
+            result.model_dir, target, metrics=out.metrics, tags={TRIAL_KEY: ctx.key}
+        )
     return out
 
 
@@ -216,6 +226,11 @@ def run_trial(
             for name, path in output.artifacts.items()
             if name in left_out
         },
+        **(
+            {MODEL_PATH: f"{host}:{Path(output.artifacts['model']).resolve()}"}
+            if "model" in output.artifacts
+            else {}
+        ),
         "harness.host": host,
         "harness.node_id": _node_id(),
         # when the trial ran, as measured on its node (a tag: a time is not a metric to plot)
@@ -273,7 +288,10 @@ def _node_id() -> str:
 
 
 def _system_sampler() -> Callable[[], dict[str, float]]:
-    """CPU, memory and (when torch uses CUDA) GPU memory of this trial, as ``system/*`` metrics."""
+    """CPU, memory and (when torch uses CUDA) GPU memory of this trial, as ``system/*`` metrics.
+
+    Not MLflow's system-metrics logging: that samples the machine of the process holding the run,
+    here the driver, while a trial runs in a Ray worker, possibly on another node."""
     import psutil
 
     proc = psutil.Process()

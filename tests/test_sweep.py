@@ -30,7 +30,14 @@ def test_grid_layout_failure_and_resume(ray_instance, tmp_path, tiny_corpus_dir)
     exp = write_experiment(
         tmp_path, tiny_corpus_dir, "grid", grid={"pooling": ["eos", "mean", "ata"]}
     )
-    summary = run_sweep(exp, [], trial_fn=sweep_standins.quick, results_dir=tmp_path / "results")
+    first = io.StringIO()
+    summary = run_sweep(
+        exp,
+        [],
+        trial_fn=sweep_standins.quick,
+        results_dir=tmp_path / "results",
+        console=Console(file=first, width=200),
+    )
 
     # one cell failed, the others finished, and the exit code says so
     assert {r.label: r.status for r in summary.records} == {
@@ -75,6 +82,10 @@ def test_grid_layout_failure_and_resume(ray_instance, tmp_path, tiny_corpus_dir)
     assert [a.path for a in client.list_artifacts(done.info.run_id, "model")] == [
         "model/adapter_config.json"
     ]
+    # every trial run says where its model is, and so does the summary
+    assert done.data.tags["harness.model_uri"] == f"runs:/{done.info.run_id}/model"
+    assert done.data.tags["harness.model_path"].endswith("/model")
+    assert f"model ata: runs:/{done.info.run_id}/model (" in first.getvalue()
 
     # a rerun skips what finished and retries what failed; its summary fits 80 columns (cells fold,
     # never end in "…") and says what to run next

@@ -108,7 +108,7 @@ def test_harness_train_cli_logs_an_mlflow_run(tiny_corpus_dir, tmp_path):
         "name": "cli-train",
         "corpus": {"path": str(tiny_corpus_dir)},
         **TINY,
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db"},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "log_model": True},
     }
     exp["train"] = {**exp["train"], "steps": 1}
     exp["model"] = {**exp["model"], "pooling": "mean"}
@@ -138,6 +138,11 @@ def test_harness_train_cli_logs_an_mlflow_run(tiny_corpus_dir, tmp_path):
     assert run.data.params["train.strategy"] == "level-2"
     assert {"trial_key", "corpus_sha256", "git_sha"} <= set(run.data.tags)
     assert "train/loss" in run.data.metrics and "heldout/acc_all" in run.data.metrics
+    # where the model is, and the model as a registrable MLflow model (tracking.log_model)
+    assert run.data.tags["harness.model_uri"] == f"runs:/{run.info.run_id}/model"
+    model_id = run.data.tags["harness.mlflow_model"].removeprefix("models:/")
+    assert client.get_logged_model(model_id).source_run_id == run.info.run_id
+    assert not (tmp_path / "run" / "st_model").exists()  # logged, not left behind
     assert (tmp_path / "run" / "model" / "embedder.json").is_file()
 
 

@@ -3,46 +3,29 @@
 MODEL_OR_RUN is, in this order:
 - a folder saved by ``harness train`` (it holds ``embedder.json``): the trained model;
 - an MLflow run id (32 hex digits) of a trial: its ``model`` artifact, or the folder its
-  ``model_dir`` tag points to (``host:/path``, when the model was too big to log); the scores are
-  then logged back to that run (``eval/*`` metrics, mteb's files under the ``mteb`` artifact);
+  ``model_dir`` tag points to (``host:/path``, when the model was too big to log; see
+  ``harness/saved_models.py``); the scores are then logged back to that run (``eval/*`` metrics,
+  mteb's files under the ``mteb`` artifact);
 - anything else is a base model (Hub id, local folder, ``packaged:...``), evaluated untrained with
   ``--pooling``.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.config import EvalSettings, ModelSettings, Pooling, TrackingSettings, is_local_path
+from harness.config import EvalSettings, ModelSettings, Pooling, is_local_path
 from harness.evaluation import scores
 from harness.evaluation.instructions import ALL_TASKS
 from harness.evaluation.run import EvalResult, evaluate_embedder
-from harness.tracking import MODEL_DIR, redact_text
+from harness.saved_models import RUN_ID, ModelNotFoundError, RunModel, client_for, run_model
 
 if TYPE_CHECKING:
     from harness.embedder import Embedder
 
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-MODEL_ARTIFACT = "model"
-MODEL_DIR_TAG = MODEL_DIR
 EVAL_ARTIFACT = "mteb"
-
-
-class ModelNotFoundError(ValueError):
-    """MODEL_OR_RUN names no saved model, run or loadable base model; the message says what was tried."""
-
-
-@dataclass(frozen=True)
-class RunModel:
-    run_id: str
-    path: Path
-    suite: str | None  # the run's own eval.suite, used when the command gives none
 
 
 def eval_command(
@@ -104,7 +87,7 @@ def load_embedder(
     """The model MODEL_OR_RUN names (see the module docstring) and its run, if it is one."""
     from harness.embedder import Embedder
 
-    run = _run_model(model_or_run, tracking_uri) if RUN_ID.match(model_or_run) else None
+    run = run_model(model_or_run, tracking_uri) if RUN_ID.match(model_or_run) else None
     if run is not None:
         return Embedder.load(run.path, device), run
     if (Path(model_or_run) / "embedder.json").is_file():
@@ -126,45 +109,6 @@ def load_embedder(
     ), None
 
 
-def _client(tracking_uri: str | None):  # -> MlflowClient
-    from mlflow import MlflowClient
-
-    from harness.tracking import check_reachable, resolve_uri
-
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or TrackingSettings().uri
-    check_reachable(uri)
-    return MlflowClient(tracking_uri=resolve_uri(uri))
-
-
-def _run_model(run_id: str, tracking_uri: str | None) -> RunModel:
-    """The trained model of an MLflow trial run: its logged artifact, else its ``model_dir`` tag."""
-    from mlflow.exceptions import MlflowException
-
-    client = _client(tracking_uri)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as e:
-        raise ModelNotFoundError(
-            f"MLflow run {run_id}: not found in {redact_text(client.tracking_uri)} ({e.message})"
-        ) from None
-    suite = run.data.params.get("eval.suite") or None
-    if any(f.path == MODEL_ARTIFACT for f in client.list_artifacts(run_id)):
-        into = Path(tempfile.mkdtemp(prefix=f"harness-eval-{run_id[:8]}-"))
-        path = Path(client.download_artifacts(run_id, MODEL_ARTIFACT, str(into)))
-        return RunModel(run_id, path, suite)
-    tag = run.data.tags.get(MODEL_DIR_TAG)
-    if tag:
-        local = Path(tag.split(":", 1)[1] if ":" in tag and not Path(tag).exists() else tag)
-        if (local / "embedder.json").is_file():
-            return RunModel(run_id, local, suite)
-        raise ModelNotFoundError(
-            f"MLflow run {run_id}: its model is at {tag}, which is not a saved model on this machine"
-        )
-    raise ModelNotFoundError(
-        f"MLflow run {run_id}: no '{MODEL_ARTIFACT}' artifact and no '{MODEL_DIR_TAG}' tag"
-    )
-
-
 def _log_to_run(run_id: str, result: EvalResult, tracking_uri: str | None) -> None:
     import time
 
@@ -172,7 +116,7 @@ def _log_to_run(run_id: str, result: EvalResult, tracking_uri: str | None) -> No
 
     from harness.tracking import metric_name
 
-    client = _client(tracking_uri)
+    client = client_for(tracking_uri)
     now = int(time.time() * 1000)
     client.log_batch(
         run_id, metrics=[Metric(metric_name(k), v, now, 0) for k, v in result.metrics.items()]
