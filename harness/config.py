@@ -3,6 +3,10 @@
 The pydantic models (:class:`Experiment` and its sections) with their defaults and checks, the names
 accepted as grid axes, and what makes two trials the same (:func:`trial_key`). Reading a file
 (``extends``, ``--set``) and expanding the grid into trials is :mod:`harness.experiment_file`.
+
+Over 400 lines because it is the whole experiment schema: every section of the file, with its
+defaults and the source of each value, in one place to read (split, a reader would chase a field
+across modules).
 """
 
 from __future__ import annotations

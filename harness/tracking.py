@@ -5,6 +5,9 @@ One experiment per experiment file (its ``name``), one parent run per ``harness 
 ``mlflow.parentRunId``, named by :func:`harness.experiment_file.cell_label`). A SQLite store tolerates one
 writer (mlflow#4123), so trials never touch MLflow: they report through Ray and the driver's
 :class:`Tracker` writes. Everything that leaves the process passes :func:`redact` first.
+
+Over 400 lines because it is the only module that talks to MLflow (names, store, writer, reader):
+another tracking backend replaces this one file.
 """
 
 from __future__ import annotations
