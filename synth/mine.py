@@ -21,6 +21,11 @@ How it decides, per source (sources never share a pool):
 
 Every unique text is encoded once; scores come from chunked matrix products. Given the same
 config (and seed) the corpus, and so its sha256, is the same.
+
+Not ``sentence_transformers.util.mine_hard_negatives``: it takes one rank range a call, so four
+levels would be four calls and four rankings of the pool, and it has no per-source pools and no
+notion of a data set's own negative competing with the mined ones; its false-negative rule
+(``relative_margin``) is the one used here.
 """
 
 from __future__ import annotations
