@@ -9,9 +9,11 @@ against its query, as the audit does (cosine of L2-normalized embeddings), and:
    ``synth mine`` and of ``sentence_transformers.util.mine_hard_negatives``);
 2. then, by ``mode``:
 
-   - ``reorder``: the remaining negatives are sorted by teacher score, hardest first, into the level
-     slots they occupied (a dropped negative leaves its slot empty, so the other levels keep their
-     place in the 1-4 scale);
+   - ``reorder``: the remaining negatives are sorted by teacher score into levels 1, 2, ...: level
+     *j* is the *j*-th hardest negative the teacher keeps, so a row that lost negatives lacks its
+     easiest levels (the trainer then takes the nearest level it has). Keeping the slots the
+     dropped negatives left would mix hard and easy negatives within a level across rows (seen on
+     the offline SmolLM2 corpus: its level means did not fall);
    - ``reject``: the order is kept, and a row is rejected when the teacher contradicts it by more
      than ``tolerance``: some harder level scores more than ``tolerance`` below an easier one.
 
@@ -23,9 +25,10 @@ rebuilds the source corpus from both (the same rows, so the same hash when
 written by the same polars version). The manifest's ``build`` counts every change
 by reason and records the per-level audit before and after, with the teacher's embeddings.
 
-In ``reorder`` mode the teacher's own audit of the result falls by construction; what it shows is how
-much had to change. An independent scorer (another model, or a trained harness model through
-``harness audit``) is the fair check of the result.
+In ``reorder`` mode the teacher's own audit of the result falls within every row by construction
+(and across rows for rows that keep all four levels); what it shows is how much had to change. An
+independent scorer (another model, or a trained harness model through ``harness audit``) is the fair
+check of the result.
 """
 
 from __future__ import annotations
@@ -124,10 +127,9 @@ def decide(
     if not kept:
         return Decision(negatives, dropped, NO_NEGATIVE_LEFT)
     out: list[str | None] = [None] * len(LEVELS)
-    if settings.mode == "reorder":
-        slots = [level for level, _, _ in kept]
-        for slot, (_, text, _) in zip(slots, sorted(kept, key=lambda k: -k[2])):
-            out[slot - 1] = text
+    if settings.mode == "reorder":  # the j-th hardest negative the teacher keeps is level j
+        for slot, (_, text, _) in enumerate(sorted(kept, key=lambda k: -k[2])):
+            out[slot] = text
         return Decision(tuple(out), dropped)
     for (_, _, harder), (_, _, easier) in combinations(kept, 2):
         if easier > harder + settings.tolerance:
@@ -323,8 +325,8 @@ def render_report(build: dict[str, Any]) -> str:
     lines += [
         "",
         "Cells: mean cosine of the level's negatives to the query (n, share scored above the "
-        "positive). In reorder mode the teacher's own audit falls by construction; audit the "
-        "result with an independent model for a fair check.",
+        "positive). In reorder mode the teacher's own audit falls within each row by construction; "
+        "audit the result with an independent model for a fair check.",
     ]
     return "\n".join(lines) + "\n"
 

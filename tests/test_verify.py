@@ -70,21 +70,22 @@ def row(corpus: Path, i: int) -> dict:
 # ------------------------------------------------------------------ one row, no model
 
 
-def test_reorder_sorts_into_the_slots_left_and_drops_false_negatives() -> None:
+def test_reorder_sorts_the_kept_negatives_into_levels_and_drops_false_negatives() -> None:
     negs = ("a", "b", "c", "d")
     d = decide(negs, (0.1, 0.9, 0.5, 0.3), 0.8, Settings())
-    # 0.9 >= 0.8: "b" is a likely false negative; its slot stays empty, the rest hardest first
+    # 0.9 >= 0.8: "b" is a likely false negative; the rest hardest first from level 1, so the
+    # row lacks its easiest level (not the level "b" had)
     assert d.reason is None and d.dropped == (2,)
-    assert d.negatives == ("c", None, "d", "a")
+    assert d.negatives == ("c", "d", "a", None)
     # within the relative margin of the positive (0.77 >= 0.8 - 0.05 * 0.8) counts too
     assert decide(negs, (0.77, 0.5, 0.3, 0.1), 0.8, Settings()).dropped == (1,)
     assert decide(negs, (0.77, 0.5, 0.3, 0.1), 0.8, Settings(relative_margin=0)).dropped == ()
-    # a missing level stays missing
+    # a missing level is one negative fewer
     assert decide(("a", None, "c", "d"), (0.1, None, 0.5, 0.3), 0.8, Settings()).negatives == (
         "c",
-        None,
         "d",
         "a",
+        None,
     )
 
 
