@@ -167,10 +167,12 @@ class TrackingCallback(tune.Callback):
         }
         if kind == "step":
             step = int(result[STEP])
+            new_step = step > self._last_step.get(trial.trial_id, -1)
             self._last_step[trial.trial_id] = step
             self.tracker.log_metrics(record.run_id, metrics, step)
             record.metrics.update(metrics)
-            self._progress(trial.trial_id, step)
+            if new_step:  # the held-out score after training comes at the last step again
+                self._progress(trial.trial_id, step)
         elif kind == "note":  # a progress line of the trial (e.g. each evaluated task)
             self.console.print(
                 f"  {record.label}: {result.get(NOTE, '')}", highlight=False, markup=False
@@ -290,7 +292,9 @@ def _key_metrics(record: TrialRecord) -> str:
 def print_plan(
     console: Console, exp: Experiment, plan: Plan, per_trial: Mapping[str, float], concurrency: int
 ) -> None:
-    wanted = {k: v for k, v in per_trial.items() if v}
+    wanted: Any = {k: v for k, v in per_trial.items() if v}
+    if exp.resources.workers_per_trial > 1:
+        wanted = f"{exp.resources.workers_per_trial} workers x {wanted}"
     n = plan.search_samples if exp.search else len(plan.pending)
     what = f"{n} Optuna samples toward {exp.search.metric}" if exp.search else f"{n} trials"
     console.print(
