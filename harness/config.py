@@ -275,8 +275,13 @@ class SearchSettings(_Strict):
 
 
 class ResourceSettings(_Strict):
+    # Per worker: a trial is ``workers_per_trial`` workers (one Ray Train job, data-parallel over
+    # the global batch ``train.batch_size``: the same result as one worker) of these resources each.
     gpus_per_trial: float = Field(0, ge=0)
     cpus_per_trial: float = Field(1, gt=0)
+    workers_per_trial: int = Field(1, ge=1)
+    # how Ray places one trial's workers: PACK fills a node first, SPREAD one worker per node
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
     max_concurrent_trials: int | None = Field(None, ge=1)
     max_failures: int = Field(0, ge=0)  # Ray retries of a failed trial
     # Run the next trial in the finished trial's worker process (Tune's reuse_actors): saves the
@@ -318,6 +323,21 @@ class Experiment(_Strict):
 
     # Where the file came from (not part of the schema; excluded from dumps).
     source: str | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _workers_fit_batch(self) -> Experiment:
+        workers, gpus = self.resources.workers_per_trial, self.resources.gpus_per_trial
+        if workers > 1 and self.train.batch_size < workers:
+            raise ValueError(
+                f"resources.workers_per_trial {workers} needs train.batch_size >= {workers} (every "
+                f"worker embeds a share of the global batch of {self.train.batch_size})"
+            )
+        if workers > 1 and gpus != int(gpus):
+            raise ValueError(
+                f"resources.gpus_per_trial {gpus} with workers_per_trial {workers}: give each "
+                "worker whole GPUs (NCCL cannot run two workers of a trial on one GPU)"
+            )
+        return self
 
     @field_validator("name")
     @classmethod

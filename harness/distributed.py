@@ -93,6 +93,12 @@ class DataParallel:
         start, end = shard_bounds(len(batch), self.world_size)[self.rank]
         return list(batch[start:end])
 
+    def from_first(self, value: T) -> T:
+        """Rank 0's ``value`` on every worker (a decision only the first worker can make)."""
+        box = [value]
+        dist.broadcast_object_list(box, group=self.group, group_src=0)
+        return box[0]
+
     def gather(self, local: Tensor) -> list[Tensor]:
         """All workers' ``local`` tensors, in rank order; first dimensions may differ.
 

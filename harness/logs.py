@@ -41,3 +41,15 @@ def quiet_logs(verbose: bool | None = None) -> None:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
+
+
+# Ray Train's placement-group cleaner asks Ray's state API (the dashboard's) once a second whether
+# the trainer still runs, and warns when it cannot; without the dashboard it never can.
+RAY_TRAIN_CLEANER_LOG = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_ray_worker() -> None:
+    """Ray's ``worker_process_setup_hook`` for a sweep with multi-worker trials (quiet unless
+    ``HARNESS_VERBOSE``)."""
+    if os.environ.get(VERBOSE_ENV, "") != "1":
+        logging.getLogger(RAY_TRAIN_CLEANER_LOG).setLevel(logging.ERROR)

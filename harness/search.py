@@ -46,8 +46,11 @@ class _FinalResultOptuna(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
 
-def make_searcher(exp: Experiment, done: Sequence[FinishedTrial]) -> Searcher:
-    """OptunaSearch in a ConcurrencyLimiter, warm-started with ``done`` (earlier finished trials)."""
+def make_searcher(
+    exp: Experiment, done: Sequence[FinishedTrial], max_concurrent: int | None = None
+) -> Searcher:
+    """OptunaSearch in a ConcurrencyLimiter (``search.max_concurrent``, or ``max_concurrent`` when
+    lower), warm-started with ``done`` (earlier finished trials)."""
     settings: SearchSettings = exp.search  # type: ignore[assignment]
     space = search_space(exp)
     scored = [t for t in done if settings.metric in t.metrics and set(t.cell) == set(space)]
@@ -59,4 +62,5 @@ def make_searcher(exp: Experiment, done: Sequence[FinishedTrial]) -> Searcher:
         points_to_evaluate=[t.cell for t in scored] or None,
         evaluated_rewards=[t.metrics[settings.metric] for t in scored] or None,
     )
-    return ConcurrencyLimiter(optuna, max_concurrent=settings.max_concurrent)
+    limit = min(settings.max_concurrent, max_concurrent or settings.max_concurrent)
+    return ConcurrencyLimiter(optuna, max_concurrent=limit)

@@ -106,12 +106,14 @@ def sweep_key(exp: Experiment, corpus_sha256: str) -> str:
 
 
 def trial_resources(exp: Experiment) -> dict[str, float]:
+    """The resources of one trial's worker (a trial has ``resources.workers_per_trial``)."""
     r = exp.resources
     return {"CPU": r.cpus_per_trial, "GPU": r.gpus_per_trial, **r.custom}
 
 
-def cluster_capacity(per_trial: Mapping[str, float]) -> int:
-    """How many trials fit at once on the live nodes (a trial's resources come from one node)."""
+def cluster_capacity(per_trial: Mapping[str, float], workers: int = 1) -> int:
+    """How many trials of ``workers`` workers of ``per_trial`` resources fit at once on the live
+    nodes (a worker's resources come from one node; a trial's workers may span nodes)."""
     import ray
 
     total = 0
@@ -121,7 +123,7 @@ def cluster_capacity(per_trial: Mapping[str, float]) -> int:
         have = node.get("Resources", {})
         fits = [math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in per_trial.items() if v > 0]
         total += min(fits) if fits else 0
-    return total
+    return total // workers
 
 
 # ---------------------------------------------------------------- Ray
@@ -147,7 +149,7 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 @contextmanager
-def ray_session(address: str | None) -> Iterator[None]:
+def ray_session(address: str | None, runtime_env: dict[str, Any] | None = None) -> Iterator[None]:
     """Join ``address`` or start a local Ray; reuse a connection the caller already made."""
     import ray
 
@@ -157,7 +159,12 @@ def ray_session(address: str | None) -> Iterator[None]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
         _check_reachable(address)
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        runtime_env=runtime_env,
+    )
     try:
         yield
     finally:
@@ -228,12 +235,16 @@ def run_sweep(
         plan = make_plan(exp, corpus.sha256, tracker, resume=resume)
         skipped = [TrialRecord(s.label, s.key, "SKIPPED") for s in plan.skipped]
 
-        with ray_session(address):
+        # Ray Train (trials of several workers) warns every second that it has no dashboard
+        quiet = {"worker_process_setup_hook": "harness.logs.quiet_ray_worker"}
+        with ray_session(address, quiet if exp.resources.workers_per_trial > 1 else None):
             per_trial = trial_resources(exp)
-            capacity = cluster_capacity(per_trial)
+            workers = exp.resources.workers_per_trial
+            capacity = cluster_capacity(per_trial, workers)
             if capacity < 1:
+                what = f"{workers} workers of {per_trial}" if workers > 1 else str(per_trial)
                 raise SweepError(
-                    f"no node of the Ray cluster has room for one trial ({per_trial}); "
+                    f"the Ray cluster has no room for one trial ({what}); "
                     "lower resources.* in the experiment file or add nodes"
                 )
             n = plan.search_samples if exp.search else len(plan.pending)
@@ -295,6 +306,7 @@ def run_sweep(
                     per_trial,
                     init_adapter,
                     reuse_training=resume,
+                    concurrency=concurrency,
                 )
             except Exception as e:  # Tune itself failed: keep what finished, say so, exit 1
                 stopped = _stop_reason(e)
@@ -340,6 +352,7 @@ def _fit(
     init_adapter: AdapterFiles | None = None,
     *,
     reuse_training: bool = True,
+    concurrency: int | None = None,
 ) -> None:
     from ray.tune.logger import JsonLoggerCallback
 
@@ -353,24 +366,29 @@ def _fit(
         reuse_training=reuse_training,
     )
     resources = {"cpu": per_trial["CPU"], "gpu": per_trial["GPU"], **exp.resources.custom}
+    limit = exp.resources.max_concurrent_trials
+    if exp.resources.workers_per_trial > 1:
+        # The trial only starts its workers (trial_parallel.py), whose placement group Tune does
+        # not see: the trial holds a token (Tune needs some resource; one byte of memory takes no
+        # CPU or GPU from the workers), and the concurrency counted for workers is the limit.
+        resources, limit = {"cpu": 0, "memory": 1}, concurrency
     if exp.search:
         from harness.search import make_searcher
 
         param_space: dict[str, Any] = {}
         sampling = {
-            "search_alg": make_searcher(exp, plan.warm_start),
+            "search_alg": make_searcher(exp, plan.warm_start, max_concurrent=limit),
             "num_samples": plan.search_samples,
         }
         # Streamed training steps carry no search metric; Optuna reads the final result only.
         env = {"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
     else:
         param_space = {"cell": tune.grid_search([s.cell for s in plan.pending])}
-        sampling, env = {"num_samples": 1}, {}
+        sampling, env = {"num_samples": 1, "max_concurrent_trials": limit}, {}
     tuner = tune.Tuner(
         tune.with_resources(trainable, resources),
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            max_concurrent_trials=exp.resources.max_concurrent_trials,
             reuse_actors=exp.resources.reuse_workers,
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,

@@ -196,9 +196,18 @@ def train_one(
     progress: bool = True,
     name: str | None = None,
     revision: str = "base",
+    parallel: DataParallel | None = None,
 ) -> TrainResult:
-    """Train one configuration on ``corpus``; save the model under ``output_dir/model``."""
+    """Train one configuration on ``corpus``; save the model under ``output_dir/model``.
+
+    With ``parallel`` every worker calls this with the same arguments and trains on its shard of
+    each global batch; only rank 0 reports metrics, scores the held-out rows and saves the model.
+    The other workers return after the last step, with no held-out scores.
+    """
     t = exp.train
+    follower = parallel is not None and parallel.rank != 0
+    if follower:
+        on_metrics = None
     set_seed(t.seed)  # python, numpy, torch (and CUDA) generators
     device = pick_device(t.device)
     train_frame, heldout = split_heldout(corpus.frame, t.heldout_size)
@@ -212,7 +221,7 @@ def train_one(
         revision=revision,
     )
     before: dict[str, float] = {}
-    if t.heldout_before and heldout.height:
+    if t.heldout_before and heldout.height and not follower:
         before = {
             k.replace("heldout/", "heldout_base/"): v
             for k, v in heldout_metrics(embedder, heldout, batch_size=t.batch_size).items()
@@ -220,8 +229,10 @@ def train_one(
         if on_metrics:
             on_metrics(0, before)
     started = time.perf_counter()
-    _optimize(embedder, schedule, exp, on_metrics, progress)
+    _optimize(embedder, schedule, exp, on_metrics, progress, parallel)
     seconds = time.perf_counter() - started
+    if follower:
+        return TrainResult(Path(output_dir) / "model", {}, t.steps, seconds, schedule.level_order())
     embedder.eval()
     after = heldout_metrics(embedder, heldout, batch_size=t.batch_size) if heldout.height else {}
     if on_metrics and after:

@@ -22,14 +22,18 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.config import Experiment, path_part, trial_key
 from harness.experiment_file import apply_cell, cell_label
 from harness.init_adapter import AdapterFiles
 from harness.tracking import LEVEL_ORDER, MODEL_PATH, TRIAL_KEY
 from synth.corpus import Corpus
+
+if TYPE_CHECKING:  # torch is imported by the trial function, never here
+    from harness.distributed import DataParallel
 
 # Reserved result keys (everything else in a result is a metric).
 KIND = "harness/kind"  # "step" (a training step), "note" (a progress line) or "final"
@@ -72,6 +76,13 @@ class TrialContext:
     # use a finished training an earlier attempt of this trial left in ``workdir`` (it failed
     # later, e.g. in evaluation) instead of training again; off for `harness sweep --no-resume`
     reuse_training: bool = True
+    # this worker's place when the trial runs on several workers (resources.workers_per_trial);
+    # only rank 0's output and reports are used
+    parallel: DataParallel | None = None
+
+    @property
+    def leader(self) -> bool:
+        return self.parallel is None or self.parallel.rank == 0
 
 
 @dataclass
@@ -104,14 +115,19 @@ def train_or_reuse(exp: Experiment, corpus: Corpus, ctx: TrialContext, name: str
     from harness.train import train_one
 
     marker = ctx.workdir / TRAINED_FILE
-    if ctx.reuse_training and marker.is_file():
+    saved = None
+    if ctx.leader and ctx.reuse_training and marker.is_file():
         saved = json.loads(marker.read_text(encoding="utf-8"))
-        model_dir = Path(saved["model_dir"])
-        if (model_dir / "embedder.json").is_file():
-            for step, metrics in saved["stream"]:
-                ctx.report(step, metrics)
-            return Trained(model_dir, saved["heldout"], saved["level_order"], reused=True)
-    marker.unlink(missing_ok=True)
+        if not (Path(saved["model_dir"]) / "embedder.json").is_file():
+            saved = None
+    if ctx.parallel is not None:  # the other workers train only if rank 0 does
+        saved = ctx.parallel.from_first(saved)
+    if saved is not None:
+        for step, metrics in saved["stream"]:
+            ctx.report(step, metrics)
+        return Trained(Path(saved["model_dir"]), saved["heldout"], saved["level_order"], True)
+    if ctx.leader:
+        marker.unlink(missing_ok=True)
     stream: list[tuple[int, dict[str, float]]] = []
 
     def report(step: int, metrics: Mapping[str, float]) -> None:
@@ -119,8 +135,16 @@ def train_or_reuse(exp: Experiment, corpus: Corpus, ctx: TrialContext, name: str
         ctx.report(step, metrics)
 
     result = train_one(
-        exp, corpus, output_dir=ctx.workdir, on_metrics=report, progress=False, name=name
+        exp,
+        corpus,
+        output_dir=ctx.workdir,
+        on_metrics=report,
+        progress=False,
+        name=name,
+        parallel=ctx.parallel,
     )
+    if not ctx.leader:
+        return Trained(Path(result.model_dir), {}, result.level_order, reused=False)
     saved = {
         "model_dir": str(Path(result.model_dir).resolve()),
         "heldout": result.heldout,
@@ -140,6 +164,8 @@ def train_and_evaluate(exp: Experiment, corpus: Corpus, ctx: TrialContext) -> Tr
         f"{exp.name}/{ctx.label}-{ctx.key}"  # unique per trial: mteb caches results by model name
     )
     result = train_or_reuse(exp, corpus, ctx, name)
+    if not ctx.leader:  # rank 0 scores, evaluates and reports
+        return TrialOutput(metrics={})
     out = TrialOutput(
         metrics=dict(result.heldout),
         artifacts={"model": Path(result.model_dir)},
@@ -187,7 +213,8 @@ def run_trial(
     init_adapter: AdapterFiles | None = None,
     reuse_training: bool = True,
 ) -> None:
-    """The Tune trainable (bind the keywords with ``tune.with_parameters``)."""
+    """The Tune trainable (bind the keywords with ``tune.with_parameters``): the trial here, or on
+    ``resources.workers_per_trial`` Ray Train workers (``harness/trial_parallel.py``)."""
     from ray import tune
 
     from harness.logs import quiet_logs
@@ -195,25 +222,62 @@ def run_trial(
     quiet_logs()  # the driver's --verbose choice, passed down in the environment
 
     spec = trial_spec(base, cell_of(config), corpus.sha256)
+    run = partial(
+        run_spec,
+        spec=spec,
+        corpus=corpus,
+        models_dir=models_dir,
+        trial_fn=trial_fn,
+        init_adapter=init_adapter,
+        reuse_training=reuse_training,
+    )
+    if spec.exp.resources.workers_per_trial > 1:
+        from harness.trial_parallel import run_workers
+
+        run_workers(spec.exp.resources, run)
+    else:
+        run(send=tune.report)
+
+
+def run_spec(
+    *,
+    send: Callable[[dict[str, Any]], None],
+    spec: TrialSpec,
+    corpus: Corpus,
+    models_dir: str,
+    trial_fn: TrialFn | None = None,
+    init_adapter: AdapterFiles | None = None,
+    reuse_training: bool = True,
+    parallel: DataParallel | None = None,
+) -> None:
+    """Run one trial (or this worker's part of it) and ``send`` its results: every step, every
+    progress line and the final scores, tags and artifacts. Only rank 0 sends anything."""
+    leader = parallel is None or parallel.rank == 0
     workdir = Path(models_dir) / path_part(spec.exp.name) / path_part(f"{spec.label}-{spec.key}")
     workdir.mkdir(parents=True, exist_ok=True)
     if init_adapter is not None:  # shipped by the driver: this node may not see the driver's disk
-        spec.exp.model.init_adapter = str(init_adapter.write(workdir / "init_adapter"))
+        # one copy per worker: workers on one node share the trial's folder
+        folder = "init_adapter" if parallel is None else f"init_adapter-{parallel.rank}"
+        spec.exp.model.init_adapter = str(init_adapter.write(workdir / folder))
     sample = _system_sampler() if spec.exp.tracking.system_metrics else dict
+    if not leader:
+        send = _ignore
 
     def report(step: int, metrics: Mapping[str, float]) -> None:
-        tune.report({KIND: "step", STEP: int(step), **metrics, **sample()})
+        send({KIND: "step", STEP: int(step), **metrics, **sample()})
 
     def say(line: str) -> None:
-        tune.report({KIND: "note", NOTE: line})
+        send({KIND: "note", NOTE: line})
 
     started = time.time()
     output = (trial_fn or train_and_evaluate)(
         spec.exp,
         corpus,
-        TrialContext(spec.label, spec.key, workdir, report, say, reuse_training=reuse_training),
+        TrialContext(spec.label, spec.key, workdir, report, say, reuse_training, parallel=parallel),
     )
     ended = time.time()
+    if not leader:
+        return
     broken = sorted(k for k, v in output.metrics.items() if not math.isfinite(float(v)))
     if broken:  # a FINISHED run must carry real numbers only
         raise FloatingPointError(f"the trial's scores are not finite: {', '.join(broken)}")
@@ -237,7 +301,7 @@ def run_trial(
         "harness.started_at": _iso(started),
         "harness.ended_at": _iso(ended),
     }
-    tune.report(
+    send(
         {
             KIND: "final",
             **output.metrics,
@@ -246,6 +310,10 @@ def run_trial(
             ARTIFACTS: bundle,
         }
     )
+
+
+def _ignore(result: dict[str, Any]) -> None:
+    """Where the results of a worker other than rank 0 go."""
 
 
 def _iso(timestamp: float) -> str:
