@@ -115,11 +115,12 @@ def sweep(
 ) -> None:
     """Run the experiment's grid (or search) as Ray Tune trials, tracked in MLflow."""
     _quiet(verbose)
+    from harness.cluster import ClusterError
     from harness.sweep import SweepError, run_sweep
 
     try:
         summary = run_sweep(experiment, set_ or [], address=address, resume=resume)
-    except (*_known_errors(), SweepError) as e:
+    except (*_known_errors(), SweepError, ClusterError) as e:
         _fail(str(e))
     raise typer.Exit(summary.exit_code)
 

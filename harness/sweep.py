@@ -12,11 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
-import re
 import shlex
-import socket
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,6 +26,7 @@ from ray import tune
 from rich.console import Console
 from rich.markup import escape
 
+from harness.cluster import cluster_capacity, ray_session
 from harness.config import Experiment, path_part
 from harness.corpora import check_corpus_fits, load_corpus
 from harness.driver import (
@@ -109,66 +107,6 @@ def trial_resources(exp: Experiment) -> dict[str, float]:
     """The resources of one trial's worker (a trial has ``resources.workers_per_trial``)."""
     r = exp.resources
     return {"CPU": r.cpus_per_trial, "GPU": r.gpus_per_trial, **r.custom}
-
-
-def cluster_capacity(per_trial: Mapping[str, float], workers: int = 1) -> int:
-    """How many trials of ``workers`` workers of ``per_trial`` resources fit at once on the live
-    nodes (a worker's resources come from one node; a trial's workers may span nodes)."""
-    import ray
-
-    total = 0
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        have = node.get("Resources", {})
-        fits = [math.floor(have.get(k, 0.0) / v + 1e-9) for k, v in per_trial.items() if v > 0]
-        total += min(fits) if fits else 0
-    return total // workers
-
-
-# ---------------------------------------------------------------- Ray
-
-
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, not minutes, when ``--address`` points nowhere."""
-    if address in ("auto", "local"):
-        return
-    hostport = re.sub(r"^\w+://", "", address)
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise SweepError(
-            f"--address {address!r}: expected HOST:PORT (the address `ray start --head` printed)"
-        )
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise SweepError(
-            f"cannot reach the Ray cluster at {address} ({e}); start it with `ray start --head` "
-            "on the head node, or leave --address out to run on this machine"
-        ) from None
-
-
-@contextmanager
-def ray_session(address: str | None, runtime_env: dict[str, Any] | None = None) -> Iterator[None]:
-    """Join ``address`` or start a local Ray; reuse a connection the caller already made."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address:
-        _check_reachable(address)
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        runtime_env=runtime_env,
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 @contextmanager

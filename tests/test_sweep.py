@@ -18,8 +18,9 @@ from rich.console import Console
 from sweep_util import runs, write_experiment
 
 from harness.cli import ui
+from harness.cluster import ClusterError, check_reachable
 from harness.config import TrackingSettings
-from harness.sweep import SweepError, _check_reachable, run_sweep
+from harness.sweep import run_sweep
 from harness.tracking import Tracker, metric_name, redact
 from harness.ui import start_ui, stop_ui
 from synth.corpus import read_manifest
@@ -159,8 +160,8 @@ def test_real_trial_trains_and_reports(ray_instance, tmp_path, tiny_corpus_dir, 
 @pytest.mark.faults
 def test_unreachable_cluster_fails_fast():
     start = time.monotonic()
-    with pytest.raises(SweepError, match=r"cannot reach the Ray cluster at 127\.0\.0\.1:9"):
-        _check_reachable("127.0.0.1:9", timeout=2)
+    with pytest.raises(ClusterError, match=r"cannot reach the Ray cluster at 127\.0\.0\.1:9"):
+        check_reachable("127.0.0.1:9", timeout=2)
     assert time.monotonic() - start < 5
 
 

@@ -9,9 +9,10 @@ import pytest
 from mlflow import MlflowClient
 from sweep_util import runs, write_experiment
 
+from harness.cluster import cluster_capacity
 from harness.config import ConfigError
 from harness.experiment_file import load_experiment
-from harness.sweep import cluster_capacity, run_sweep
+from harness.sweep import run_sweep
 
 # SmolLM2 has no dropout and LoRA gets none: the two-worker step is the one-worker step exactly
 # (tests/test_distributed.py), so only float rounding tells the runs apart.
