@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ray import tune
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -44,6 +45,8 @@ from harness.trial import (
     unpack_artifacts,
 )
 
+# summary table headers of the usual metrics
+SHORT_METRIC = {"train/loss": "loss", "eval/avg": "avg", "heldout/recall_at_1": "R@1"}
 PROGRESS_EVERY_S = 15.0  # one progress line per running trial at most this often
 
 
@@ -320,15 +323,26 @@ def print_summary(console: Console, summary: SweepSummary) -> None:
             }
         ),
     ]
-    table = Table(title=f"sweep {summary.experiment}")
-    # short headers; cells fold rather than end in "…" on a narrow terminal or in a file
-    for col in ("trial", "key", "status", "s", *(k.split("/")[-1] for k in metric_keys)):
+    # Fits 80 columns for the usual grid: light borders, short headers, the key's first 8 hex
+    # digits (the full key is the run's tag); cells fold rather than end in "…" when they must.
+    table = Table(title=f"sweep {summary.experiment}", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column(
+        "trial",
+        overflow="fold",
+        min_width=min(24, max(len(r.label) for r in summary.records) if summary.records else 5),
+    )
+    for col in (
+        "key",
+        "status",
+        "s",
+        *(SHORT_METRIC.get(k, k.split("/")[-1]) for k in metric_keys),
+    ):
         table.add_column(col, overflow="fold")
     style = {"FINISHED": "green", "FAILED": "red", "KILLED": "red", "SKIPPED": "dim"}
     for r in summary.records:
         table.add_row(
             r.label,
-            r.key,
+            r.key[:8],
             f"[{style.get(r.status, 'default')}]{r.status}[/]",
             f"{r.seconds:.0f}" if r.seconds is not None else "",
             *(f"{r.metrics[k]:.4f}" if k in r.metrics else "" for k in metric_keys),

@@ -33,3 +33,24 @@ def test_one_progress_line_per_step_and_none_for_the_held_out_score(tmp_path, mo
     assert [line.split(",")[0] for line in lines] == ["ata: step 1/2", "ata: step 2/2"]
     history = tracker.client.get_metric_history(run_id, "heldout/recall_at_1")
     assert [(m.step, m.value) for m in history] == [(0, 0.1), (2, 0.4)]  # still logged
+
+
+def test_the_summary_of_the_smoke_grid_fits_80_columns_without_folding():
+    """At 80 columns the summary folded every label and key over two lines ("curriculum-e / os")."""
+    from harness.driver import SweepSummary, print_summary
+
+    metrics = {"train/loss": 1.8573, "eval/avg": 0.316, "heldout/recall_at_1": 0.5}
+    labels = [f"{s}-{p}" for s in ("curriculum", "reverse") for p in ("eos", "mean", "ata")]
+    records = [
+        TrialRecord(label, "630ba84cd77ff7ea", "FINISHED", "r", 330.0, metrics) for label in labels
+    ]
+    out = io.StringIO()
+    summary = SweepSummary("smoke", "sqlite:///x.db", "p", records, 641.0, 2, "harness tables x")
+    print_summary(Console(file=out, width=80), summary)
+    lines = out.getvalue().splitlines()
+    assert max(map(len, lines[:-1])) <= 80 and "…" not in out.getvalue()
+    for label in labels:  # one line per trial: label, short key, status and every metric
+        assert any(
+            line.split()[:3] == [label, "630ba84c", "FINISHED"] and "0.5000" in line
+            for line in lines
+        ), out.getvalue()
