@@ -30,10 +30,11 @@ def quiet_logs(verbose: bool | None = None) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # MLflow's artifact download bars (`harness eval RUN_ID`, `harness tables --experiment`)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # Ray's notice on every start that its token authentication is on (it stays on)
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
-        logging.ERROR
-    )
+    # Ray's notice on every start that its token authentication is on (it stays on), and Tune's
+    # "`process_trial_result` took 0.5 s ... a performance bottleneck" (that is the driver's
+    # MLflow write of a result, on a loaded machine; nothing for a user to act on)
+    for name in ("ray._private.authentication.authentication_token_setup", "ray.tune.utils.util"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 
