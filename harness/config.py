@@ -290,6 +290,11 @@ class ResourceSettings(_Strict):
     # Custom Ray resources per trial, e.g. {"accelerator_type:A100": 0.01} or a test's {"fake_gpu": 1}
     custom: dict[str, float] = Field(default_factory=dict)
 
+    def per_worker(self) -> dict[str, float]:
+        """The Ray resources of one worker of a trial (no GPU key when it needs none)."""
+        gpus = {"GPU": self.gpus_per_trial} if self.gpus_per_trial else {}
+        return {"CPU": self.cpus_per_trial, **gpus, **self.custom}
+
 
 class TrackingSettings(_Strict):
     uri: str = "sqlite:///results/mlflow.db"  # relative sqlite paths resolve against the cwd

@@ -103,12 +103,6 @@ def sweep_key(exp: Experiment, corpus_sha256: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def trial_resources(exp: Experiment) -> dict[str, float]:
-    """The resources of one trial's worker (a trial has ``resources.workers_per_trial``)."""
-    r = exp.resources
-    return {"CPU": r.cpus_per_trial, "GPU": r.gpus_per_trial, **r.custom}
-
-
 @contextmanager
 def _environ(**values: str) -> Iterator[None]:
     old = {k: os.environ.get(k) for k in values}
@@ -176,7 +170,7 @@ def run_sweep(
         # Ray Train (trials of several workers) warns every second that it has no dashboard
         quiet = {"worker_process_setup_hook": "harness.logs.quiet_ray_worker"}
         with ray_session(address, quiet if exp.resources.workers_per_trial > 1 else None):
-            per_trial = trial_resources(exp)
+            per_trial = exp.resources.per_worker()
             workers = exp.resources.workers_per_trial
             capacity = cluster_capacity(per_trial, workers)
             if capacity < 1:
@@ -303,7 +297,7 @@ def _fit(
         init_adapter=init_adapter,
         reuse_training=reuse_training,
     )
-    resources = {"cpu": per_trial["CPU"], "gpu": per_trial["GPU"], **exp.resources.custom}
+    resources = {"cpu": per_trial["CPU"], "gpu": per_trial.get("GPU", 0.0), **exp.resources.custom}
     limit = exp.resources.max_concurrent_trials
     if exp.resources.workers_per_trial > 1:
         # The trial only starts its workers (trial_parallel.py), whose placement group Tune does

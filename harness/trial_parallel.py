@@ -35,16 +35,13 @@ def run_workers(resources: ResourceSettings, run: Callable[..., None]) -> None:
     from ray.util.queue import Empty, Queue
 
     results: Queue = Queue(actor_options={"num_cpus": 0})
-    per_worker = {"CPU": resources.cpus_per_trial, **resources.custom}
-    if resources.gpus_per_trial:
-        per_worker["GPU"] = resources.gpus_per_trial
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"run": run, "results": results},
         scaling_config=train.ScalingConfig(
             num_workers=resources.workers_per_trial,
             use_gpu=resources.gpus_per_trial > 0,
-            resources_per_worker=per_worker,
+            resources_per_worker=resources.per_worker(),
             placement_strategy=resources.placement_strategy,
         ),
         run_config=train.RunConfig(
