@@ -47,6 +47,11 @@ def ray_session(address: str | None, runtime_env: dict[str, Any] | None = None) 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
         check_reachable(address)
+        if address not in ("auto", "local"):
+            # Ray Train's helper actors call ray.init() without an address; on a machine that runs
+            # more than one Ray cluster that picks the newest, which may not be this one
+            env = dict((runtime_env or {}).get("env_vars", {}), RAY_ADDRESS=address)
+            runtime_env = {**(runtime_env or {}), "env_vars": env}
     ray.init(
         address=address,
         include_dashboard=False,

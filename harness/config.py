@@ -186,6 +186,11 @@ class TrainSettings(_Strict):
     heldout_before: bool = False  # also score the untrained model (logged as heldout_base/*)
     log_every: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Save the training state (LoRA, optimizer, LR schedule, RNGs, schedule position) every this
+    # many steps; a trial that fails (resources.max_failures) or is run again resumes from its
+    # last one. Off by default; not in the trial key (it does not change a result).
+    checkpoint_every: int | None = Field(None, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)  # the last K kept in the storage path
 
     @model_validator(mode="after")
     def _stream_fits(self) -> TrainSettings:
@@ -247,6 +252,11 @@ class MntpSettings(_Strict):
     seed: int = Field(42, ge=0, lt=2**32)
     log_every: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Save the training state (LoRA, optimizer, LR schedule, RNGs, schedule position) every this
+    # many steps; a trial that fails (resources.max_failures) or is run again resumes from its
+    # last one. Off by default; not in the trial key (it does not change a result).
+    checkpoint_every: int | None = Field(None, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)  # the last K kept in the storage path
 
 
 class SearchParam(_Strict):
@@ -284,6 +294,10 @@ class ResourceSettings(_Strict):
     placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
     max_concurrent_trials: int | None = Field(None, ge=1)
     max_failures: int = Field(0, ge=0)  # Ray retries of a failed trial
+    # Where Ray Tune keeps the sweep's trial state and checkpoints (train.checkpoint_every): a
+    # local folder (default <results>/ray), or on a multi-node cluster a place every node reaches:
+    # a shared mount or a URI pyarrow opens (s3://bucket/path, gs://...).
+    storage_path: str | None = None
     # Run the next trial in the finished trial's worker process (Tune's reuse_actors): saves the
     # worker start and the torch/transformers imports (see bench/sweep_overhead.py).
     reuse_workers: bool = True
@@ -437,6 +451,8 @@ def trial_params(exp: Experiment) -> dict[str, Any]:
 
 # Fields added after stores existed: at their default they leave the trial key, so a store made
 # before a field existed still matches the trials it finished (they ran with that default).
+# Settings that never change a result (how often the state is saved): never in the key.
+KEY_EXCLUDED: set[tuple[str, str]] = {("train", "checkpoint_every"), ("train", "keep_checkpoints")}
 KEY_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("model", "init_adapter_recipe"): None,
     ("train", "schedule_rows"): "all",
@@ -455,6 +471,8 @@ def trial_key(exp: Experiment, corpus_sha256: str) -> str:
         del data["model"]["init_adapter"], data["model"]["init_adapter_sha256"]
     elif data["model"]["init_adapter_sha256"]:
         data["model"].pop("init_adapter")
+    for section, name in KEY_EXCLUDED:
+        data[section].pop(name, None)
     for (section, name), default in KEY_NEUTRAL_DEFAULTS.items():
         if data[section].get(name, default) == default:
             data[section].pop(name, None)

@@ -99,6 +99,12 @@ class DataParallel:
         dist.broadcast_object_list(box, group=self.group, group_src=0)
         return box[0]
 
+    def all_objects(self, value: T) -> list[T]:
+        """Every worker's ``value`` (picklable), in rank order, on every worker."""
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, value, group=self.group)
+        return out
+
     def gather(self, local: Tensor) -> list[Tensor]:
         """All workers' ``local`` tensors, in rank order; first dimensions may differ.
 

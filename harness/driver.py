@@ -29,6 +29,7 @@ from harness.tracking import (
     MODEL_DIR,
     MODEL_PATH,
     MODEL_URI,
+    RESUMED,
     Tracker,
     describe_error,
     redact_text,
@@ -125,6 +126,8 @@ class TrackingCallback(tune.Callback):
         self.records: dict[str, TrialRecord] = {}  # by Tune trial id
         self._specs: dict[str, TrialSpec] = {}
         self._last_step: dict[str, int] = {}
+        # trial -> metric -> last step logged: a resumed trial's redone steps are not logged twice
+        self._logged: dict[str, dict[str, int]] = {}
         self._last_print: dict[str, float] = {}
         self._first_step: dict[
             str, tuple[float, int]
@@ -171,17 +174,31 @@ class TrackingCallback(tune.Callback):
         if kind == "step":
             step = int(result[STEP])
             new_step = step > self._last_step.get(trial.trial_id, -1)
-            self._last_step[trial.trial_id] = step
-            self.tracker.log_metrics(record.run_id, metrics, step)
-            record.metrics.update(metrics)
+            self._last_step[trial.trial_id] = max(step, self._last_step.get(trial.trial_id, -1))
+            self._log_new(trial.trial_id, record, metrics, step)
             if new_step:  # the held-out score after training comes at the last step again
                 self._progress(trial.trial_id, step)
+        elif kind == "resume":  # a retry continues from its checkpoint of step STEP
+            step, reached = int(result[STEP]), self._last_step.get(trial.trial_id, 0)
+            resumed = f"step {step} after step {reached}"
+            if record.tags.get(RESUMED):
+                resumed = f"{record.tags[RESUMED]}; {resumed}"
+            record.tags[RESUMED] = resumed
+            self.tracker.set_tags(record.run_id, {RESUMED: resumed})
+            self.console.print(
+                f"  {record.label}: resumed from its checkpoint at step {step} "
+                f"({_count(max(0, reached - step), 'step')} to redo)",
+                highlight=False,
+                markup=False,
+            )
+        elif kind == "checkpoint":  # kept by Tune; nothing to log
+            pass
         elif kind == "note":  # a progress line of the trial (e.g. each evaluated task)
             self.console.print(
                 f"  {record.label}: {result.get(NOTE, '')}", highlight=False, markup=False
             )
         elif kind == "final":
-            self.tracker.log_metrics(record.run_id, metrics, self._last_step.get(trial.trial_id, 0))
+            self._log_new(trial.trial_id, record, metrics, self._last_step.get(trial.trial_id, 0))
             logged = self._log_artifacts(record, bundle, tags) if bundle else set()
             # where the trained model is: logged with the run, or left on the trial's node
             location = f"runs:/{record.run_id}/model" if "model" in logged else tags.get(MODEL_DIR)
@@ -191,6 +208,18 @@ class TrackingCallback(tune.Callback):
             record.tags.update(tags)
             record.metrics.update(metrics)
             record.seconds = metrics.get("trial/seconds")
+
+    def _log_new(
+        self, trial_id: str, record: TrialRecord, metrics: dict[str, float], step: int
+    ) -> None:
+        """Log the metrics not logged yet at ``step``: a trial resumed from a checkpoint redoes
+        the steps after it, with the same values, and its curve must stay one value per step."""
+        logged = self._logged.setdefault(trial_id, {})
+        new = {k: v for k, v in metrics.items() if step > logged.get(k, -1)}
+        if new:
+            self.tracker.log_metrics(record.run_id, new, step)
+            logged.update(dict.fromkeys(new, step))
+        record.metrics.update(metrics)
 
     def _log_artifacts(self, record: TrialRecord, bundle: bytes, tags: dict[str, str]) -> set[str]:
         """Log a trial's artifacts, its MLflow model (``tracking.log_model``) as a logged model
@@ -243,6 +272,19 @@ class TrackingCallback(tune.Callback):
             f"[green]done[/]  {record.label} in {record.seconds:.0f} s {_key_metrics(record)}"
         )
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """A failed trial that Tune retries (resources.max_failures): say why, in one line."""
+        record = self.records.get(trial.trial_id)
+        if record is None:
+            return
+        error = describe_error(_trial_exception(trial)).splitlines()[0]
+        retries = self._specs[trial.trial_id].exp.resources.max_failures
+        self.console.print(
+            f"  {record.label}: failed ({error}); retry {trial.num_failures} of {retries}",
+            highlight=False,
+            markup=False,
+        )
+
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         record = self.records.get(trial.trial_id)
         if record is None:  # failed before it started (e.g. the actor could not be created)
@@ -282,6 +324,10 @@ def _trial_exception(trial: Any) -> BaseException | None:
 
     with open(path, "rb") as f:
         return cloudpickle.load(f)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _key_metrics(record: TrialRecord) -> str:

@@ -27,6 +27,8 @@ def quiet_logs(verbose: bool | None = None) -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # "🏃 View run … at: http://…" after every run a tracking server holds (the summary says where)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # MLflow's artifact download bars (`harness eval RUN_ID`, `harness tables --experiment`)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -35,6 +37,10 @@ def quiet_logs(verbose: bool | None = None) -> None:
     # MLflow write of a result, on a loaded machine; nothing for a user to act on)
     for name in ("ray._private.authentication.authentication_token_setup", "ray.tune.utils.util"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # A trial that fails and is retried (resources.max_failures): Tune logs the error with its
+    # traceback; the driver says it in one line (and the final failure in the summary).
+    logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
+    quiet_ray_worker()
     try:
         from transformers.utils import logging as hf_logging
 
@@ -44,13 +50,21 @@ def quiet_logs(verbose: bool | None = None) -> None:
         pass
 
 
-# Ray Train's placement-group cleaner asks Ray's state API (the dashboard's) once a second whether
-# the trainer still runs, and warns when it cannot; without the dashboard it never can.
-RAY_TRAIN_CLEANER_LOG = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+# Loggers of Ray's workers that a sweep silences (unless HARNESS_VERBOSE): Ray Train's
+# placement-group cleaner asks Ray's state API (the dashboard's) once a second whether the trainer
+# still runs, and warns when it cannot (without the dashboard it never can); Tune and Train say
+# every checkpoint they keep and every restore at INFO (the driver says a resume in one line).
+RAY_WORKER_LOGS = (
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner",
+    "ray.tune.trainable.trainable",
+    "ray.train._internal.storage",
+    "ray.train.v2._internal.execution.storage",
+)
 
 
 def quiet_ray_worker() -> None:
-    """Ray's ``worker_process_setup_hook`` for a sweep with multi-worker trials (quiet unless
+    """Ray's ``worker_process_setup_hook`` for a sweep's workers (quiet unless
     ``HARNESS_VERBOSE``)."""
     if os.environ.get(VERBOSE_ENV, "") != "1":
-        logging.getLogger(RAY_TRAIN_CLEANER_LOG).setLevel(logging.ERROR)
+        for name in RAY_WORKER_LOGS:
+            logging.getLogger(name).setLevel(logging.ERROR)

@@ -167,9 +167,10 @@ def run_sweep(
         plan = make_plan(exp, corpus.sha256, tracker, resume=resume)
         skipped = [TrialRecord(s.label, s.key, "SKIPPED") for s in plan.skipped]
 
-        # Ray Train (trials of several workers) warns every second that it has no dashboard
+        # the workers' library logs (Tune's checkpoint lines, Ray Train's cleaner), set before
+        # the trial function runs
         quiet = {"worker_process_setup_hook": "harness.logs.quiet_ray_worker"}
-        with ray_session(address, quiet if exp.resources.workers_per_trial > 1 else None):
+        with ray_session(address, quiet):
             per_trial = exp.resources.per_worker()
             workers = exp.resources.workers_per_trial
             capacity = cluster_capacity(per_trial, workers)
@@ -328,15 +329,26 @@ def _fit(
         ),
         run_config=tune.RunConfig(
             name=path_part(exp.name),
-            storage_path=str(results_dir / "ray"),
+            storage_path=storage_path(exp, results_dir),
             callbacks=[callback, JsonLoggerCallback()],
             failure_config=tune.FailureConfig(max_failures=exp.resources.max_failures),
+            # train.checkpoint_every: Tune keeps the last K of each trial's checkpoints
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=exp.train.keep_checkpoints),
             verbose=0,
         ),
     )
     # Our callback prints progress; Ray's own result tables would bury it.
     with _environ(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0", **env):
         tuner.fit()
+
+
+def storage_path(exp: Experiment, results_dir: Path) -> str:
+    """Where Tune keeps trial state and checkpoints: ``resources.storage_path`` (a URI as given, a
+    folder relative to the working directory) or ``<results>/ray``."""
+    where = exp.resources.storage_path
+    if where is None:
+        return str(Path(results_dir, "ray").resolve())
+    return where if "://" in where else str(Path(where).expanduser().resolve())
 
 
 def _stop_reason(e: BaseException) -> str:

@@ -50,6 +50,11 @@ MODEL_DIR = "model_dir"  # where a trained model lies ([host:]path), when it is 
 MODEL_URI = "harness.model_uri"  # where the trained model is: runs:/<run>/model, else [host:]path
 MODEL_PATH = "harness.model_path"  # the folder a trial saved its model in (host:path)
 MLFLOW_MODEL = "harness.mlflow_model"  # models:/<id>: the model as a registrable MLflow model
+# each resume of a trial from its checkpoint (train.checkpoint_every): "step C after step K" (K: the
+# last step the driver had from the stopped attempt; K - C steps were trained twice), "; "-joined
+RESUMED = "harness.resumed"
+# the Ray node ids of a trial's workers in rank order (resources.workers_per_trial > 1)
+WORKER_NODES = "harness.worker_nodes"
 
 MAX_PARAM_CHARS = 6000  # MLflow's param value limit (8000 in recent versions; stay well under)
 MAX_ERROR_CHARS = 1000

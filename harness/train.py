@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from transformers import set_seed
 
+from harness.checkpoints import Checkpointing, Stream, TrainState, capture_rng, restore_rng
 from harness.config import Experiment
 from harness.distributed import DataParallel
 from harness.embedder import Embedder, Encoded
@@ -39,6 +40,8 @@ class TrainResult:
     seconds: float
     level_order: list[int | str]
     heldout_before: dict[str, float] = field(default_factory=dict)
+    stream: Stream = field(default_factory=list)  # every (step, metrics) reported, resumed ones too
+    resumed_from: int | None = None  # the checkpoint's step when the training resumed from one
 
 
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
@@ -197,17 +200,30 @@ def train_one(
     name: str | None = None,
     revision: str = "base",
     parallel: DataParallel | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> TrainResult:
     """Train one configuration on ``corpus``; save the model under ``output_dir/model``.
 
     With ``parallel`` every worker calls this with the same arguments and trains on its shard of
     each global batch; only rank 0 reports metrics, scores the held-out rows and saves the model.
     The other workers return after the last step, with no held-out scores.
+
+    With ``checkpointing`` the state is saved every ``checkpointing.every`` steps, and a
+    ``checkpointing.resume`` state continues from its step: the steps after it, their metrics and
+    the final model are those of the run that was never stopped.
     """
     t = exp.train
     follower = parallel is not None and parallel.rank != 0
-    if follower:
-        on_metrics = None
+    resume = checkpointing.resume if checkpointing else None
+    stream: Stream = list(resume.stream) if resume else []
+    report_to = on_metrics
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        stream.append((step, dict(metrics)))
+        if report_to:
+            report_to(step, metrics)
+
+    on_metrics = None if follower else report
     set_seed(t.seed)  # python, numpy, torch (and CUDA) generators
     device = pick_device(t.device)
     train_frame, heldout = split_heldout(corpus.frame, t.heldout_size)
@@ -220,8 +236,9 @@ def train_one(
         name=name,
         revision=revision,
     )
-    before: dict[str, float] = {}
-    if t.heldout_before and heldout.height and not follower:
+    # resuming: the untrained model's scores are in the checkpoint (and the driver's already)
+    before: dict[str, float] = dict(resume.heldout_before) if resume else {}
+    if t.heldout_before and heldout.height and not follower and resume is None:
         before = {
             k.replace("heldout/", "heldout_base/"): v
             for k, v in heldout_metrics(embedder, heldout, batch_size=t.batch_size).items()
@@ -229,7 +246,18 @@ def train_one(
         if on_metrics:
             on_metrics(0, before)
     started = time.perf_counter()
-    _optimize(embedder, schedule, exp, on_metrics, progress, parallel)
+    _optimize(
+        embedder,
+        schedule,
+        exp,
+        on_metrics,
+        progress,
+        parallel,
+        checkpointing=checkpointing if checkpointing and not follower else None,
+        resume=resume,
+        before=before,
+        stream=stream,
+    )
     seconds = time.perf_counter() - started
     if follower:
         return TrainResult(Path(output_dir) / "model", {}, t.steps, seconds, schedule.level_order())
@@ -251,6 +279,8 @@ def train_one(
         seconds=seconds,
         level_order=schedule.level_order(),
         heldout_before=before,
+        stream=stream,
+        resumed_from=resume.step if resume else None,
     )
 
 
@@ -261,25 +291,39 @@ def _optimize(
     on_metrics: MetricsCallback | None,
     progress: bool,
     parallel: DataParallel | None = None,
+    *,
+    checkpointing: Checkpointing | None = None,
+    resume: TrainState | None = None,
+    before: dict[str, float] | None = None,
+    stream: Stream | None = None,
 ) -> None:
-    """Run every step of ``schedule``; with ``parallel`` each worker calls this with the same
-    schedule and the same initial weights, and all of them take the same optimizer steps."""
+    """Run every step of ``schedule`` (those after ``resume.step`` when resuming); with
+    ``parallel`` each worker calls this with the same schedule and the same initial weights (or the
+    same ``resume``), and all of them take the same optimizer steps."""
     t = exp.train
-    params = embedder.trainable_parameters()
+    named = [(n, p) for n, p in embedder.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise ValueError("nothing to train: no trainable parameters (check model.lora)")
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(min(t.warmup_steps, t.steps - 1), t.steps)
     )
+    start = 0
+    if resume is not None:
+        _restore(named, optimizer, scheduler, resume, embedder.device)
+        start = resume.step
     runner = StepRunner(embedder, t.temperature, t.grad_cache_chunk, parallel)
     embedder.train()
     bar = progress_bar() if progress else None
     with bar or nullcontext():
         task = (
-            bar.add_task("training", total=len(schedule), loss=math.nan, rate=0.0) if bar else None
+            bar.add_task("training", total=len(schedule), completed=start, loss=math.nan, rate=0.0)
+            if bar
+            else None
         )
-        for step, batch in enumerate(schedule, start=1):
+        for step in range(start + 1, len(schedule) + 1):
+            batch = schedule.batches[step - 1]
             tick = time.perf_counter()
             loss = runner(batch)
             if t.max_grad_norm:
@@ -301,7 +345,43 @@ def _optimize(
                 if isinstance(level, int):
                     metrics["train/level"] = float(level)
                 on_metrics(step, metrics)
+            if checkpointing and step % checkpointing.every == 0 and step < len(schedule):
+                checkpointing.save(
+                    TrainState(
+                        step=step,
+                        weights={n: p.detach().cpu().clone() for n, p in named},
+                        optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(),
+                        rng=capture_rng(embedder.device),
+                        stream=list(stream or []),
+                        heldout_before=dict(before or {}),
+                    )
+                )
     check_finite(embedder, len(schedule))
+
+
+def _restore(
+    named: list[tuple[str, torch.nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: TrainState,
+    device: torch.device,
+) -> None:
+    """Put a checkpoint's weights, optimizer, LR schedule and RNG states back (the RNGs last:
+    building the model drew from them)."""
+    names = [n for n, _ in named]
+    if sorted(names) != sorted(state.weights):
+        missing = sorted(set(names) ^ set(state.weights))
+        raise ValueError(
+            f"the checkpoint of step {state.step} does not fit this model: "
+            f"{len(missing)} trainable tensors differ (first: {missing[0]})"
+        )
+    with torch.no_grad():
+        for name, p in named:
+            p.copy_(state.weights[name].to(p.device))
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    restore_rng(state.rng, device)
 
 
 def check_finite(model: torch.nn.Module, step: int) -> None:

@@ -26,10 +26,12 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness import checkpoints
+from harness.checkpoints import Checkpointing
 from harness.config import Experiment, path_part, trial_key
 from harness.experiment_file import apply_cell, cell_label
 from harness.init_adapter import AdapterFiles
-from harness.tracking import LEVEL_ORDER, MODEL_PATH, TRIAL_KEY
+from harness.tracking import LEVEL_ORDER, MODEL_PATH, TRIAL_KEY, WORKER_NODES
 from synth.corpus import Corpus
 
 if TYPE_CHECKING:  # torch is imported by the trial function, never here
@@ -39,6 +41,9 @@ if TYPE_CHECKING:  # torch is imported by the trial function, never here
 KIND = "harness/kind"  # "step" (a training step), "note" (a progress line) or "final"
 STEP = "harness/step"
 NOTE = "harness/note"  # the text of a "note" report
+# a "checkpoint" report carries the training state (bytes, harness/checkpoints.py), which the
+# Tune trial turns into a Tune checkpoint; a "resume" report says the trial resumed after STEP
+CHECKPOINT = "harness/checkpoint"
 TAGS = "harness/tags"
 ARTIFACTS = "harness/artifacts"  # tar bytes, popped by the driver before Ray stores the result
 INLINE_ARTIFACT_LIMIT = 256 * 2**20  # bigger artifacts stay on the worker; a tag says where
@@ -79,6 +84,8 @@ class TrialContext:
     # this worker's place when the trial runs on several workers (resources.workers_per_trial);
     # only rank 0's output and reports are used
     parallel: DataParallel | None = None
+    # train.checkpoint_every: where the training saves its state, and the state to resume from
+    checkpointing: Checkpointing | None = None
 
     @property
     def leader(self) -> bool:
@@ -99,6 +106,9 @@ TrialFn = Callable[[Experiment, Corpus, TrialContext], TrialOutput]
 # order and metric stream. A later attempt of the same trial (same key, same node) that finds it
 # evaluates that model instead of training again.
 TRAINED_FILE = "trained.json"
+# In a trial's folder while it trains with train.checkpoint_every: its last checkpoint, which a
+# later sweep of the same trial on the same node resumes from (a retry gets Tune's).
+CHECKPOINT_DIR = "checkpoint"
 
 
 @dataclass(frozen=True)
@@ -128,20 +138,15 @@ def train_or_reuse(exp: Experiment, corpus: Corpus, ctx: TrialContext, name: str
         return Trained(Path(saved["model_dir"]), saved["heldout"], saved["level_order"], True)
     if ctx.leader:
         marker.unlink(missing_ok=True)
-    stream: list[tuple[int, dict[str, float]]] = []
-
-    def report(step: int, metrics: Mapping[str, float]) -> None:
-        stream.append((step, dict(metrics)))
-        ctx.report(step, metrics)
-
     result = train_one(
         exp,
         corpus,
         output_dir=ctx.workdir,
-        on_metrics=report,
+        on_metrics=ctx.report,
         progress=False,
         name=name,
         parallel=ctx.parallel,
+        checkpointing=ctx.checkpointing,
     )
     if not ctx.leader:
         return Trained(Path(result.model_dir), {}, result.level_order, reused=False)
@@ -149,11 +154,12 @@ def train_or_reuse(exp: Experiment, corpus: Corpus, ctx: TrialContext, name: str
         "model_dir": str(Path(result.model_dir).resolve()),
         "heldout": result.heldout,
         "level_order": result.level_order,
-        "stream": stream,
+        "stream": result.stream,
     }
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(json.dumps(saved), encoding="utf-8")
     os.replace(tmp, marker)  # written last and whole: its presence means the training finished
+    checkpoints.discard(ctx.workdir / CHECKPOINT_DIR)  # the finished training supersedes it
     return Trained(Path(result.model_dir), result.heldout, result.level_order, reused=False)
 
 
@@ -222,6 +228,11 @@ def run_trial(
     quiet_logs()  # the driver's --verbose choice, passed down in the environment
 
     spec = trial_spec(base, cell_of(config), corpus.sha256)
+    resume = None
+    checkpoint = tune.get_checkpoint()  # a retry of this trial (resources.max_failures)
+    if checkpoint is not None and spec.exp.train.checkpoint_every:
+        with checkpoint.as_directory() as folder:
+            resume = checkpoints.read(Path(folder))
     run = partial(
         run_spec,
         spec=spec,
@@ -230,13 +241,30 @@ def run_trial(
         trial_fn=trial_fn,
         init_adapter=init_adapter,
         reuse_training=reuse_training,
+        resume=resume,
     )
     if spec.exp.resources.workers_per_trial > 1:
         from harness.trial_parallel import run_workers
 
         run_workers(spec.exp.resources, run)
     else:
-        run(send=tune.report)
+        run(send=report_to_tune)
+
+
+def report_to_tune(result: dict[str, Any]) -> None:
+    """``tune.report`` a trial's result; a "checkpoint" result's state becomes a Tune checkpoint
+    (copied into the sweep's storage path, which keeps the last ``train.keep_checkpoints``)."""
+    import tempfile
+
+    from ray import tune
+
+    state = result.pop(CHECKPOINT, None)
+    if state is None:
+        tune.report(result)
+        return
+    with tempfile.TemporaryDirectory(prefix="harness-checkpoint-") as tmp:
+        folder = checkpoints.write(state, Path(tmp) / "state")
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(folder)))
 
 
 def run_spec(
@@ -249,10 +277,15 @@ def run_spec(
     init_adapter: AdapterFiles | None = None,
     reuse_training: bool = True,
     parallel: DataParallel | None = None,
+    resume: bytes | None = None,
 ) -> None:
     """Run one trial (or this worker's part of it) and ``send`` its results: every step, every
-    progress line and the final scores, tags and artifacts. Only rank 0 sends anything."""
+    progress line, every checkpoint and the final scores, tags and artifacts. Only rank 0 sends
+    anything. ``resume``: a checkpoint of this trial to continue from (a Tune retry's)."""
     leader = parallel is None or parallel.rank == 0
+    # where each worker runs: exchanged first, while every worker is there (after training the
+    # others wait for no one)
+    nodes = parallel.all_objects(_node_id()) if parallel is not None else None
     workdir = Path(models_dir) / path_part(spec.exp.name) / path_part(f"{spec.label}-{spec.key}")
     workdir.mkdir(parents=True, exist_ok=True)
     if init_adapter is not None:  # shipped by the driver: this node may not see the driver's disk
@@ -269,11 +302,23 @@ def run_spec(
     def say(line: str) -> None:
         send({KIND: "note", NOTE: line})
 
+    checkpointing = None
+    if spec.exp.train.checkpoint_every:
+        checkpointing = _checkpointing(spec.exp, workdir, send, resume, reuse_training, parallel)
     started = time.time()
     output = (trial_fn or train_and_evaluate)(
         spec.exp,
         corpus,
-        TrialContext(spec.label, spec.key, workdir, report, say, reuse_training, parallel=parallel),
+        TrialContext(
+            spec.label,
+            spec.key,
+            workdir,
+            report,
+            say,
+            reuse_training,
+            parallel=parallel,
+            checkpointing=checkpointing,
+        ),
     )
     ended = time.time()
     if not leader:
@@ -297,6 +342,7 @@ def run_spec(
         ),
         "harness.host": host,
         "harness.node_id": _node_id(),
+        **({WORKER_NODES: ",".join(nodes)} if nodes else {}),
         # when the trial ran, as measured on its node (a tag: a time is not a metric to plot)
         "harness.started_at": _iso(started),
         "harness.ended_at": _iso(ended),
@@ -310,6 +356,34 @@ def run_spec(
             ARTIFACTS: bundle,
         }
     )
+
+
+def _checkpointing(
+    exp: Experiment,
+    workdir: Path,
+    send: Callable[[dict[str, Any]], None],
+    resume: bytes | None,
+    reuse_training: bool,
+    parallel: DataParallel | None,
+) -> Checkpointing:
+    """Checkpoints of this trial: kept in its folder (for a later sweep on this node) and sent
+    for Tune to keep (for a retry anywhere); resumed from ``resume`` or else that folder."""
+    leader = parallel is None or parallel.rank == 0
+    local = workdir / CHECKPOINT_DIR
+    if resume is None and reuse_training and leader:
+        resume = checkpoints.read(local)
+    if parallel is not None:  # every worker resumes from rank 0's state
+        resume = parallel.from_first(resume)
+    state = checkpoints.from_bytes(resume) if resume is not None else None
+    if state is not None:
+        send({KIND: "resume", STEP: state.step})
+
+    def save(state: checkpoints.TrainState) -> None:
+        data = checkpoints.to_bytes(state)
+        checkpoints.write(data, local)
+        send({KIND: "checkpoint", STEP: state.step, CHECKPOINT: data})
+
+    return Checkpointing(exp.train.checkpoint_every or 0, save, state)
 
 
 def _ignore(result: dict[str, Any]) -> None:

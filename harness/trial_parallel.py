@@ -7,10 +7,12 @@ among them (NCCL on GPUs, gloo on CPUs). Every worker runs the same trial (same 
 schedule) on its shard of each global batch of ``train.batch_size`` (``harness/distributed.py``),
 so the trial's result is the one-worker run's, up to float rounding, and so is its trial key.
 
-Rank 0 alone reports, scores the held-out rows, saves and evaluates; the others return after the
-last training step. Its results reach Tune through a Ray queue that the Tune trial drains into
-``tune.report``, so the driver's callback sees the same step, note and final results as from a
-one-worker trial. Not ``ray.train.report``: that is a barrier every worker must reach the same
+Rank 0 alone reports, checkpoints, scores the held-out rows, saves and evaluates; the others
+return after the last training step. Its results reach Tune through a Ray queue that the Tune trial
+drains into ``tune.report`` (a checkpoint's state through the object store, made a Tune checkpoint
+by the Tune trial, so no node needs another's disk), so the driver's callback sees the same step,
+note, checkpoint and final results as from a one-worker trial. A retry resumes every worker from
+the trial's last checkpoint. Not ``ray.train.report``: that is a barrier every worker must reach the same
 number of times, and only rank 0 has anything to report after training.
 """
 
@@ -23,6 +25,7 @@ from typing import Any
 
 from harness.config import ResourceSettings
 from harness.logs import VERBOSE_ENV
+from harness.trial import CHECKPOINT, report_to_tune
 
 POLL_S = 0.5  # how often the Tune trial looks whether the workers are done
 
@@ -71,7 +74,7 @@ def run_workers(resources: ResourceSettings, run: Callable[..., None]) -> None:
     try:
         while True:
             try:
-                tune.report(results.get(timeout=POLL_S))
+                report_to_tune(_fetched(results.get(timeout=POLL_S)))
             except Empty:
                 if done.is_set() and results.empty():
                     break
@@ -98,4 +101,22 @@ def _worker(config: dict[str, Any]) -> None:
 
     quiet_logs()
     parallel = DataParallel.current()
-    config["run"](send=config["results"].put, parallel=parallel)
+    results = config["results"]
+    config["run"](send=lambda result: results.put(_by_ref(result)), parallel=parallel)
+
+
+def _by_ref(result: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's state travels through Ray's object store, not through the queue actor."""
+    import ray
+
+    if isinstance(result.get(CHECKPOINT), bytes):
+        result = {**result, CHECKPOINT: [ray.put(result[CHECKPOINT])]}  # a list: not resolved
+    return result
+
+
+def _fetched(result: dict[str, Any]) -> dict[str, Any]:
+    import ray
+
+    if isinstance(result.get(CHECKPOINT), list):
+        result = {**result, CHECKPOINT: ray.get(result[CHECKPOINT][0])}
+    return result

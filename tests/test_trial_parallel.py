@@ -26,7 +26,7 @@ TRAIN = {"steps": 3, "batch_size": 4, "warmup_steps": 0, "heldout_size": 8, "dev
 TOLERANCE = 1e-4
 
 
-def _sweep(tmp_path, corpus, workers: int):
+def _sweep(tmp_path, corpus, workers: int, **train):
     folder = tmp_path / f"workers-{workers}"
     folder.mkdir()
     exp = write_experiment(
@@ -34,7 +34,7 @@ def _sweep(tmp_path, corpus, workers: int):
         corpus,
         "parallel",
         model=MODEL,
-        train=TRAIN,
+        train={**TRAIN, **train},
         eval={"enabled": False},
         resources={"cpus_per_trial": 1, "workers_per_trial": workers},
     )
@@ -48,7 +48,8 @@ def _sweep(tmp_path, corpus, workers: int):
 
 def test_two_workers_give_the_one_worker_trial(ray_instance, tmp_path, tiny_corpus_dir):
     one, one_losses, _ = _sweep(tmp_path, tiny_corpus_dir, 1)
-    two, two_losses, client = _sweep(tmp_path, tiny_corpus_dir, 2)
+    # with checkpoints (not in the trial key): rank 0's state reaches Tune through the object store
+    two, two_losses, client = _sweep(tmp_path, tiny_corpus_dir, 2, checkpoint_every=1)
 
     assert two.info.status == "FINISHED"
     assert two.data.tags["trial_key"] == one.data.tags["trial_key"]  # resources are not in the key
@@ -63,6 +64,9 @@ def test_two_workers_give_the_one_worker_trial(ray_instance, tmp_path, tiny_corp
             assert math.isclose(two.data.metrics[name], value, abs_tol=TOLERANCE), name
     assert "model" in {a.path for a in client.list_artifacts(two.info.run_id)}
     assert two.data.params["resources.workers_per_trial"] == "2"
+    kept = sorted((tmp_path / "workers-2" / "results" / "ray").rglob("checkpoint_*/state.pt"))
+    assert len(kept) == 2  # steps 1 and 2 (none after the last), train.keep_checkpoints 2
+    assert not list((tmp_path / "workers-2" / "results" / "models").rglob("state.pt"))
 
 
 def test_capacity_counts_every_worker_of_a_trial(ray_instance):
