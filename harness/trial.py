@@ -303,8 +303,8 @@ def run_spec(
         send({KIND: "note", NOTE: line})
 
     checkpointing = None
-    if spec.exp.train.checkpoint_every:
-        checkpointing = _checkpointing(spec.exp, workdir, send, resume, reuse_training, parallel)
+    if every := spec.exp.train.checkpoint_every:
+        checkpointing = _checkpointing(every, workdir, send, resume, reuse_training, parallel)
     started = time.time()
     output = (trial_fn or train_and_evaluate)(
         spec.exp,
@@ -359,21 +359,22 @@ def run_spec(
 
 
 def _checkpointing(
-    exp: Experiment,
+    every: int,
     workdir: Path,
     send: Callable[[dict[str, Any]], None],
     resume: bytes | None,
     reuse_training: bool,
     parallel: DataParallel | None,
 ) -> Checkpointing:
-    """Checkpoints of this trial: kept in its folder (for a later sweep on this node) and sent
-    for Tune to keep (for a retry anywhere); resumed from ``resume`` or else that folder."""
+    """This trial's checkpoints, every ``every`` steps: kept in its folder (for a later sweep on
+    this node) and sent for Tune to keep (for a retry anywhere); resumed from ``resume`` (Tune's)
+    or else that folder."""
     leader = parallel is None or parallel.rank == 0
     local = workdir / CHECKPOINT_DIR
-    if resume is None and reuse_training and leader:
-        resume = checkpoints.read(local)
-    if parallel is not None:  # every worker resumes from rank 0's state
-        resume = parallel.from_first(resume)
+    if resume is None and reuse_training:  # (the same on every worker: Tune gave all or none)
+        found = checkpoints.read(local) if leader else None
+        # every worker resumes from rank 0's state (its node has the trial's folder)
+        resume = parallel.from_first(found) if parallel is not None else found
     state = checkpoints.from_bytes(resume) if resume is not None else None
     if state is not None:
         send({KIND: "resume", STEP: state.step})
@@ -383,7 +384,7 @@ def _checkpointing(
         checkpoints.write(data, local)
         send({KIND: "checkpoint", STEP: state.step, CHECKPOINT: data})
 
-    return Checkpointing(exp.train.checkpoint_every or 0, save, state)
+    return Checkpointing(every, save, state)
 
 
 def _ignore(result: dict[str, Any]) -> None:
