@@ -120,17 +120,28 @@ def smoke_experiment(args: argparse.Namespace, scratch: Path, shared: Path) -> t
     """experiments/smoke.yaml on the requested device, 2 trials, its outputs in ``scratch`` (the
     corpus and the MNTP adapter are smoke's own, built on first use as `make smoke` does), and
     whether the trials evaluate (not without shared/data's BIOSSES). --tiny also shrinks the
-    trials: 2 steps of batch 2 at 16 tokens, BIOSSES's first 8 pairs."""
+    trials: 2 steps of batch 2 at 16 tokens, BIOSSES's first 8 pairs, a 2-step MNTP adapter."""
     import yaml
 
     cuda = args.device.startswith("cuda")
     task = shared / "BIOSSES"
     evaluate = (task / "test.tsv").is_file()
-    tiny: dict[str, Any] = {"model": {}, "train": {}}
+    tiny: dict[str, Any] = {"model": {}, "train": {}, "mntp": {}}
     if args.tiny:
         tiny = {
-            "model": {"max_query_length": 16, "max_doc_length": 16},
+            # its own 2-step MNTP adapter in the scratch folder (smoke's stays smoke's)
+            "model": {
+                "max_query_length": 16,
+                "max_doc_length": 16,
+                "init_adapter": str(scratch / "mntp"),
+            },
             "train": {"steps": 2, "batch_size": 2, "heldout_size": 8},
+            "mntp": {
+                "output": str(scratch / "mntp"),
+                "steps": 2,
+                "max_length": 32,
+                "eval_blocks": 4,
+            },
         }
         if evaluate:
             lines = (task / "test.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
@@ -155,6 +166,7 @@ def smoke_experiment(args: argparse.Namespace, scratch: Path, shared: Path) -> t
             "max_concurrent_trials": 2,
         },
         "tracking": {"uri": f"sqlite:///{scratch / 'mlflow.db'}"},
+        **({"mntp": tiny["mntp"]} if tiny["mntp"] else {}),
         "tables": {"baseline": {"strategy": "curriculum"}, "output_dir": str(scratch / "tables")},
     }
     path = scratch / "gpu-check-smoke.yaml"

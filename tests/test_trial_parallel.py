@@ -13,6 +13,7 @@ from harness.cluster import cluster_capacity
 from harness.config import ConfigError
 from harness.experiment_file import load_experiment
 from harness.sweep import run_sweep
+from harness.tracking import WORKER_NODES
 
 # SmolLM2 has no dropout and LoRA gets none: the two-worker step is the one-worker step exactly
 # (tests/test_distributed.py), so only float rounding tells the runs apart.
@@ -53,7 +54,9 @@ def test_two_workers_give_the_one_worker_trial(ray_instance, tmp_path, tiny_corp
 
     assert two.info.status == "FINISHED"
     assert two.data.tags["trial_key"] == one.data.tags["trial_key"]  # resources are not in the key
-    assert set(two.data.tags) == set(one.data.tags)
+    # the same tags, and where each worker ran (harness.worker_nodes, for multi-worker trials)
+    assert set(two.data.tags) == set(one.data.tags) | {WORKER_NODES}
+    assert len(two.data.tags[WORKER_NODES].split(",")) == 2
     assert set(two.data.metrics) == set(one.data.metrics)
     assert len(two_losses) == len(one_losses) == TRAIN["steps"]
     difference = max(abs(a - b) for a, b in zip(one_losses, two_losses))
