@@ -252,11 +252,6 @@ class MntpSettings(_Strict):
     seed: int = Field(42, ge=0, lt=2**32)
     log_every: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Save the training state (LoRA, optimizer, LR schedule, RNGs, schedule position) every this
-    # many steps; a trial that fails (resources.max_failures) or is run again resumes from its
-    # last one. Off by default; not in the trial key (it does not change a result).
-    checkpoint_every: int | None = Field(None, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)  # the last K kept in the storage path
 
 
 class SearchParam(_Strict):

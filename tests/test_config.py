@@ -298,3 +298,17 @@ def test_trial_keys_of_earlier_stores_stay_the_same():
     assert trial_key(exp, "a" * 64) == "aae294315eea56f3"
     exp.train.schedule_rows = "synthetic"
     assert trial_key(exp, "a" * 64) != "aae294315eea56f3"
+
+
+def test_the_mntp_settings_fields_are_pinned():
+    """An MNTP adapter's recipe hashes its settings as ``mntp.json`` recorded them; a field added
+    to MntpSettings makes every existing adapter's recipe unknown and so changes the trial key of
+    every trial built on one (it happened: checkpoint settings pasted into both classes). Adding
+    a field here needs a key-neutral default in ``harness/init_adapter.mntp_recipe``."""
+    from harness.config import MntpSettings
+
+    assert set(MntpSettings.model_fields) == {
+        "text", "output", "attention", "steps", "batch_size", "max_length", "mask_probability",
+        "mask_token", "lr", "warmup_steps", "weight_decay", "lora", "gradient_checkpointing",
+        "eval_blocks", "seed", "log_every", "device",
+    }  # fmt: skip
