@@ -206,7 +206,6 @@ class TrackingCallback(tune.Callback):
                 tags[MODEL_URI] = location
             self.tracker.set_tags(record.run_id, tags)
             record.tags.update(tags)
-            record.metrics.update(metrics)
             record.seconds = metrics.get("trial/seconds")
 
     def _log_new(
