@@ -390,13 +390,21 @@ def driver_gone(tags: Mapping[str, str]) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs. A zombie (dead, not yet reaped by its parent) answers
+    ``kill(pid, 0)`` like a live process, so on Linux its state is read too."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    if not Path("/proc/self/stat").exists():  # not Linux: kill() is all we can ask
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # reaped meanwhile
+        return False
+    return stat[stat.rindex(")") + 2 :].split(" ", 1)[0] != "Z"  # the field after "(comm)"
 
 
 # ---------------------------------------------------------------- the MLflow UI

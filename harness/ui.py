@@ -3,7 +3,6 @@ own process group so that stopping it (Ctrl-C, SIGTERM) stops its server workers
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.tracking import resolve_uri
+from synth.processes import stop_group
 
 
 def ui_command(uri: str, port: int, host: str = "127.0.0.1") -> list[str]:
@@ -56,18 +56,9 @@ def start_ui(
 
 
 def stop_ui(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """Stop the UI and every process of its group (SIGTERM, then SIGKILL after ``timeout``)."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        # the leader is gone; its workers may linger a moment
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        return
+    """Stop the UI and every process of its group (SIGTERM, then SIGKILL after ``timeout``), and
+    return once the group is empty."""
+    stop_group(proc, grace_s=timeout)
 
 
 def serve_ui(

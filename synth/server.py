@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import signal
 import socket
@@ -26,9 +27,11 @@ from pathlib import Path
 import httpx
 
 from synth.packaged import resolve
+from synth.processes import stop_group
 from synth.synth_config import LocalServer
 
 _PR_SET_PDEATHSIG = 1
+log = logging.getLogger(__name__)
 
 
 class ServerError(RuntimeError):
@@ -101,20 +104,11 @@ def _ready(root_url: str) -> bool:
 
 
 def stop(process: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
-    """SIGTERM the server's process group, then SIGKILL what is left after ``grace_s`` (uvicorn
-    waits for a generation in progress, which on a CPU can take minutes)."""
-    if process.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """SIGTERM the server's whole process group, SIGKILL what is left after ``grace_s`` (uvicorn
+    waits for a generation in progress, which on a CPU can take minutes), and return once the
+    group is empty: the leader's exit alone says nothing about the children it forked."""
+    if not stop_group(process, grace_s=grace_s):
+        log.warning("transformers serve (process group %d) outlived SIGKILL", process.pid)
 
 
 @contextmanager

@@ -7,12 +7,10 @@ storage path (a folder here; a bucket or shared mount on a real cluster)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
+
+from synth.processes import stop_groups
 
 HARNESS = "import sys; from harness.cli import app; sys.argv[0] = 'harness'; app()"
 RAY = "import sys; from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()"
@@ -44,17 +44,9 @@ def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM every group at once (Ray's processes shut down together), SIGKILL what lingers."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-        deadline = time.time() + wait
-        for proc in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-        if all(proc.poll() is not None for proc in procs):
-            return
+    """SIGTERM every group at once (Ray's processes shut down together), SIGKILL what lingers, and
+    wait until the groups are empty, so no raylet outlives the test."""
+    assert stop_groups(procs, grace_s=10, kill_wait_s=10), "a cluster process outlived SIGKILL"
 
 
 def _wait_for(what: str, ready, timeout: float, log: Path) -> None:
