@@ -17,12 +17,14 @@ import json
 import os
 import re
 import socket
+import sqlite3
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,6 +114,36 @@ def resolve_uri(uri: str) -> str:
         path = Path.cwd() / path
     path.parent.mkdir(parents=True, exist_ok=True)
     return prefix + str(path)
+
+
+@contextlib.contextmanager
+def read_only(uri: str) -> Iterator[str]:
+    """A tracking URI through which ``uri`` can be read without changing it.
+
+    Opening a SQLite store with a newer MLflow migrates its schema in place, so merely reading a
+    committed store (``harness tables --no-log``, ``harness plan``) would rewrite it. For a SQLite
+    store this yields a private copy (SQLite's online backup: consistent even while a sweep
+    writes; the source is opened read-only), deleted afterwards; a tracking server's URI is
+    yielded as it is (the server owns its schema). The copy keeps the experiments' artifact
+    locations, so logged artifacts are read from where they are.
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        yield uri
+        return
+    source = Path(uri[len(prefix) :])
+    with tempfile.TemporaryDirectory(prefix="harness-read-") as tmp:
+        copy = Path(tmp) / source.name
+        src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            dst = sqlite3.connect(copy)
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+        yield prefix + str(copy)
 
 
 def default_artifact_location(uri: str) -> str | None:

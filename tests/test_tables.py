@@ -18,6 +18,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+from scipy import stats as scipy_stats
 
 from harness.config import ConfigError, trial_key
 from harness.experiment_file import apply_cell, load_experiment
@@ -249,33 +250,68 @@ def test_numbers_match_independent_computation(written) -> None:
             assert float(row[f"{c}_delta"]) == pytest.approx(
                 statistics.mean(values) - base[c], abs=1e-12
             )
-    assert rows["mean"]["baseline"] == "1" and rows["mean"]["significant"] == ""
-    # +3 points on every pair, but only 2 seeds shared with the baseline: the interval excludes 0,
-    # the exact sign-flip test over 2 seeds cannot go below p = 0.5, so no significance is claimed
-    assert float(rows["ata"]["test_ci_low"]) > 0 and rows["ata"]["test_seeds"] == "2"
-    assert float(rows["ata"]["test_sign_flip_p"]) == 0.5
-    assert rows["ata"]["significant"] == "0"
-    assert rows["eos"]["significant"] == "0"  # +-noise around 0
-    # the paired test's mean difference is the mean over (seed, task) pairs shared with the baseline
-    ata_diffs = [
-        a - m
-        for s in (0, 1)
-        for a, m in zip(task_scores("ata", s).values(), task_scores("mean", s).values())
-    ]
-    assert float(rows["ata"]["test_diff"]) == pytest.approx(statistics.mean(ata_diffs), abs=1e-12)
-    assert float(rows["ata"]["test_ci_low"]) > 0 > float(rows["eos"]["test_ci_low"])
-    assert int(rows["ata"]["test_pairs"]) == 6
+    assert rows["mean"]["baseline"] == "1" and rows["mean"]["seed_significant"] == ""
+    # over seeds: per seed, the mean over the (shared) tasks of ata - mean; seeds 0 and 1 only
+    # (ata-s2 FAILED); a paired t-test over those, Holm over the table's 2 comparisons
+    per_seed = {
+        p: [
+            statistics.mean(
+                a - m for a, m in zip(task_scores(p, s).values(), task_scores("mean", s).values())
+            )
+            for s in (0, 1)
+        ]
+        for p in ("eos", "ata")
+    }
+    raw = {p: scipy_stats.ttest_1samp(d, 0).pvalue for p, d in per_seed.items()}
+    low, high = sorted(raw.values())
+    holm = {p: min(1, max(2 * low, high)) if v == high else min(1, 2 * v) for p, v in raw.items()}
+    for p, diffs in per_seed.items():
+        row = rows[p]
+        assert row["seed_n"] == "2"
+        assert row["seed_diffs"] == f"0={diffs[0]!r};1={diffs[1]!r}"
+        assert float(row["seed_diff"]) == pytest.approx(statistics.mean(diffs), abs=1e-12)
+        half = scipy_stats.t.ppf(0.975, 1) * statistics.stdev(diffs) / 2**0.5
+        assert float(row["seed_ci_low"]) == pytest.approx(statistics.mean(diffs) - half)
+        assert float(row["seed_ci_high"]) == pytest.approx(statistics.mean(diffs) + half)
+        assert float(row["seed_dz"]) == pytest.approx(
+            statistics.mean(diffs) / statistics.stdev(diffs)
+        )
+        assert float(row["seed_t_p"]) == pytest.approx(raw[p])
+        assert float(row["seed_p_holm"]) == pytest.approx(holm[p])
+        assert row["seed_significant"] == str(int(holm[p] < 0.05))
+        # the exact sign-flip check over 2 seeds cannot go below p = 0.5
+        assert float(row["seed_sign_flip_p"]) == (0.5 if p == "ata" else 1.0)
+    # ata's two seeds agree to 0.1 point: the t-test says so (p ~ 0.01, Holm ~ 0.02); eos is noise
+    assert rows["ata"]["seed_significant"] == "1" and rows["eos"]["seed_significant"] == "0"
+    # over tasks: per task, the seed-averaged difference over the seeds both rows have (0 and 1)
+    for p in ("eos", "ata"):
+        per_task = [
+            statistics.mean(task_scores(p, s)[t] - task_scores("mean", s)[t] for s in (0, 1))
+            for t in TASKS
+        ]
+        row = rows[p]
+        assert row["task_n"] == "3" and row["task_seeds"] == "2"
+        assert float(row["task_diff"]) == pytest.approx(statistics.mean(per_task), abs=1e-12)
+        assert int(row["task_wins"]) == sum(d > 0 for d in per_task)
+        assert int(row["task_losses"]) == sum(d < 0 for d in per_task)
+        assert float(row["task_wilcoxon_p"]) == pytest.approx(scipy_stats.wilcoxon(per_task).pvalue)
+    # three tasks all better: the exact Wilcoxon p is 2/8 at best, and Holm doubles it
+    assert float(rows["ata"]["task_wilcoxon_p"]) == pytest.approx(0.25)
+    assert rows["ata"]["task_significant"] == "0"
 
 
 def test_markdown_bold_markers_and_footnotes(written) -> None:
     _, out = written
     md = (out / "ablation.md").read_text(encoding="utf-8")
+    main_table = md.split("Comparisons with the baseline")[0]
     lines = {
-        line.split(" | ")[0].strip("| "): line for line in md.splitlines() if line.startswith("| ")
+        line.split(" | ")[0].strip("| "): line
+        for line in main_table.splitlines()
+        if line.startswith("| ")
     }
     assert (
         lines["pooling"]
-        == "| pooling | n | Retrieval | STS | Avg | Held-out R@1 | Δ Avg [95% CI] |"
+        == "| pooling | n | Retrieval | STS | Avg | Held-out R@1 | Δ Avg [95% t-CI] |"
     )
     for c in COLUMNS:  # the best mean of each column, and only it, is bold
         means = {p: statistics.mean(m[c] for m in expected(p)) for p in POOLINGS}
@@ -289,10 +325,10 @@ def test_markdown_bold_markers_and_footnotes(written) -> None:
     delta = statistics.mean(m["eval/avg"] for m in expected("ata")) - statistics.mean(
         m["eval/avg"] for m in expected("mean")
     )
-    # 2 seeds: no † (see the csv test); the interval of the paired test beside the difference
+    # the t-interval of the paired test beside the difference, † from the Holm-adjusted p
     rows = read_csv(out / "ablation.csv")
-    ci = f"[{100 * float(rows['ata']['test_ci_low']):+.2f}, {100 * float(rows['ata']['test_ci_high']):+.2f}]"
-    assert lines["ata"].endswith(f"| {100 * delta:+.2f} {ci} |")
+    ci = f"[{100 * float(rows['ata']['seed_ci_low']):+.2f}, {100 * float(rows['ata']['seed_ci_high']):+.2f}]"
+    assert lines["ata"].endswith(f"| {100 * delta:+.2f}† {ci} |")
     eos = statistics.mean(m["eval/avg"] for m in expected("eos")) - statistics.mean(
         m["eval/avg"] for m in expected("mean")
     )
@@ -302,7 +338,22 @@ def test_markdown_bold_markers_and_footnotes(written) -> None:
     assert "eos-s2 (never run)" in md
     assert "ata-s2 (FAILED: RuntimeError: CUDA out of memory)" in md
     assert "seed in {0, 1, 2}" in md
-    assert "†: the 95% paired cluster-bootstrap interval" in md and "seeds resampled" in md
+    assert "†: Holm-adjusted p < 0.05 over the table's 2 comparisons" in md
+    assert "Over tasks (is the variant better across tasks?" in md
+    # the comparisons: per-seed differences visible, both questions, one line each
+    per_seed = [
+        statistics.mean(
+            a - m for a, m in zip(task_scores("ata", s).values(), task_scores("mean", s).values())
+        )
+        for s in (0, 1)
+    ]
+    seeds_line = next(x for x in md.splitlines() if x.startswith("| ata | seeds |"))
+    assert f"0: {100 * per_seed[0]:+.2f} 1: {100 * per_seed[1]:+.2f}" in seeds_line
+    assert "sign-flip 0.500" in seeds_line
+    tasks_line = next(
+        x for x in md.splitlines() if x.startswith("| ata | tasks (2 seeds averaged) |")
+    )
+    assert "3 better, 0 tied, 0 worse" in tasks_line and "Wilcoxon 0.250" in tasks_line
     assert "2 older or superseded runs passed over" in md
     # the experiment file's description is the caption
     assert md.splitlines()[2] == "Pooling of the last hidden states (a test grid)"
@@ -396,9 +447,10 @@ def test_runs_without_parent_or_eval(store: dict) -> None:
     assert [r["strategy"] for r in rows] == ["curriculum", "reverse"]  # sorted: no declared order
     assert float(rows[1][f"{HELDOUT}_mean"]) == pytest.approx(statistics.mean([0.40, 0.41]))
     assert float(rows[1][f"{HELDOUT}_delta"]) == pytest.approx(-0.1)
-    assert rows[1]["test_metric"] == HELDOUT and rows[1]["test_pairs"] == "2"
+    assert rows[1]["test_metric"] == HELDOUT and rows[1]["seed_n"] == "2"
+    assert rows[1]["task_n"] == ""  # no tasks: no question over tasks
     md = (out / "ablation.md").read_text(encoding="utf-8")
-    assert "| strategy | n | Held-out R@1 | Δ Held-out R@1 [95% CI] |" in md
+    assert "| strategy | n | Held-out R@1 | Δ Held-out R@1 [95% t-CI] |" in md
     assert "set tables.baseline to choose" in md and "the runs' cells (sorted)" in md
     assert {p.name for p in result.files} >= {"loss.png", "scores.png"}
 
@@ -466,23 +518,19 @@ def test_a_run_left_running_by_a_dead_driver_shows_as_killed(tmp_path: Path, tal
     tally(cases=1, faults=1)
 
 
-def test_the_interval_resamples_seeds_not_pairs() -> None:
-    """Three seeds, twenty tasks each: the tasks of a seed move together (one model). Resampling
-    (seed, task) pairs as if independent gives an interval that excludes 0; the seeds say the
-    difference is noise (two seeds up, one down)."""
+def test_the_seed_test_averages_a_seeds_tasks_first() -> None:
+    """Three seeds, twenty tasks each: the tasks of a seed move together (one model). Treating the
+    60 (seed, task) pairs as independent would call the difference significant; the seeds say it is
+    noise (two seeds up, one down)."""
     import numpy as np
 
-    from harness.tables.ablation import bootstrap_interval
+    from harness.tables.stats import paired_t_p
 
     seed_effect = {"s1": 0.05, "s2": 0.04, "s3": -0.03}
     rng = np.random.default_rng(1)
-    clusters = [s for s in seed_effect for _ in range(20)]
-    diffs = np.array([seed_effect[s] + rng.normal(0, 0.002) for s in clusters])
-    naive = bootstrap_interval(diffs)
-    clustered = bootstrap_interval(diffs, clusters)
-    assert naive[0] > 0, "the naive interval should (wrongly) exclude 0 here"
-    assert clustered[0] < 0 < clustered[1]
-    assert clustered[1] - clustered[0] > 3 * (naive[1] - naive[0])
+    pairs = {s: [e + rng.normal(0, 0.002) for _ in range(20)] for s, e in seed_effect.items()}
+    assert paired_t_p([d for ds in pairs.values() for d in ds]) < 0.001  # the naive reading
+    assert paired_t_p([float(np.mean(ds)) for ds in pairs.values()]) > 0.3
 
 
 def test_a_grown_grid_keeps_every_finished_trial_that_matches_a_cell(tmp_path: Path) -> None:
@@ -530,7 +578,7 @@ def test_the_per_task_table_has_one_column_per_task(written) -> None:
     md = (out / "tasks.md").read_text(encoding="utf-8")
     header = next(line for line in md.splitlines() if line.startswith("| pooling"))
     cells = [c.strip() for c in header.strip("|").split("|")]
-    assert cells[:2] == ["pooling", "n"] and cells[-2:] == ["Avg", "Δ Avg [95% CI]"]
+    assert cells[:2] == ["pooling", "n"] and cells[-2:] == ["Avg", "Δ Avg [95% t-CI]"]
     tasks = cells[2:-2]
     assert (
         tasks == sorted(tasks) and len(tasks) >= 2 and "STS" not in tasks
@@ -542,15 +590,80 @@ def test_the_per_task_table_has_one_column_per_task(written) -> None:
     )
 
 
-def test_significance_needs_seeds_that_a_sign_flip_test_can_trust() -> None:
-    """With 3 seeds a seed-level bootstrap interval is about the range of the 3 differences and
-    excluded 0 whenever all 3 agreed (the small pooling ablation did): a † then claimed p < 0.05
-    from what a sign test puts at p = 0.25. The exact sign-flip p over seeds now gates the †."""
-    from harness.tables.ablation import PairedTest, sign_flip_p
+def test_the_statistics_against_known_values() -> None:
+    """Each statistic against a value computed another way (a textbook, scipy, a hand count)."""
+    from harness.tables import stats
 
-    assert sign_flip_p([0.9, 1.3, 11.8]) == 0.25  # 2 of the 8 sign assignments are as extreme
-    assert sign_flip_p([1.0] * 6) == 2 / 64
-    assert sign_flip_p([1.0, -1.0]) == 1.0
-    assert not PairedTest(4.6, 0.9, 11.8, 6, 3, 2, sign_flip_p([0.9, 1.3, 11.8])).significant
-    assert PairedTest(1.0, 0.5, 1.5, 12, 6, 2, sign_flip_p([1.0] * 6)).significant
-    assert not PairedTest(1.0, -0.5, 1.5, 12, 6, 2, sign_flip_p([1.0] * 6)).significant
+    assert stats.sign_flip_p([0.9, 1.3, 11.8]) == 0.25  # 2 of the 8 sign assignments are as extreme
+    assert stats.sign_flip_p([1.0] * 6) == 2 / 64
+    assert stats.sign_flip_p([1.0, -1.0]) == 1.0
+    # Holm: sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1, then made monotone
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm([0.5]) == [0.5] and stats.holm([]) == []
+    # with 3 seeds the old "95% CI" was the range; the t-interval is wider (t(2) = 4.30)
+    low, high = stats.t_interval([0.9, 1.3, 11.8])
+    assert low < 0.9 and high > 11.8
+    assert stats.paired_t_p([0.9, 1.3, 11.8]) == pytest.approx(
+        scipy_stats.ttest_1samp([0.9, 1.3, 11.8], 0).pvalue
+    )
+    # the seeds one needs: d_z = 0.5 -> 34 and d_z = 1 -> 10 at alpha 0.05, power 0.8 (G*Power)
+    assert stats.seeds_needed(0.5) == 34 and stats.seeds_needed(1.0) == 10
+    assert stats.seeds_needed(-1.0) == 10  # the sign does not matter to a two-sided test
+    assert stats.paired_power(1.0, 10) >= 0.8 > stats.paired_power(1.0, 9)
+    assert stats.seeds_needed(0.0) is None and stats.seeds_needed(1e-4) is None
+    # an exact sign-flip test needs 6 seeds at 0.05, 8 under Bonferroni over 6 comparisons
+    assert stats.sign_flip_min_seeds(0.05) == 6 and stats.sign_flip_min_seeds(0.05 / 6) == 8
+
+
+def test_the_power_of_the_planned_seeds_is_real() -> None:
+    """Simulate: paired differences with d_z = 0.8 at the planned n reject about 80 % of the time
+    (the noncentral-t computation is not just self-consistent)."""
+    import numpy as np
+
+    from harness.tables import stats
+
+    n = stats.seeds_needed(0.8)
+    rng = np.random.default_rng(0)
+    draws = rng.normal(0.8, 1.0, size=(4000, n))
+    rejected = np.mean([stats.paired_t_p(list(d)) < 0.05 for d in draws])
+    assert 0.77 < rejected < 0.86
+
+
+def test_reading_a_store_never_changes_it(tmp_path: Path) -> None:
+    """``harness tables --no-log`` on a store written by an older MLflow (the committed small
+    ablations' store): MLflow migrates a store's schema when it opens it, so the tables read a copy
+    (fails before: the store's schema and sha256 changed)."""
+    import hashlib
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    store = tmp_path / "results" / "small" / "mlflow.db"
+    store.parent.mkdir(parents=True)
+    shutil.copy(repo / "results" / "small" / "mlflow.db", store)
+    before = hashlib.sha256(store.read_bytes()).hexdigest()
+    result = write_tables(
+        None,
+        experiment_name="small-pooling",
+        tracking_uri=f"sqlite:///{store}",
+        output_dir=tmp_path / "out",
+        log_to_mlflow=False,
+    )
+    assert len(result.table.rows) == 3 and (tmp_path / "out" / "ablation.md").is_file()
+    assert hashlib.sha256(store.read_bytes()).hexdigest() == before
+
+
+def test_a_missing_adapter_is_cannot_check_not_an_older_configuration(
+    store: dict, tmp_path: Path
+) -> None:
+    """On a clone without the git-ignored init adapter, the current configuration's trial keys are
+    unknown: the footnote says so instead of calling every run "older" (fails before)."""
+    text = EXPERIMENT_YAML.format(uri=store["store"].uri).replace(
+        "train: {steps: 4}", "train: {steps: 4}\nmodel: {init_adapter: ./adapters/not-here}"
+    )
+    path = tmp_path / "abl.yaml"
+    path.write_text(text, encoding="utf-8")
+    write_tables(load_experiment(path), output_dir=tmp_path / "out", log_to_mlflow=False)
+    md = (tmp_path / "out" / "ablation.md").read_text(encoding="utf-8")
+    assert "older configuration" not in md
+    assert "Cannot check whether the runs were trained with the file's current configuration" in md
+    assert "model.init_adapter ./adapters/not-here is not on this machine" in md

@@ -1,13 +1,14 @@
-"""The ablation table as numbers: variants x metrics, mean and std over seeds, differences to a
-baseline row and a paired bootstrap interval for each difference.
+"""The ablation table as numbers: variants x metrics, mean and std over seeds, and each row's
+paired comparison with a baseline row.
 
 Rows are the combinations of the row axes (``tables.rows``, default every grid axis but the seed);
 the other axes (usually only the seed) are replicates, and a row's statistics are over its runs.
 Each row is compared with the baseline on the main metric (``eval/avg``, else the held-out
-recall@1): the difference of the means, and a paired cluster bootstrap: a row is compared with the
-baseline trained with the same seed, on the same task, and the seeds are resampled, each with all
-of its tasks (the tasks of one seed share that seed's model, so they are not independent draws;
-resampling (seed, task) pairs would make the interval too narrow).
+recall@1), paired: a row's run is compared with the baseline's run of the same seed, on the same
+task. Two questions are answered (``harness/tables/stats.py`` says how and why): over seeds (a
+t-test and t-interval over the per-seed differences, each seed's tasks averaged first, since a
+seed's tasks share one model) and over tasks (Wilcoxon over the per-task differences of the
+seed-averaged scores), each with Holm's correction across the table's comparisons.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
-
 from harness.config import AXIS_ALIASES, ConfigError
+from harness.tables import stats
 from harness.tables.collect import CellRuns, Collected, TrialRun
 
 # mteb task types as categories: the paper's table order (harness/evaluation/scores.py CATEGORIES,
@@ -31,9 +31,6 @@ CATEGORY_ORDER = (
 )  # fmt: skip
 AVG = "eval/avg"
 HELDOUT = "heldout/recall_at_1"
-BOOTSTRAP_RESAMPLES = 10_000
-BOOTSTRAP_SEED = 0
-CONFIDENCE = 0.95
 SHORT_AXIS = {dotted: short for short, dotted in AXIS_ALIASES.items()}
 
 
@@ -44,25 +41,69 @@ class Column:
 
 
 @dataclass(frozen=True)
-class PairedTest:
-    """Paired cluster-bootstrap interval of ``mean(row - baseline)``: replicates resampled, tasks kept
-    together within a replicate."""
+class SeedTest:
+    """Over seeds: the per-seed paired differences (row minus baseline) and their t-test."""
 
-    diff: float
-    low: float
-    high: float
-    pairs: int
-    replicates: int
-    tasks: int
-    p_value: float = 1.0  # exact sign-flip test over the replicates' mean differences (two-sided)
+    seeds: tuple[str, ...]  # the replicates both rows have, as labels
+    diffs: tuple[float, ...]  # per seed: the mean over the tasks both runs have of row - baseline
+    tasks: int  # tasks per pair (1 for a metric without tasks)
+    p_value: float  # two-sided paired t-test
+    sign_flip_p: float  # exact two-sided sign-flip test (distribution-free; floor 2 / 2^seeds)
+    p_holm: float = 1.0  # Holm-adjusted across the table's comparisons
+
+    @property
+    def n(self) -> int:
+        return len(self.diffs)
+
+    @property
+    def diff(self) -> float:
+        return stats.mean(self.diffs)
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The 95 % t-interval of the mean per-seed difference."""
+        return stats.t_interval(self.diffs)
+
+    @property
+    def effect_size(self) -> float | None:
+        """d_z: mean / sd of the per-seed differences."""
+        return stats.effect_size(self.diffs)
 
     @property
     def significant(self) -> bool:
-        """The interval excludes 0 and the sign-flip test agrees (p < 1 - CONFIDENCE). With few
-        seeds a bootstrap over them is overconfident (with 3, its interval is about the range of
-        the 3 differences); the sign-flip test cannot go below 2 / 2^seeds (0.25 with 3 seeds), so
-        a † needs at least 6 seeds that agree."""
-        return (self.low > 0 or self.high < 0) and self.p_value < 1 - CONFIDENCE
+        return self.p_holm < stats.ALPHA
+
+
+@dataclass(frozen=True)
+class TaskTest:
+    """Over tasks: per task, the seed-averaged row minus the seed-averaged baseline (the seeds both
+    rows have), and the Wilcoxon signed-rank test over tasks."""
+
+    tasks: tuple[str, ...]
+    diffs: tuple[float, ...]
+    seeds: int
+    p_value: float
+    p_holm: float = 1.0
+
+    @property
+    def diff(self) -> float:
+        return stats.mean(self.diffs)
+
+    @property
+    def wins(self) -> int:
+        return sum(d > 0 for d in self.diffs)
+
+    @property
+    def losses(self) -> int:
+        return sum(d < 0 for d in self.diffs)
+
+    @property
+    def ties(self) -> int:
+        return len(self.diffs) - self.wins - self.losses
+
+    @property
+    def significant(self) -> bool:
+        return self.p_holm < stats.ALPHA
 
 
 @dataclass
@@ -73,7 +114,8 @@ class Row:
     std: dict[str, float] = field(default_factory=dict)  # only with two or more values
     count: dict[str, int] = field(default_factory=dict)
     delta: dict[str, float] = field(default_factory=dict)  # mean minus the baseline's mean
-    test: PairedTest | None = None
+    seed_test: SeedTest | None = None  # None: the baseline itself, or fewer than 2 shared seeds
+    task_test: TaskTest | None = None  # None: the main metric has no tasks, or fewer than 2
 
     @property
     def runs(self) -> list[TrialRun]:
@@ -132,7 +174,8 @@ def build_table(collected: Collected, where: str, *, per_task: bool = False) -> 
     for i, row in enumerate(rows):
         row.delta = {m: row.mean[m] - base.mean[m] for m in row.mean if m in base.mean}
         if i != baseline and main is not None:
-            row.test = paired_test(row, base, main.metric, replicate_axes)
+            row.seed_test, row.task_test = paired_tests(row, base, main.metric, replicate_axes)
+    _adjust(rows)
     return AblationTable(
         experiment=collected.experiment,
         row_axes=row_axes,
@@ -234,13 +277,13 @@ def _baseline(
     return hits[0]
 
 
-def paired_test(
+def paired_tests(
     row: Row, base: Row, metric: str, replicate_axes: Sequence[str]
-) -> PairedTest | None:
-    """Paired bootstrap against the baseline; ``None`` with fewer than two shared replicates.
+) -> tuple[SeedTest | None, TaskTest | None]:
+    """Both questions for one row against the baseline (unadjusted: :func:`_adjust` does Holm).
 
-    With ``eval/avg`` as the metric, a pair is one task under one replicate (seed), so the
-    interval reflects both seed noise and task spread; otherwise one value per replicate.
+    A pair is one task under one replicate (seed) with ``eval/avg`` as the metric, else one value
+    per replicate. The seed test needs two shared seeds; the task test two tasks.
     """
 
     def paired(r: Row) -> dict[tuple[str, str], float]:
@@ -248,7 +291,7 @@ def paired_test(
         for cell in r.cells:
             if cell.run is None:
                 continue
-            rep = _key([cell.cell[a] for a in replicate_axes])
+            rep = replicate_label(cell.cell, replicate_axes)
             scores = task_scores(cell.run) if metric == AVG else {}
             if not scores and metric in cell.run.metrics:
                 scores = {metric: cell.run.metrics[metric]}
@@ -257,57 +300,40 @@ def paired_test(
 
     ours, theirs = paired(row), paired(base)
     shared = sorted(set(ours) & set(theirs))
-    replicates = {rep for rep, _ in shared}
-    if len(replicates) < 2:
-        return None
-    diffs = np.array([ours[k] - theirs[k] for k in shared])
-    clusters = [rep for rep, _ in shared]
-    low, high = bootstrap_interval(diffs, clusters)
-    per_replicate = [float(diffs[[c == r for c in clusters]].mean()) for r in sorted(replicates)]
-    return PairedTest(
-        float(diffs.mean()),
-        low,
-        high,
-        len(shared),
-        len(replicates),
-        len({t for _, t in shared}),
-        sign_flip_p(per_replicate),
-    )
+    order = [replicate_label(c.cell, replicate_axes) for c in row.cells]  # the grid's order
+    reps = sorted({rep for rep, _ in shared}, key=order.index)
+    tasks = sorted({task for _, task in shared})
+    diff = {k: ours[k] - theirs[k] for k in shared}
+    seed_test = task_test = None
+    if len(reps) >= 2:
+        per_seed = tuple(stats.mean([d for (r, _), d in diff.items() if r == rep]) for rep in reps)
+        seed_test = SeedTest(
+            tuple(reps),
+            per_seed,
+            len(tasks),
+            stats.paired_t_p(per_seed),
+            stats.sign_flip_p(per_seed),
+        )
+    if metric == AVG and len(tasks) >= 2:
+        # the seeds both rows have for every task: each task's mean is over the same seeds
+        both = [rep for rep in reps if all((rep, t) in diff for t in tasks)]
+        if both:
+            per_task = tuple(stats.mean([diff[(rep, t)] for rep in both]) for t in tasks)
+            task_test = TaskTest(tuple(tasks), per_task, len(both), stats.wilcoxon_p(per_task))
+    return seed_test, task_test
 
 
-def sign_flip_p(diffs: Sequence[float]) -> float:
-    """Two-sided p of the paired sign-flip (permutation) test that the mean difference is 0: the
-    share of the 2^n sign assignments whose |mean| is at least the observed one (exact up to 16
-    replicates, else 100,000 seeded draws)."""
-    values = np.asarray(diffs, dtype=float)
-    n = len(values)
-    if n == 0:
-        return 1.0
-    observed = abs(values.mean()) - 1e-12
-    if n <= 16:
-        signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
-    else:
-        signs = np.random.default_rng(BOOTSTRAP_SEED).choice([-1, 1], size=(100_000, n))
-    return float((np.abs((signs * values).mean(axis=1)) >= observed).mean())
+def _adjust(rows: Sequence[Row]) -> None:
+    """Holm across the table's comparisons, one family per question."""
+    for attr in ("seed_test", "task_test"):
+        tested = [row for row in rows if getattr(row, attr) is not None]
+        adjusted = stats.holm([getattr(row, attr).p_value for row in tested])
+        for row, p in zip(tested, adjusted):
+            setattr(row, attr, replace(getattr(row, attr), p_holm=p))
 
 
-def bootstrap_interval(
-    diffs: np.ndarray, clusters: Sequence[str] | None = None
-) -> tuple[float, float]:
-    """Percentile interval of the mean difference (fixed RNG seed: the same file every run).
-
-    With ``clusters`` (the replicate of each difference) whole clusters are resampled: a resample
-    draws replicates with replacement and takes every difference of each drawn one. Without, the
-    differences themselves are resampled."""
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
-    if clusters is None:
-        idx = rng.integers(0, len(diffs), size=(BOOTSTRAP_RESAMPLES, len(diffs)))
-        means = diffs[idx].mean(axis=1)
-    else:
-        names = sorted(set(clusters))
-        sums = np.array([diffs[[c == n for c in clusters]].sum() for n in names])
-        sizes = np.array([sum(c == n for c in clusters) for n in names], dtype=float)
-        draw = rng.integers(0, len(names), size=(BOOTSTRAP_RESAMPLES, len(names)))
-        means = sums[draw].sum(axis=1) / sizes[draw].sum(axis=1)  # the mean over the drawn pairs
-    tail = (1 - CONFIDENCE) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+def replicate_label(cell: Mapping[str, Any], replicate_axes: Sequence[str]) -> str:
+    """A replicate's name: ``1`` for seed 1, ``k=v, ...`` for several replicate axes."""
+    if len(replicate_axes) == 1:
+        return str(cell[replicate_axes[0]])
+    return ", ".join(f"{axis_title(a)}={cell[a]}" for a in replicate_axes)

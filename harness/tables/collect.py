@@ -38,6 +38,7 @@ from harness.tracking import (
     ROLE,
     TRIAL_KEY,
     driver_gone,
+    read_only,
     redact_text,
 )
 
@@ -105,6 +106,7 @@ class Collected:
     grid_source: str  # where the grid order came from (the file, the parent run, the runs)
     extra_runs: int  # FINISHED trial runs whose cell is not in the grid
     description: str = ""  # the experiment file's `description`: the tables' caption
+    keys_unknown: str | None = None  # why the current configuration's trial keys are unknown
 
 
 def cell_json(cell: Mapping[str, Any]) -> str:
@@ -125,7 +127,11 @@ def collect(
     uri = tracking_uri or (exp.tracking if exp is not None else TrackingSettings()).uri
     where = exp.source if exp is not None and not tracking_uri else None  # the file gave the URI
     given, uri = uri, _readable_uri(uri, where)
-    client = MlflowClient(tracking_uri=uri)
+    with read_only(uri) as reading:  # tables never change the store they read
+        return _collect(MlflowClient(tracking_uri=reading), exp, name, given, uri)
+
+
+def _collect(client: Any, exp: Experiment | None, name: str, given: str, uri: str) -> Collected:
     found = client.get_experiment_by_name(name)
     if found is None:
         raise TablesError(
@@ -154,7 +160,8 @@ def collect(
     else:
         grid, source = _grid_from_runs(trials), "the runs' cells (sorted)"
 
-    cells = [_pick(cell, trials, reference) for cell in _cells(grid)]
+    unchecked = _keys_unknown(exp)
+    cells = [_pick(cell, trials, None if unchecked else reference) for cell in _cells(grid)]
     extra = sum(
         t.status == "FINISHED" and not any(t.in_cell(c.cell) for c in cells) for t in trials
     )
@@ -173,7 +180,25 @@ def collect(
         grid_source=source,
         extra_runs=extra,
         description=exp.description if exp is not None else "",
+        keys_unknown=unchecked,
     )
+
+
+def _keys_unknown(exp: Experiment | None) -> str | None:
+    """Why the trial keys of the file's current configuration cannot be computed here (None: they
+    can). A local init adapter is part of the key by its hash or recipe, read from its folder: on
+    a machine without the folder (a clone of a committed store) the key is unknown, which says
+    nothing about the runs."""
+    from harness.init_adapter import local_folder
+
+    folder = local_folder(exp) if exp is not None else None
+    if folder is not None and not folder.exists():
+        assert exp is not None
+        return (
+            f"model.init_adapter {exp.model.init_adapter} is not on this machine (its hash is "
+            "part of the trial key)"
+        )
+    return None
 
 
 def _readable_uri(uri: str, where: str | None) -> str:

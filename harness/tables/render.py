@@ -13,16 +13,8 @@ import json
 import re
 from collections.abc import Callable
 
-from harness.tables.ablation import (
-    AVG,
-    BOOTSTRAP_RESAMPLES,
-    BOOTSTRAP_SEED,
-    CONFIDENCE,
-    HELDOUT,
-    AblationTable,
-    Row,
-    axis_title,
-)
+from harness.tables import stats
+from harness.tables.ablation import AVG, HELDOUT, AblationTable, Row, axis_title
 from harness.tables.collect import CellRuns
 from harness.tracking import redact_text
 
@@ -62,15 +54,16 @@ def _delta(table: AblationTable, i: int, dagger: str) -> str:
         return "baseline"
     if main is None or main.metric not in row.delta:
         return "–"
-    t, delta = row.test, fmt_delta(row.delta[main.metric])
+    t, delta = row.seed_test, fmt_delta(row.delta[main.metric])
     if t is None:
         return delta
-    return f"{delta}{dagger if t.significant else ''} [{fmt_delta(t.low)}, {fmt_delta(t.high)}]"
+    low, high = t.interval
+    return f"{delta}{dagger if t.significant else ''} [{fmt_delta(low)}, {fmt_delta(high)}]"
 
 
 def _header(table: AblationTable) -> list[str]:
-    tested = any(row.test is not None for row in table.rows)
-    ci = f" [{CONFIDENCE:.0%} CI]" if tested else ""
+    tested = any(row.seed_test is not None for row in table.rows)
+    ci = f" [{stats.CONFIDENCE:.0%} t-CI]" if tested else ""
     main = [f"Δ {table.main.title}{ci}"] if table.main is not None else []
     return [axis_title(a) for a in table.row_axes] + ["n"] + [c.title for c in table.columns] + main
 
@@ -106,42 +99,7 @@ def notes(table: AblationTable) -> list[str]:
         + f". Bold: the best mean of its column. Columns: {'; '.join(meaning)}."
     )
     if table.main is not None:
-        base = table.rows[table.baseline]
-        how = (
-            "tables.baseline"
-            if table.baseline_from_file
-            else "the first row; set tables.baseline to choose"
-        )
-        out.append(
-            f"Δ {table.main.title}: the row's mean minus the baseline's ({base.label}; {how})"
-            + (
-                f"; in brackets the {CONFIDENCE:.0%} interval of the paired difference (the seeds"
-                f" both rows have; see {DAGGER})."
-                if any(row.test is not None for row in table.rows)
-                else "."
-            )
-        )
-        tested = [(row, row.test) for row in table.rows if row.test is not None]
-        if tested:
-            by_task = table.main.metric == AVG
-            unit, pairs = ("task", "same seed, same task") if by_task else ("value", "same seed")
-            intervals = "; ".join(
-                f"{row.label} {fmt_delta(t.diff)} [{fmt_delta(t.low)}, {fmt_delta(t.high)}]"
-                f" ({t.replicates} seeds x {t.tasks} {unit}{'s' if t.tasks > 1 else ''},"
-                f" sign-flip p = {t.p_value:.3g})"
-                for row, t in tested
-            )
-            out.append(
-                f"{DAGGER}: the {CONFIDENCE:.0%} paired cluster-bootstrap interval of the mean difference "
-                f"to the baseline excludes 0 (pairs: {pairs}; seeds resampled, each with all its "
-                f"{unit}s, since a seed's {unit}s share one model; {BOOTSTRAP_RESAMPLES} resamples, "
-                f"RNG seed {BOOTSTRAP_SEED}) and so does the exact sign-flip test over the seeds' mean "
-                f"differences (p < {1 - CONFIDENCE:.2g}; it cannot go below 2/2^seeds, so a † needs at "
-                f"least 6 seeds that agree: with fewer, read the intervals as descriptive). "
-                f"Intervals: {intervals}."
-            )
-        elif len(table.rows) > 1:
-            out.append("No significance test: it needs at least 2 seeds shared with the baseline.")
+        out += _test_notes(table)
     missing = table.missing
     total = len(coll.cells)
     if missing:
@@ -165,6 +123,87 @@ def notes(table: AblationTable) -> list[str]:
         )
     out.append(_source(table))
     return out
+
+
+def _test_notes(table: AblationTable) -> list[str]:
+    """What the Δ column and the comparisons show, and which test answers which question."""
+    assert table.main is not None
+    base, title = table.rows[table.baseline], table.main.title
+    how = (
+        "tables.baseline"
+        if table.baseline_from_file
+        else "the first row; set tables.baseline to choose"
+    )
+    seed_tested = [row for row in table.rows if row.seed_test is not None]
+    task_tested = [row for row in table.rows if row.task_test is not None]
+    out = [
+        f"Δ {title}: the row's mean minus the baseline's ({base.label}; {how})"
+        + (
+            f"; in brackets the {stats.CONFIDENCE:.0%} t-interval of the mean per-seed paired"
+            " difference (the seeds both rows have)."
+            if seed_tested
+            else "."
+        )
+    ]
+    if seed_tested:
+        m = len(seed_tested)
+        floor = stats.sign_flip_min_seeds(stats.ALPHA / m)
+        unit = "the mean over the tasks both runs have" if table.main.metric == AVG else "the value"
+        out.append(
+            f"Over seeds (does the variant train better models, given training randomness?): per "
+            f"seed, row minus baseline ({unit}); paired t-test over the seeds, effect size d_z = "
+            f"mean / sd of the per-seed differences. {DAGGER}: Holm-adjusted p < {stats.ALPHA:g} "
+            f"over the table's {m} comparison{'s' if m > 1 else ''}. The exact sign-flip test is "
+            f"shown as a distribution-free check: with n seeds its p cannot go below 2/2^n, so it "
+            f"needs {floor} seeds to pass Holm here."
+        )
+    if task_tested:
+        out.append(
+            "Over tasks (is the variant better across tasks? seeds averaged first): per task, the "
+            "row's seed mean minus the baseline's over the seeds both have; Wilcoxon signed-rank "
+            "test over the tasks (ties dropped), Holm-adjusted across the table's comparisons. It "
+            "treats the tasks as the sample and says nothing about seed-to-seed variation."
+        )
+    if len(table.rows) > 1 and not seed_tested:
+        out.append("No test over seeds: it needs at least 2 seeds shared with the baseline.")
+    return out
+
+
+def comparisons(table: AblationTable) -> list[list[str]]:
+    """The comparisons with the baseline as a table (header first): one line per row and question."""
+    if table.main is None:
+        return []
+    title = table.main.title
+    header = [
+        "vs " + table.rows[table.baseline].label, "question", "n", f"Δ {title}",
+        f"{stats.CONFIDENCE:.0%} t-CI", "per seed / per task", "effect", "p", "p (Holm)", "check",
+    ]  # fmt: skip
+    lines = []
+    for row in table.rows:
+        t = row.seed_test
+        if t is not None:
+            low, high = t.interval
+            dz = t.effect_size
+            lines.append([
+                row.label, "seeds", str(t.n), fmt_delta(t.diff) + (DAGGER if t.significant else ""),
+                f"[{fmt_delta(low)}, {fmt_delta(high)}]",
+                " ".join(f"{seed}: {fmt_delta(d)}" for seed, d in zip(t.seeds, t.diffs)),
+                "d_z " + ("–" if dz is None else f"{dz:+.2f}"),
+                f"t {_p(t.p_value)}", _p(t.p_holm), f"sign-flip {_p(t.sign_flip_p)}",
+            ])  # fmt: skip
+        k = row.task_test
+        if k is not None:
+            lines.append([
+                row.label, f"tasks ({k.seeds} seeds averaged)", str(len(k.diffs)),
+                fmt_delta(k.diff) + (DAGGER if k.significant else ""), "–",
+                f"{k.wins} better, {k.ties} tied, {k.losses} worse", "–",
+                f"Wilcoxon {_p(k.p_value)}", _p(k.p_holm), "–",
+            ])  # fmt: skip
+    return [header, *lines] if lines else []
+
+
+def _p(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else "<0.001"
 
 
 def _why(cell: CellRuns) -> str:
@@ -192,6 +231,11 @@ def _source(table: AblationTable) -> str:
         text += (
             " Trained with an older configuration than the experiment's current one"
             f" (trial_key differs): {', '.join(stale)}."
+        )
+    if coll.keys_unknown:
+        text += (
+            " Cannot check whether the runs were trained with the file's current configuration: "
+            f"{coll.keys_unknown}."
         )
     if coll.extra_runs:
         text += f" {coll.extra_runs} FINISHED runs outside the grid are not shown."
@@ -225,6 +269,16 @@ def markdown(table: AblationTable) -> str:
             cells.append(_delta(table, i, DAGGER))
         lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
     lines.append("")
+    compared = comparisons(table)
+    if compared:
+        lines += [
+            "Comparisons with the baseline (the notes say which test answers which question):",
+            "",
+        ]
+        lines.append("| " + " | ".join(_md_escape(c) for c in compared[0]) + " |")
+        lines.append("|" + "|".join([":--", ":--"] + ["--:"] * (len(compared[0]) - 2)) + "|")
+        lines += ["| " + " | ".join(_md_escape(c) for c in line) + " |" for line in compared[1:]]
+        lines.append("")
     lines += [f"{i}. {_md_escape(n)}" for i, n in enumerate(notes(table), 1)]
     return "\n".join(lines) + "\n"
 
@@ -232,21 +286,19 @@ def markdown(table: AblationTable) -> str:
 # ---------------------------------------------------------------- CSV
 
 
+SEED_CSV = ("seed_n", "seed_diff", "seed_ci_low", "seed_ci_high", "seed_diffs", "seed_dz",
+            "seed_t_p", "seed_p_holm", "seed_sign_flip_p", "seed_significant")  # fmt: skip
+TASK_CSV = ("task_n", "task_seeds", "task_diff", "task_wins", "task_ties", "task_losses",
+            "task_wilcoxon_p", "task_p_holm", "task_significant")  # fmt: skip
+
+
 def csv_text(table: AblationTable) -> str:
-    """One line per row; raw values: ``<metric>_mean/_std/_n/_delta``, then the test of the main metric."""
+    """One line per row; raw values: ``<metric>_mean/_std/_n/_delta``, then both tests of the main
+    metric (``seed_*``: over seeds, ``seed_diffs`` as ``seed=diff`` pairs; ``task_*``: over tasks)."""
     header = [axis_title(a) for a in table.row_axes] + ["runs", "baseline"]
     for c in table.columns:
         header += [f"{c.metric}_mean", f"{c.metric}_std", f"{c.metric}_n", f"{c.metric}_delta"]
-    header += [
-        "test_metric",
-        "test_diff",
-        "test_ci_low",
-        "test_ci_high",
-        "test_pairs",
-        "test_seeds",
-        "test_sign_flip_p",
-        "significant",
-    ]
+    header += ["test_metric", *SEED_CSV, *TASK_CSV]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
@@ -262,21 +314,20 @@ def csv_text(table: AblationTable) -> str:
                 row.count.get(c.metric, 0),
                 _num(row.delta.get(c.metric)),
             ]
-        t = row.test
         line += [table.main.metric if table.main else ""]
-        line += (
-            [
-                _num(t.diff),
-                _num(t.low),
-                _num(t.high),
-                t.pairs,
-                t.replicates,
-                _num(t.p_value),
-                int(t.significant),
-            ]
-            if t
-            else [""] * 7
-        )
+        t, k = row.seed_test, row.task_test
+        if t is not None:
+            low, high = t.interval
+            diffs = ";".join(f"{seed}={d!r}" for seed, d in zip(t.seeds, t.diffs))
+            line += [t.n, _num(t.diff), _num(low), _num(high), diffs, _num(t.effect_size),
+                     _num(t.p_value), _num(t.p_holm), _num(t.sign_flip_p), int(t.significant)]  # fmt: skip
+        else:
+            line += [""] * len(SEED_CSV)
+        if k is not None:
+            line += [len(k.diffs), k.seeds, _num(k.diff), k.wins, k.ties, k.losses,
+                     _num(k.p_value), _num(k.p_holm), int(k.significant)]  # fmt: skip
+        else:
+            line += [""] * len(TASK_CSV)
         writer.writerow(line)
     return buf.getvalue()
 
