@@ -246,6 +246,58 @@ def tables(
 
 
 @app.command()
+def plan(
+    experiment: ExperimentArg,
+    power: Annotated[float, typer.Option(help="Wanted power of each comparison.")] = 0.8,
+    alpha: Annotated[
+        float, typer.Option(help="Family-wise error rate of the table (Holm).")
+    ] = 0.05,
+    effect: Annotated[
+        float | None,
+        typer.Option(
+            help="Difference to detect in table points (x100 scores, e.g. 1.0); "
+            "default: each comparison's observed difference."
+        ),
+    ] = None,
+    concurrent: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Trials run at once (default resources.max_concurrent_trials, else 1)."
+        ),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI (overrides the file's).")
+    ] = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Seeds each comparison of the table needs for a given power, and their cost, from the
+    trials already in the store (which is only read)."""
+    _quiet(verbose)
+    from harness.experiment_file import load_experiment
+    from harness.init_adapter import pin_if_present
+    from harness.tables import TablesError
+    from harness.tables.plan import PlanError, make_plan, render
+
+    if not 0 < power < 1 or not 0 < alpha < 1:
+        _fail(f"--power and --alpha must lie strictly between 0 and 1 (got {power}, {alpha})")
+    try:
+        exp = load_experiment(experiment, set_ or [])
+        pin_if_present(exp)
+        made = make_plan(
+            exp,
+            tracking_uri=tracking_uri,
+            alpha=alpha,
+            power=power,
+            effect=None if effect is None else effect / 100,
+            concurrent=concurrent,
+        )
+    except (*_known_errors(), TablesError, PlanError) as e:
+        _fail(str(e))
+    typer.echo(render(made), nl=False)
+
+
+@app.command()
 def ui(
     target: Annotated[
         str, typer.Argument(help="Experiment YAML file or an MLflow tracking URI.")

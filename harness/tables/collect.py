@@ -63,6 +63,7 @@ class TrialRun:
     metrics: dict[str, float]
     error: str | None
     params: dict[str, str] = field(default_factory=dict)  # every resolved config field, dotted
+    end_time: int = 0  # 0 while running (ms since the epoch, as MLflow keeps it)
 
     def in_cell(self, cell: Mapping[str, Any]) -> bool:
         """Whether this run trained ``cell``: by the cell it was launched as, or, for an axis that
@@ -250,6 +251,7 @@ def _trial_run(run: Any) -> TrialRun:
         metrics=dict(run.data.metrics),
         error=tags.get(ERROR),
         params=dict(run.data.params),
+        end_time=run.info.end_time or 0,
     )
 
 
