@@ -224,6 +224,10 @@ class EvalSettings(_Strict):
     batch_size: int = Field(32, ge=1)
     max_docs: int | None = Field(None, ge=1)  # cap corpus size of local retrieval tasks (smoke)
     enabled: bool = True
+    # Also score the untrained model of the trial's own configuration (template, lengths, adapter,
+    # pooling; LoRA at its initial identity) on the same tasks, once per arm (cached, see
+    # harness/untrained.py): the tables' "untrained" rows, logged as eval_base/*.
+    untrained: bool = True
 
 
 class MntpSettings(_Strict):
@@ -447,7 +451,11 @@ def trial_params(exp: Experiment) -> dict[str, Any]:
 # Fields added after stores existed: at their default they leave the trial key, so a store made
 # before a field existed still matches the trials it finished (they ran with that default).
 # Settings that never change a result (how often the state is saved): never in the key.
-KEY_EXCLUDED: set[tuple[str, str]] = {("train", "checkpoint_every"), ("train", "keep_checkpoints")}
+KEY_EXCLUDED: set[tuple[str, str]] = {
+    ("train", "checkpoint_every"),
+    ("train", "keep_checkpoints"),
+    ("eval", "untrained"),  # scores the untrained model beside the trial, not the trial
+}
 KEY_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("model", "init_adapter_recipe"): None,
     ("train", "schedule_rows"): "all",
@@ -455,9 +463,10 @@ KEY_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
 }
 
 
-def trial_key(exp: Experiment, corpus_sha256: str) -> str:
-    """Hash of everything that changes a trial's result: resolved training config + corpus (and the
-    init adapter's recipe or content hash, which stands for the adapter wherever its files lie)."""
+def key_data(exp: Experiment) -> dict[str, Any]:
+    """The settings that change a trial's result, normalized as the trial key hashes them: the
+    init adapter by its recipe or content hash (wherever its files lie), new fields at their
+    defaults left out, settings that never change a result dropped."""
     data = exp.model_dump(
         mode="json",
         exclude={"grid", "search", "tables", "tracking", "resources", "description", "mntp"},
@@ -471,7 +480,16 @@ def trial_key(exp: Experiment, corpus_sha256: str) -> str:
     for (section, name), default in KEY_NEUTRAL_DEFAULTS.items():
         if data[section].get(name, default) == default:
             data[section].pop(name, None)
-    blob = json.dumps(
-        {"config": data, "corpus": corpus_sha256}, sort_keys=True, separators=(",", ":")
-    )
+    return data
+
+
+def content_key(data: Any) -> str:
+    """16 hex digits of the sha256 of ``data`` as canonical JSON."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def trial_key(exp: Experiment, corpus_sha256: str) -> str:
+    """Hash of everything that changes a trial's result: resolved training config + corpus (and the
+    init adapter's recipe or content hash, which stands for the adapter wherever its files lie)."""
+    return content_key({"config": key_data(exp), "corpus": corpus_sha256})

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import polars as pl
 import torch
 from torch import Tensor
 from transformers import set_seed
@@ -201,8 +202,12 @@ def train_one(
     revision: str = "base",
     parallel: DataParallel | None = None,
     checkpointing: Checkpointing | None = None,
+    untrained: Callable[[Embedder, pl.DataFrame], dict[str, float]] | None = None,
 ) -> TrainResult:
     """Train one configuration on ``corpus``; save the model under ``output_dir/model``.
+
+    ``untrained`` scores the model before its first step (``harness/untrained.py``: held-out and
+    evaluation, cached per arm); without it only ``train.heldout_before``'s held-out score is taken.
 
     With ``parallel`` every worker calls this with the same arguments and trains on its shard of
     each global batch; only rank 0 reports metrics, scores the held-out rows and saves the model.
@@ -238,12 +243,15 @@ def train_one(
     )
     # resuming: the untrained model's scores are in the checkpoint (and the driver's already)
     before: dict[str, float] = dict(resume.heldout_before) if resume else {}
-    if t.heldout_before and heldout.height and not follower and resume is None:
-        before = {
-            k.replace("heldout/", "heldout_base/"): v
-            for k, v in heldout_metrics(embedder, heldout, batch_size=t.batch_size).items()
-        }
-        if on_metrics:
+    if not follower and resume is None:
+        if untrained is not None:  # the trial's: cached per arm, with the evaluation's tasks
+            before = untrained(embedder, heldout)
+        elif t.heldout_before and heldout.height:
+            before = {
+                k.replace("heldout/", "heldout_base/"): v
+                for k, v in heldout_metrics(embedder, heldout, batch_size=t.batch_size).items()
+            }
+        if on_metrics and before:
             on_metrics(0, before)
     started = time.perf_counter()
     _optimize(

@@ -32,6 +32,7 @@ from harness.config import Experiment, path_part, trial_key
 from harness.experiment_file import apply_cell, cell_label
 from harness.init_adapter import AdapterFiles
 from harness.tracking import LEVEL_ORDER, MODEL_PATH, TRIAL_KEY, WORKER_NODES
+from harness.untrained import untrained_scores, wanted
 from synth.corpus import Corpus
 
 if TYPE_CHECKING:  # torch is imported by the trial function, never here
@@ -86,6 +87,8 @@ class TrialContext:
     parallel: DataParallel | None = None
     # train.checkpoint_every: where the training saves its state, and the state to resume from
     checkpointing: Checkpointing | None = None
+    # where the untrained model's scores are cached per arm on this node (harness/untrained.py)
+    untrained_cache: Path | None = None
 
     @property
     def leader(self) -> bool:
@@ -109,6 +112,8 @@ TRAINED_FILE = "trained.json"
 # In a trial's folder while it trains with train.checkpoint_every: its last checkpoint, which a
 # later sweep of the same trial on the same node resumes from (a retry gets Tune's).
 CHECKPOINT_DIR = "checkpoint"
+# Under the models folder of a node: the untrained scores of each arm (harness/untrained.py).
+UNTRAINED_DIR = "_untrained"
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,15 @@ def train_or_reuse(exp: Experiment, corpus: Corpus, ctx: TrialContext, name: str
         return Trained(Path(saved["model_dir"]), saved["heldout"], saved["level_order"], True)
     if ctx.leader:
         marker.unlink(missing_ok=True)
+    untrained = None
+    if ctx.leader and wanted(exp):
+        untrained = partial(
+            untrained_scores,
+            exp,
+            corpus_sha256=corpus.sha256,
+            cache_dir=ctx.untrained_cache,
+            on_task=ctx.say,
+        )
     result = train_one(
         exp,
         corpus,
@@ -147,6 +161,7 @@ def train_or_reuse(exp: Experiment, corpus: Corpus, ctx: TrialContext, name: str
         name=name,
         parallel=ctx.parallel,
         checkpointing=ctx.checkpointing,
+        untrained=untrained,
     )
     if not ctx.leader:
         return Trained(Path(result.model_dir), {}, result.level_order, reused=False)
@@ -318,6 +333,7 @@ def run_spec(
             reuse_training,
             parallel=parallel,
             checkpointing=checkpointing,
+            untrained_cache=Path(models_dir) / UNTRAINED_DIR,
         ),
     )
     ended = time.time()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import math
 import signal
 import socket
 import time
@@ -131,9 +132,16 @@ def test_search_runs_optuna_samples_and_resumes(ray_instance, tmp_path, tiny_cor
     assert again.parent_run_id is None and len(runs(tmp_path, "search", "trial")) == 3
 
 
-def test_real_trial_trains_and_reports(ray_instance, tmp_path, tiny_corpus_dir, smollm2_dir):
-    """One real trial: LoRA training of the packaged SmolLM2 for two steps, held-out score."""
+def test_real_trial_trains_and_reports(
+    ray_instance, tmp_path, tiny_corpus_dir, smollm2_dir, shared_data
+):
+    """Real trials: LoRA training of the packaged SmolLM2 for two steps, held-out score and a
+    10-pair STS evaluation, two seeds; the untrained model of their shared arm is scored once (the
+    second trial reads the first one's cache) and logged at step 0 by both."""
     pytest.importorskip("harness.train")
+    from test_eval_run import sts_subset
+
+    task = sts_subset(shared_data, tmp_path, "BIOSSES", 10)
     exp = write_experiment(
         tmp_path,
         tiny_corpus_dir,
@@ -144,17 +152,34 @@ def test_real_trial_trains_and_reports(ray_instance, tmp_path, tiny_corpus_dir, 
             "max_query_length": 16,
             "max_doc_length": 16,
         },
-        train={"steps": 2, "batch_size": 2, "warmup_steps": 0, "heldout_size": 4},
-        eval={"enabled": False},
-        resources={"cpus_per_trial": 2},
+        train={
+            "steps": 2,
+            "batch_size": 2,
+            "warmup_steps": 0,
+            "heldout_size": 4,
+            "heldout_before": True,
+        },
+        eval={"tasks": [str(task)], "batch_size": 8},
+        grid={"seed": [1, 2]},
+        resources={"cpus_per_trial": 2},  # one trial at a time: the second finds the cache
     )
     summary = run_sweep(exp, [], results_dir=tmp_path / "results")
     assert summary.exit_code == 0, [r.error for r in summary.records]
-    (run,) = runs(tmp_path, "real", "trial")
+    trials = runs(tmp_path, "real", "trial")
+    assert len(trials) == 2
     client = MlflowClient(summary.tracking_uri)
-    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2
-    assert any(k.startswith("heldout/") for k in run.data.metrics)
-    assert "model" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    for run in trials:
+        assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2
+        assert any(k.startswith("heldout/") for k in run.data.metrics)
+        assert "model" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        (before,) = client.get_metric_history(run.info.run_id, "eval_base/BIOSSES")
+        assert before.step == 0 and math.isfinite(before.value)
+        assert {"heldout_base/recall_at_1", "eval_base/avg"} <= set(run.data.metrics)
+    untrained = [r.data.metrics["eval_base/avg"] for r in trials]
+    assert untrained[0] == untrained[1]
+    cache = tmp_path / "results" / "models" / "_untrained"
+    assert len(list(cache.glob("*.json"))) == 1  # one arm
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 1  # evaluated once
 
 
 @pytest.mark.faults

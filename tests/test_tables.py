@@ -667,3 +667,56 @@ def test_a_missing_adapter_is_cannot_check_not_an_older_configuration(
     assert "older configuration" not in md
     assert "Cannot check whether the runs were trained with the file's current configuration" in md
     assert "model.init_adapter ./adapters/not-here is not on this machine" in md
+
+
+def test_untrained_rows_one_per_arm_and_a_line_when_training_hurts(tmp_path: Path) -> None:
+    """Each pooling has its own untrained model (eval_base/*, heldout_base/*, logged at step 0 by
+    every trial of the arm); a strategy axis shares one. A trained row below its own untrained
+    model is named in the notes (fails before: no untrained row, nothing said)."""
+    s = Store(tmp_path)
+    exp_id = s.experiment("arms")
+    untrained = {"eos": 0.30, "mean": 0.70}  # mean's training hurts: trained 0.60 + seed
+    for pooling in ("eos", "mean"):
+        for strategy in ("curriculum", "reverse"):
+            for seed in (0, 1):
+                cell = {"model.pooling": pooling, "train.strategy": strategy, "train.seed": seed}
+                trained = {"eos": 0.50, "mean": 0.60}[pooling] + 0.01 * seed
+                s.trial(
+                    exp_id,
+                    None,
+                    cell,
+                    f"k-{pooling}-{strategy}-{seed}",
+                    "FINISHED",
+                    {
+                        "eval/TaskC": trained,
+                        "eval/avg": trained,
+                        "eval_base/TaskC": untrained[pooling],
+                        "eval_base/avg": untrained[pooling],
+                    },
+                    [1.0],
+                )
+    result = write_tables(
+        None,
+        experiment_name="arms",
+        tracking_uri=s.uri,
+        output_dir=tmp_path / "out",
+        log_to_mlflow=False,
+    )
+    table = result.table
+    assert [(u.label, u.rows, u.runs) for u in table.untrained] == [
+        ("untrained (eos)", (0, 1), 4),
+        ("untrained (mean)", (2, 3), 4),
+    ]
+    assert table.untrained[1].mean["eval/avg"] == pytest.approx(0.70)
+    md = (tmp_path / "out" / "ablation.md").read_text(encoding="utf-8")
+    assert "| *untrained (mean)* |  | – | 70.00 | – |" in md
+    assert (
+        "Trained rows below their untrained model: mean / curriculum on Avg (60.50 < 70.00); "
+        "mean / reverse on Avg (60.50 < 70.00)." in md
+    )
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "out" / "ablation.csv").read_text())))
+    assert [(r["pooling"], r["strategy"], r["untrained"]) for r in rows[-2:]] == [
+        ("eos", "", "1"),
+        ("mean", "", "1"),
+    ]
+    assert float(rows[-1]["eval/avg_mean"]) == pytest.approx(0.70)

@@ -22,6 +22,7 @@ from typing import Any
 from harness.config import AXIS_ALIASES, ConfigError
 from harness.tables import stats
 from harness.tables.collect import CellRuns, Collected, TrialRun
+from harness.untrained import untrained_metric
 
 # mteb task types as categories: the paper's table order (harness/evaluation/scores.py CATEGORIES,
 # not imported because that module loads mteb), then mteb's other text task types.
@@ -126,6 +127,18 @@ class Row:
         return " / ".join(str(v) for v in self.values) or "all runs"
 
 
+@dataclass(frozen=True)
+class UntrainedRow:
+    """The untrained model of one arm (the rows sharing their ``model.*`` row-axis values): its
+    ``eval_base/*`` and ``heldout_base/*`` scores, under the trained columns' metric names."""
+
+    label: str
+    rows: tuple[int, ...]  # the trained rows of this arm (indices into the table's rows)
+    mean: dict[str, float]  # trained column metric -> the untrained score (mean over the runs)
+    runs: int  # runs that logged it
+    spread: float  # the largest max - min over runs of one score (0: every run agrees)
+
+
 @dataclass
 class AblationTable:
     experiment: str
@@ -138,10 +151,25 @@ class AblationTable:
     main: Column | None  # the metric of the differences, the test and the bar chart
     collected: Collected
     kind: str = "ablation"  # "ablation" (categories) or "tasks" (one column per task): file stem
+    untrained: list[UntrainedRow] = field(default_factory=list)
 
     @property
     def missing(self) -> list[CellRuns]:
         return [c for c in self.collected.cells if c.run is None]
+
+    def below_untrained(self) -> list[tuple[str, Column, float, float]]:
+        """(row, column, trained mean, untrained score) for the main and held-out columns where a
+        trained row scores below the untrained model of its own arm."""
+        out = []
+        wanted = [c for c in self.columns if c == self.main or c.metric == HELDOUT]
+        for arm in self.untrained:
+            for i in arm.rows:
+                row = self.rows[i]
+                for col in wanted:
+                    if col.metric in row.mean and col.metric in arm.mean:
+                        if row.mean[col.metric] < arm.mean[col.metric]:
+                            out.append((row.label, col, row.mean[col.metric], arm.mean[col.metric]))
+        return out
 
 
 def axis_title(axis: str) -> str:
@@ -176,8 +204,10 @@ def build_table(collected: Collected, where: str, *, per_task: bool = False) -> 
         if i != baseline and main is not None:
             row.seed_test, row.task_test = paired_tests(row, base, main.metric, replicate_axes)
     _adjust(rows)
+    untrained = _untrained_rows(rows, row_axes, columns)
     return AblationTable(
         experiment=collected.experiment,
+        untrained=untrained,
         row_axes=row_axes,
         replicate_axes=replicate_axes,
         columns=columns,
@@ -188,6 +218,34 @@ def build_table(collected: Collected, where: str, *, per_task: bool = False) -> 
         main=main,
         collected=collected,
     )
+
+
+def _untrained_rows(
+    rows: Sequence[Row], row_axes: Sequence[str], columns: Sequence[Column]
+) -> list[UntrainedRow]:
+    """One untrained row per arm: rows that differ only in non-model axes (seed, strategy, lr)
+    share one untrained model; a ``model.*`` row axis (pooling) gives each value its own."""
+    model_axes = [i for i, a in enumerate(row_axes) if a.startswith("model.")]
+    arms: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        arms.setdefault(_key([row.values[j] for j in model_axes]), []).append(i)
+    out = []
+    for members in arms.values():
+        runs = [r for i in members for r in rows[i].runs]
+        mean, spread = {}, 0.0
+        for col in columns:
+            base = untrained_metric(col.metric)
+            values = [r.metrics[base] for r in runs if base in r.metrics]
+            if values:
+                mean[col.metric] = statistics.fmean(values)
+                spread = max(spread, max(values) - min(values))
+        if not mean:
+            continue
+        what = " / ".join(str(rows[members[0]].values[j]) for j in model_axes)
+        label = f"untrained ({what})" if what else "untrained"
+        logged = sum(any(untrained_metric(c.metric) in r.metrics for c in columns) for r in runs)
+        out.append(UntrainedRow(label, tuple(members), mean, logged, spread))
+    return out
 
 
 def _row_axes(grid: Mapping[str, list[Any]], rows: Sequence[str] | None, where: str) -> list[str]:

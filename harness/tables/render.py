@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 
 from harness.tables import stats
-from harness.tables.ablation import AVG, HELDOUT, AblationTable, Row, axis_title
+from harness.tables.ablation import AVG, HELDOUT, AblationTable, Row, UntrainedRow, axis_title
 from harness.tables.collect import CellRuns
 from harness.tracking import redact_text
 
@@ -61,6 +61,15 @@ def _delta(table: AblationTable, i: int, dagger: str) -> str:
     return f"{delta}{dagger if t.significant else ''} [{fmt_delta(low)}, {fmt_delta(high)}]"
 
 
+def _untrained_cells(table: AblationTable, arm: UntrainedRow) -> list[str]:
+    """An untrained row: its label across the label columns, no n, its scores, no Δ."""
+    labels = [arm.label] + [""] * (max(len(table.row_axes), 1) - 1)
+    cells = [*labels, "–"] + [
+        fmt(arm.mean[c.metric]) if c.metric in arm.mean else "–" for c in table.columns
+    ]
+    return cells + (["–"] if table.main is not None else [])
+
+
 def _header(table: AblationTable) -> list[str]:
     tested = any(row.seed_test is not None for row in table.rows)
     ci = f" [{stats.CONFIDENCE:.0%} t-CI]" if tested else ""
@@ -100,6 +109,7 @@ def notes(table: AblationTable) -> list[str]:
     )
     if table.main is not None:
         out += _test_notes(table)
+    out += _untrained_notes(table)
     missing = table.missing
     total = len(coll.cells)
     if missing:
@@ -167,6 +177,47 @@ def _test_notes(table: AblationTable) -> list[str]:
     if len(table.rows) > 1 and not seed_tested:
         out.append("No test over seeds: it needs at least 2 seeds shared with the baseline.")
     return out
+
+
+def _untrained_notes(table: AblationTable) -> list[str]:
+    if not table.untrained:
+        return []
+    text = (
+        "Untrained (italics): the trials' own configuration before the first step (same template, "
+        "lengths, attention, adapter and pooling; LoRA at its initial identity), scored once per "
+        "arm and cached (eval_base/*, heldout_base/*); rows sharing their model settings share it."
+    )
+    varied = [arm.label for arm in table.untrained if arm.spread > 1e-9]
+    if varied:
+        text += f" Its score differs between runs of {', '.join(varied)} (older runs): the mean is shown."
+    below = table.below_untrained()
+    compared = [
+        c
+        for c in table.columns
+        if (c == table.main or c.metric == HELDOUT)
+        and any(c.metric in arm.mean for arm in table.untrained)
+    ]
+    if below:
+        listed = "; ".join(
+            f"{row} on {col.title} ({fmt(trained)} < {fmt(untrained)})"
+            for row, col, trained, untrained in below
+        )
+        text += (
+            f" Trained rows below their untrained model: {listed}. Where training makes the model "
+            "worse, the table ranks which variant does the least damage, not which teaches most."
+        )
+    elif compared:
+        text += (
+            " Every trained row scores above its untrained model on "
+            + " and ".join(c.title for c in compared)
+            + "."
+        )
+    if table.main is not None and table.main not in compared:
+        text += (
+            f" The untrained model's {table.main.title} is not in the store (runs logged before "
+            f"eval.untrained existed): whether training helps on {table.main.title} is not shown."
+        )
+    return [text]
 
 
 def comparisons(table: AblationTable) -> list[list[str]]:
@@ -268,6 +319,10 @@ def markdown(table: AblationTable) -> str:
         if table.main is not None:
             cells.append(_delta(table, i, DAGGER))
         lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
+    for arm in table.untrained:
+        cells = _untrained_cells(table, arm)
+        cells[0] = f"*{cells[0]}*"
+        lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
     lines.append("")
     compared = comparisons(table)
     if compared:
@@ -295,7 +350,7 @@ TASK_CSV = ("task_n", "task_seeds", "task_diff", "task_wins", "task_ties", "task
 def csv_text(table: AblationTable) -> str:
     """One line per row; raw values: ``<metric>_mean/_std/_n/_delta``, then both tests of the main
     metric (``seed_*``: over seeds, ``seed_diffs`` as ``seed=diff`` pairs; ``task_*``: over tasks)."""
-    header = [axis_title(a) for a in table.row_axes] + ["runs", "baseline"]
+    header = [axis_title(a) for a in table.row_axes] + ["runs", "baseline", "untrained"]
     for c in table.columns:
         header += [f"{c.metric}_mean", f"{c.metric}_std", f"{c.metric}_n", f"{c.metric}_delta"]
     header += ["test_metric", *SEED_CSV, *TASK_CSV]
@@ -306,6 +361,7 @@ def csv_text(table: AblationTable) -> str:
         line: list[object] = [_csv_value(v) for v in row.values] + [
             len(row.runs),
             int(i == table.baseline),
+            0,
         ]
         for c in table.columns:
             line += [
@@ -329,6 +385,16 @@ def csv_text(table: AblationTable) -> str:
         else:
             line += [""] * len(TASK_CSV)
         writer.writerow(line)
+    for arm in table.untrained:  # its arm's values on the model axes, the others empty
+        first = table.rows[arm.rows[0]]
+        values = [
+            _csv_value(v) if a.startswith("model.") else ""
+            for a, v in zip(table.row_axes, first.values)
+        ]
+        line = [*values, arm.runs, 0, 1]
+        for c in table.columns:
+            line += [_num(arm.mean.get(c.metric)), "", int(c.metric in arm.mean), ""]
+        writer.writerow(line + [""] * (1 + len(SEED_CSV) + len(TASK_CSV)))
     return buf.getvalue()
 
 
@@ -377,6 +443,12 @@ def latex(table: AblationTable) -> str:
         ]
         if table.main is not None:
             cells.append(latex_escape(_delta(table, i, DAGGER)))
+        lines.append(" & ".join(cells) + " \\\\")
+    if table.untrained:
+        lines.append("\\midrule")
+    for arm in table.untrained:
+        cells = [latex_escape(c) for c in _untrained_cells(table, arm)]
+        cells[0] = f"\\textit{{{cells[0]}}}"
         lines.append(" & ".join(cells) + " \\\\")
     lines += [
         "\\bottomrule",
