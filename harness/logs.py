@@ -27,6 +27,9 @@ def quiet_logs(verbose: bool | None = None) -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # ...which MLflow reads once, at import: a library imported before this call logs its INFO
+    # lines anyway (e.g. "Updating database tables" when a store is opened)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     # "🏃 View run … at: http://…" after every run a tracking server holds (the summary says where)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

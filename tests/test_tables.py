@@ -720,3 +720,43 @@ def test_untrained_rows_one_per_arm_and_a_line_when_training_hurts(tmp_path: Pat
         ("mean", "", "1"),
     ]
     assert float(rows[-1]["eval/avg_mean"]) == pytest.approx(0.70)
+
+
+def test_the_small_report_uses_the_tables_runs_in_grid_order(tmp_path: Path) -> None:
+    """experiments/small/report.py takes, like the tables, the newest FINISHED run of each cell,
+    rows in the file's grid order (fails before: every FINISHED run, rerun or not, in search
+    order)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "small_report", Path(__file__).resolve().parents[1] / "experiments/small/report.py"
+    )
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+
+    s = Store(tmp_path)
+    exp_id = s.experiment("rep")
+    path = tmp_path / "rep.yaml"
+    path.write_text(
+        f"name: rep\ncorpus: {{path: c}}\ngrid: {{pooling: [mean, eos], seed: [1, 2]}}\n"
+        f"tables: {{baseline: {{pooling: mean}}}}\ntracking: {{uri: '{s.uri}'}}\n",
+        encoding="utf-8",
+    )
+    exp = load_experiment(path)
+    scores = [
+        ("eos", 1, 0.10),
+        ("eos", 1, 0.30),
+        ("eos", 2, 0.32),
+        ("mean", 1, 0.2),
+        ("mean", 2, 0.2),
+    ]
+    for pooling, seed, value in scores:  # eos seed 1 twice: the newer (0.30) counts
+        cell = {"model.pooling": pooling, "train.seed": seed}
+        metrics = {"eval/TaskA": value, "eval/avg": value}
+        s.trial(
+            exp_id, None, cell, trial_key(apply_cell(exp, cell), SHA), "FINISHED", metrics, [1.0]
+        )
+    lines = report.report(path)
+    table = [line for line in lines if line.startswith("| ") and "|---" not in line]
+    assert [line.split(" | ")[0] for line in table[1:]] == ["| mean", "| eos"]  # grid order
+    assert table[2].startswith("| eos | 2 | 31.00 ± 1.41 |")  # 0.30 and 0.32, not 0.10

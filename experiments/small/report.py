@@ -1,29 +1,26 @@
-"""Numbers for results/small/README.md, read from the committed store and the regenerated tables:
-per row of each ablation, mean ± sample std over seeds (n) of every task score and of the held-out
-recall@1 before and after training, and the table's paired cluster-bootstrap interval against the
-baseline row.
+"""Numbers for results/small/README.md, from the committed store (read through a copy: it is never
+changed): per row of each ablation, mean ± sample std over seeds (n) of every task score and of
+the held-out recall@1 before and after training, and both of the table's paired comparisons.
+
+The runs are the tables' own (``harness.tables.collect``): for each grid cell the newest FINISHED
+run, rows in the experiment file's grid order.
 
     python experiments/small/report.py            # from the repository root, after run.sh
 """
 
 from __future__ import annotations
 
-import csv
 import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
-from mlflow import MlflowClient
+from harness.experiment_file import load_experiment
+from harness.init_adapter import pin_if_present
+from harness.logs import quiet_logs
+from harness.tables.ablation import build_table
+from harness.tables.collect import TablesError, collect
 
-from harness.tracking import ROLE
-
-STORE = "sqlite:///results/small/mlflow.db"
-ABLATIONS = {  # experiment name -> (results folder, row axis)
-    "small-pooling": ("results/small/pooling", "model.pooling"),
-    "small-pooling-causal": ("results/small/pooling-causal", "model.pooling"),
-    "small-schedule": ("results/small/schedule", "train.strategy"),
-}
+ABLATIONS = ("pooling", "pooling-causal", "schedule")  # experiments/small/<name>.yaml
 METRICS = ("heldout_base/recall_at_1", "heldout/recall_at_1", "eval/BIOSSES", "eval/STS16",
            "eval/STSBenchmark", "eval/STS13", "eval/avg")  # fmt: skip
 
@@ -36,57 +33,48 @@ def fmt(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
-def report(client: MlflowClient, name: str, folder: str, axis: str) -> list[str]:
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        return [f"## {name}", "", "not run yet", ""]
-    runs = client.search_runs(
-        [exp.experiment_id],
-        f"tags.`{ROLE}` = 'trial' and attributes.status = 'FINISHED'",
-        max_results=1000,
-    )
-    by_row: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    seeds: dict[str, set[str]] = defaultdict(set)
-    for run in runs:
-        row = run.data.params.get(axis, "?")
-        seeds[row].add(run.data.params.get("train.seed", "?"))
-        for m in METRICS:
-            if m in run.data.metrics:
-                by_row[row][m].append(run.data.metrics[m])
-    present = [m for m in METRICS if any(by_row[r][m] for r in by_row)]
-    lines = [f"## {name} ({len(runs)} finished trials)", ""]
-    lines.append("| " + " | ".join([axis.split(".")[-1], "n", *present]) + " |")
+def report(path: Path, tracking_uri: str | None = None) -> list[str]:
+    """The report of one experiment file's table (its store, or ``tracking_uri``)."""
+    exp = load_experiment(path)
+    pin_if_present(exp)
+    try:
+        table = build_table(collect(exp, None, tracking_uri), exp.source or exp.name)
+    except TablesError:
+        return [f"## {exp.name}", "", "not run yet", ""]
+    runs = [r for row in table.rows for r in row.runs]
+    present = [m for m in METRICS if any(m in r.metrics for r in runs)]
+    axis = "/".join(a.split(".")[-1] for a in table.row_axes)
+    lines = [f"## {exp.name} ({len(runs)} finished trials)", ""]
+    lines.append("| " + " | ".join([axis, "n", *present]) + " |")
     lines.append("|" + "---|" * (len(present) + 2))
-    for row in by_row:
-        lines.append(
-            "| "
-            + " | ".join([row, str(len(seeds[row])), *(fmt(by_row[row][m]) for m in present)])
-            + " |"
-        )
-    table = Path(folder) / "ablation.csv"
-    if table.is_file():
-        lines += [
-            "",
-            "Paired cluster bootstrap against the baseline row (tables' `test_*` columns, x100):",
-            "",
-        ]
-        with table.open(encoding="utf-8") as f:
-            for r in csv.DictReader(f):
-                if r["test_diff"]:
-                    lines.append(
-                        f"- {r[axis.split('.')[-1]]}: {r['test_metric']} Δ {100 * float(r['test_diff']):+.2f}, "
-                        f"95 % interval [{100 * float(r['test_ci_low']):+.2f}, {100 * float(r['test_ci_high']):+.2f}], "
-                        f"{r['test_pairs']} (seed, task) pairs over {r['test_seeds']} seeds, "
-                        f"sign-flip p = {float(r['test_sign_flip_p']):.3g}"
-                    )
+    for row in table.rows:
+        cells = [fmt([r.metrics[m] for r in row.runs if m in r.metrics]) for m in present]
+        lines.append("| " + " | ".join([row.label, str(len(row.runs)), *cells]) + " |")
+    lines += ["", f"Against {table.rows[table.baseline].label} (x100; Holm within the table):", ""]
+    for row in table.rows:
+        t, k = row.seed_test, row.task_test
+        if t is not None:
+            low, high = t.interval
+            per_seed = ", ".join(f"{s}: {100 * d:+.2f}" for s, d in zip(t.seeds, t.diffs))
+            lines.append(
+                f"- {row.label}, over seeds: Δ {100 * t.diff:+.2f}, 95 % t-interval "
+                f"[{100 * low:+.2f}, {100 * high:+.2f}] ({per_seed}); t-test p = {t.p_value:.3g}, "
+                f"Holm p = {t.p_holm:.3g}, sign-flip p = {t.sign_flip_p:.3g}"
+            )
+        if k is not None:
+            lines.append(
+                f"- {row.label}, over {len(k.diffs)} tasks ({k.seeds} seeds averaged): Δ "
+                f"{100 * k.diff:+.2f}, {k.wins} better / {k.losses} worse; Wilcoxon p = "
+                f"{k.p_value:.3g}, Holm p = {k.p_holm:.3g}"
+            )
     return [*lines, ""]
 
 
 def main() -> None:
-    client = MlflowClient(tracking_uri=STORE)
+    quiet_logs(False)
     out: list[str] = []
-    for name, (folder, axis) in ABLATIONS.items():
-        out += report(client, name, folder, axis)
+    for name in ABLATIONS:
+        out += report(Path("experiments/small") / f"{name}.yaml")
     sys.stdout.write("\n".join(out))
 
 
