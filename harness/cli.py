@@ -359,6 +359,10 @@ def eval_(
     max_docs: Annotated[
         int | None, typer.Option(help="Cap local retrieval corpora (relevant docs always kept).")
     ] = None,
+    max_examples: Annotated[
+        int | None,
+        typer.Option(help="Cap each local task's evaluated pairs, texts or queries (seeded)."),
+    ] = None,
     no_instructions: Annotated[
         bool, typer.Option("--no-instructions", help="Embed every text without an instruction.")
     ] = False,
@@ -384,6 +388,7 @@ def eval_(
             pooling=pooling,  # type: ignore[arg-type]
             batch_size=batch_size,
             max_docs=max_docs,
+            max_examples=max_examples,
             no_instructions=no_instructions,
             tracking_uri=tracking_uri,
             overwrite=overwrite,

@@ -223,6 +223,9 @@ class EvalSettings(_Strict):
     instructions: dict[str, str] = Field(default_factory=dict)
     batch_size: int = Field(32, ge=1)
     max_docs: int | None = Field(None, ge=1)  # cap corpus size of local retrieval tasks (smoke)
+    # cap the evaluated examples of each local task (pairs, test texts, queries; a seeded sample):
+    # CPU-sized suites whose scores estimate the full tasks' (harness/evaluation/local_tasks.py)
+    max_examples: int | None = Field(None, ge=1)
     enabled: bool = True
     # Also score the untrained model of the trial's own configuration (template, lengths, adapter,
     # pooling; LoRA at its initial identity) on the same tasks, once per arm (cached, see
@@ -460,6 +463,7 @@ KEY_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("model", "init_adapter_recipe"): None,
     ("train", "schedule_rows"): "all",
     ("train", "other_rows_level"): 1,
+    ("eval", "max_examples"): None,
 }
 
 

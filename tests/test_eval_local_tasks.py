@@ -103,3 +103,54 @@ def test_folder_named_like_a_task_of_another_type_is_refused(
 def test_missing_folder_is_reported(tmp_path: Path) -> None:
     with pytest.raises(LocalTaskError, match="task folder not found"):
         load_local_task(tmp_path / "nowhere")
+
+
+def test_pair_classification_and_reranking_layouts(shared_data: Path) -> None:
+    """MRPC (sentence1, sentence2, label) and WikiQA's test_reranking.jsonl become mteb pair
+    classification and reranking tasks (fails before: MRPC read as single-text classification,
+    WikiQA refused)."""
+    from mteb.abstasks import AbsTaskPairClassification, AbsTaskRetrieval
+
+    mrpc = load_local_task(shared_data / "MRPC")
+    assert isinstance(mrpc, AbsTaskPairClassification)
+    assert mrpc.metadata.type == "PairClassification" and mrpc.metadata.main_score == "max_ap"
+    mrpc.load_data()
+    test = mrpc.dataset["test"]
+    assert test.num_rows == 1725 and set(test["labels"]) == {0, 1}
+
+    wikiqa = load_local_task(shared_data / "WikiQA")
+    assert isinstance(wikiqa, AbsTaskRetrieval) and wikiqa.metadata.type == "Reranking"
+    assert wikiqa.metadata.main_score == "map_at_1000"
+    wikiqa.load_data()
+    split = wikiqa.dataset["default"]["test"]
+    rows = [json.loads(line) for line in (shared_data / "WikiQA" / "test_reranking.jsonl").open()]
+    assert split["queries"].num_rows == sum(bool(r["positive"]) for r in rows) == 237
+    # every query's candidates are exactly its positives and negatives, its positives relevant
+    texts = dict(zip(split["corpus"]["id"], split["corpus"]["text"]))
+    first = split["queries"]["id"][0]
+    assert sorted(texts[d] for d in split["top_ranked"][first]) == sorted(
+        rows[0]["positive"] + rows[0]["negative"]
+    )
+    assert {texts[d] for d in split["relevant_docs"][first]} == set(rows[0]["positive"])
+
+
+def test_max_examples_is_a_seeded_sample_with_a_note(shared_data: Path) -> None:
+    def load(name: str, cap: int):
+        task = load_local_task(shared_data / name, max_examples=cap, max_docs=500)
+        task.load_data()
+        return task
+
+    sts, again = load("STSBenchmark", 50), load("STSBenchmark", 50)
+    assert sts.dataset["test"].num_rows == 50
+    assert sts.dataset["test"]["sentence1"] == again.dataset["test"]["sentence1"]  # same sample
+    assert sts.note == "50 of 1379 pairs (seeded sample)"
+    clf = load("Banking77Classification", 100)
+    assert clf.dataset["test"].num_rows == 100 and clf.dataset["train"].num_rows == 10003
+    sci = load("SciFact", 30)
+    split = sci.dataset["default"]["test"]
+    assert split["queries"].num_rows == 30 and len(split["relevant_docs"]) == 30
+    relevant = {d for docs in split["relevant_docs"].values() for d in docs}
+    assert relevant <= set(split["corpus"]["id"]) and split["corpus"].num_rows == 500
+    assert sci.note.startswith("30 of 300 queries (seeded sample); corpus capped to 500")
+    rerank = load("WikiQA", 20)
+    assert rerank.dataset["default"]["test"]["queries"].num_rows == 20

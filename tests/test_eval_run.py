@@ -193,3 +193,56 @@ def test_smollm2_with_instructions_on_both_sides_of_sts(shared_data: Path, tmp_p
         "smollm2-135m-instruct-mean",
         "base",
     )  # no experiment folder
+
+
+def test_pair_classification_and_reranking_scores_match_an_independent_computation(
+    minilm, shared_data: Path, tmp_path: Path
+) -> None:
+    """MRPC's max_ap and WikiQA's MAP, through the harness (mteb's evaluators), equal the same
+    numbers computed here from MiniLM's embeddings with scikit-learn and a hand-written AP."""
+    import numpy as np
+    from sklearn.metrics import average_precision_score
+
+    settings = EvalSettings(
+        tasks=[str(shared_data / "MRPC"), str(shared_data / "WikiQA")],
+        max_examples=60,
+        instructions=NO_INSTRUCTIONS,
+    )
+    result = evaluate_embedder(
+        minilm, settings, output_dir=tmp_path, name="test/minilm-pairs", progress=False
+    )
+    assert set(result.frame["category"]) == {"PairClassification", "Reranking"}
+    assert {"eval/PairClassification", "eval/Reranking", "eval/avg"} <= set(result.metrics)
+
+    def embed(texts: list[str]) -> np.ndarray:
+        out = minilm.encode(texts, batch_size=32).float().numpy()
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    mrpc = load_local_task(shared_data / "MRPC", max_examples=60)
+    mrpc.load_data()
+    test = mrpc.dataset["test"]
+    a, b = embed(test["sentence1"]), embed(test["sentence2"])
+    labels = np.asarray(test["labels"])
+    aps = [
+        average_precision_score(labels, (a * b).sum(1)),  # cosine = dot on unit vectors
+        average_precision_score(labels, -np.abs(a - b).sum(1)),  # manhattan
+        average_precision_score(labels, -np.linalg.norm(a - b, axis=1)),  # euclidean
+    ]
+    assert result.metrics["eval/MRPC"] == pytest.approx(max(aps), abs=2e-3)
+
+    wikiqa = load_local_task(shared_data / "WikiQA", max_examples=60)
+    wikiqa.load_data()
+    split = wikiqa.dataset["default"]["test"]
+    docs = dict(zip(split["corpus"]["id"], embed(split["corpus"]["text"])))
+    queries = dict(zip(split["queries"]["id"], embed(split["queries"]["text"])))
+    average_precisions = []
+    for qid, candidates in split["top_ranked"].items():
+        ranked = sorted(candidates, key=lambda d: -float(queries[qid] @ docs[d]))
+        relevant = split["relevant_docs"][qid]
+        hits, precisions = 0, []
+        for rank, d in enumerate(ranked, 1):
+            if d in relevant:
+                hits += 1
+                precisions.append(hits / rank)
+        average_precisions.append(sum(precisions) / len(relevant))
+    assert result.metrics["eval/WikiQA"] == pytest.approx(np.mean(average_precisions), abs=2e-3)

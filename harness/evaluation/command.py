@@ -38,6 +38,7 @@ def eval_command(
     pooling: Pooling = "mean",
     batch_size: int = 32,
     max_docs: int | None = None,
+    max_examples: int | None = None,
     no_instructions: bool = False,
     tracking_uri: str | None = None,
     overwrite: bool = False,
@@ -62,6 +63,7 @@ def eval_command(
         tasks=tasks,
         batch_size=batch_size,
         max_docs=max_docs,
+        max_examples=max_examples,
         instructions={ALL_TASKS: ""} if no_instructions else {},
     )
     result = evaluate_embedder(

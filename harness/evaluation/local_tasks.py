@@ -1,11 +1,21 @@
 """Local folders as mteb tasks, scored by mteb's own evaluators, fully offline.
 
-Three layouts (see ``shared/data/README.md``):
+Five layouts (see ``shared/data/README.md``):
 
 - retrieval (BEIR): ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl`` (``_id``,
   ``text``), ``qrels/<split>.tsv`` (``query-id``, ``corpus-id``, ``score``, with a header);
 - STS: ``<split>.tsv`` with ``sentence1``, ``sentence2``, ``score`` (tab-separated, no quoting);
-- classification: ``train.jsonl`` and ``<split>.jsonl`` with ``text``, ``label``.
+- classification: ``train.jsonl`` and ``<split>.jsonl`` with ``text``, ``label``;
+- pair classification: ``<split>.jsonl`` with ``sentence1``, ``sentence2``, ``label`` (0/1);
+- reranking: ``<split>_reranking.jsonl`` with ``query`` and lists ``positive``, ``negative``: each
+  query's candidates are its positives and negatives (mteb v2 scores reranking as retrieval
+  restricted to those ``top_ranked`` candidates).
+
+``max_examples`` caps what is evaluated, for CPU-sized suites: STS and pair-classification pairs,
+classification test texts (the training texts mteb samples from stay whole), retrieval and
+reranking queries (with only the documents they need, and ``max_docs`` others). The sample is a
+fixed pseudo-random one (seed 0), and the task's ``note`` says so: a capped task's score estimates
+the full task's, it is not mteb's number for it.
 
 A folder named like an mteb task (``STSBenchmark``, ``SciFact``, ``Banking77Classification``...)
 becomes a subclass of that very task: same main score, splits, score range, sampling and evaluator,
@@ -25,7 +35,12 @@ from typing import Any, Literal
 
 import mteb
 from datasets import Dataset, DatasetDict
-from mteb.abstasks import AbsTaskClassification, AbsTaskRetrieval, AbsTaskSTS
+from mteb.abstasks import (
+    AbsTaskClassification,
+    AbsTaskPairClassification,
+    AbsTaskRetrieval,
+    AbsTaskSTS,
+)
 from mteb.abstasks.abstask import AbsTask
 from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.task_metadata import TaskMetadata
@@ -34,17 +49,23 @@ from synth import textfiles
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["Retrieval", "STS", "Classification"]
-_GENERIC: dict[Kind, tuple[type[AbsTask], str, str]] = {  # base class, main score, category
+Kind = Literal["Retrieval", "Reranking", "STS", "Classification", "PairClassification"]
+# base class, main score (mteb v2's for the type), category
+_GENERIC: dict[Kind, tuple[type[AbsTask], str, str]] = {
     "Retrieval": (AbsTaskRetrieval, "ndcg_at_10", "t2t"),
+    "Reranking": (AbsTaskRetrieval, "map_at_1000", "t2t"),
     "STS": (AbsTaskSTS, "cosine_spearman", "t2t"),
     "Classification": (AbsTaskClassification, "accuracy", "t2c"),
+    "PairClassification": (AbsTaskPairClassification, "max_ap", "t2t"),
 }
 LAYOUTS = (
     "retrieval: corpus.jsonl + queries.jsonl + qrels/test.tsv; "
+    "reranking: test_reranking.jsonl (query, positive[], negative[]); "
     "STS: test.tsv (sentence1, sentence2, score); "
-    "classification: train.jsonl + test.jsonl (text, label)"
+    "classification: train.jsonl + test.jsonl (text, label); "
+    "pair classification: test.jsonl (sentence1, sentence2, label)"
 )
+SAMPLE_SEED = 0
 
 
 class LocalTaskError(ValueError):
@@ -54,6 +75,10 @@ class LocalTaskError(ValueError):
 def detect_kind(folder: Path) -> Kind:
     if (folder / "corpus.jsonl").is_file() and (folder / "queries.jsonl").is_file():
         return "Retrieval"
+    if (folder / "test_reranking.jsonl").is_file():
+        return "Reranking"
+    if (folder / "test.jsonl").is_file() and "sentence1" in _first_row(folder / "test.jsonl"):
+        return "PairClassification"
     if (folder / "train.jsonl").is_file() and (folder / "test.jsonl").is_file():
         return "Classification"
     if (folder / "test.tsv").is_file():
@@ -61,11 +86,14 @@ def detect_kind(folder: Path) -> Kind:
     raise LocalTaskError(f"{folder}: not a task folder; expected one of these layouts: {LAYOUTS}")
 
 
-def load_local_task(folder: str | Path, *, max_docs: int | None = None) -> AbsTask:
+def load_local_task(
+    folder: str | Path, *, max_docs: int | None = None, max_examples: int | None = None
+) -> AbsTask:
     """An mteb task reading ``folder`` (lazily, when mteb asks for the data).
 
-    ``max_docs`` caps a retrieval corpus for smoke runs: every document relevant to an evaluated
-    query is kept, plus a fixed random sample of the others; the task's ``note`` says so.
+    ``max_docs`` caps a retrieval corpus: every document relevant to an evaluated query is kept,
+    plus a fixed random sample of the others. ``max_examples`` caps the evaluated examples (see the
+    module docstring). The task's ``note`` says what was capped.
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -76,6 +104,7 @@ def load_local_task(folder: str | Path, *, max_docs: int | None = None) -> AbsTa
     task = cls()
     task.folder = folder
     task.max_docs = max_docs if kind == "Retrieval" else None
+    task.max_examples = max_examples
     return task
 
 
@@ -123,6 +152,7 @@ class LocalFolderTask:
 
     folder: Path
     max_docs: int | None
+    max_examples: int | None = None
     note: str = ""
     dataset: Any
     data_loaded: bool
@@ -135,17 +165,29 @@ class LocalFolderTask:
         kind = self.metadata.type
         if kind == "Retrieval":
             self.dataset = {"default": self._read_retrieval()}
+        elif kind == "Reranking":
+            self.dataset = {"default": {s: self._read_reranking(s) for s in self.eval_splits}}
         elif kind == "STS":
             self.dataset = DatasetDict({split: self._read_sts(split) for split in self.eval_splits})
+        elif kind == "PairClassification":
+            self.dataset = DatasetDict({s: self._read_pairs(s) for s in self.eval_splits})
         else:
             splits = {getattr(self, "train_split", "train"), *self.eval_splits}
             self.dataset = DatasetDict(self._read_classification(sorted(splits)))
         self.data_loaded = True
 
     # -- STS
+    def _capped(self, rows: list[Any], what: str) -> list[Any]:
+        """A fixed pseudo-random sample of ``max_examples`` rows, in their file order."""
+        if self.max_examples is None or len(rows) <= self.max_examples:
+            return rows
+        keep = sorted(random.Random(SAMPLE_SEED).sample(range(len(rows)), self.max_examples))
+        self.note = _join(self.note, f"{self.max_examples} of {len(rows)} {what} (seeded sample)")
+        return [rows[i] for i in keep]
+
     def _read_sts(self, split: str) -> Dataset:
         path = self.folder / f"{split}.tsv"
-        rows = _read_tsv(path, ("sentence1", "sentence2", "score"))
+        rows = self._capped(_read_tsv(path, ("sentence1", "sentence2", "score")), "pairs")
         try:
             scores = [float(r["score"]) for r in rows]
         except ValueError as e:
@@ -158,9 +200,58 @@ class LocalFolderTask:
             }
         )
 
+    # -- pair classification
+    def _read_pairs(self, split: str) -> Dataset:
+        path = self.folder / f"{split}.jsonl"
+        rows = self._capped(_read_jsonl(path, ("sentence1", "sentence2", "label")), "pairs")
+        bad = sorted({str(r["label"]) for r in rows} - {"0", "1", "True", "False"})
+        if bad:
+            raise LocalTaskError(f"{path}: pair labels must be 0 or 1, found {bad[:5]}")
+        return Dataset.from_dict(
+            {
+                "sentence1": [r["sentence1"] for r in rows],
+                "sentence2": [r["sentence2"] for r in rows],
+                "labels": [int(r["label"]) for r in rows],
+            }
+        )
+
+    # -- reranking
+    def _read_reranking(self, split: str) -> RetrievalSplitData:
+        path = self.folder / f"{split}_reranking.jsonl"
+        rows = self._capped(_read_jsonl(path, ("query", "positive", "negative")), "queries")
+        docs: dict[str, str] = {}  # text -> id: a text shared by queries is one document
+
+        def doc_id(text: str) -> str:
+            return docs.setdefault(text, f"d{len(docs)}")
+
+        qids, qtexts, rels, ranked = [], [], {}, {}
+        for i, r in enumerate(rows):
+            if not isinstance(r["positive"], list) or not isinstance(r["negative"], list):
+                raise LocalTaskError(f"{path}: row {i + 1}: positive and negative must be lists")
+            if not r["positive"]:
+                continue  # nothing to find: mteb's reranking sets drop such queries too
+            qid = f"q{i}"
+            qids.append(qid)
+            qtexts.append(r["query"])
+            rels[qid] = {doc_id(t): 1 for t in r["positive"]}
+            ranked[qid] = [doc_id(t) for t in [*r["positive"], *r["negative"]]]
+        if not qids:
+            raise LocalTaskError(f"{path}: no query has a positive")
+        corpus = Dataset.from_dict(
+            {"id": list(docs.values()), "title": [""] * len(docs), "text": list(docs)}
+        )
+        queries = Dataset.from_dict({"id": qids, "text": qtexts})
+        return RetrievalSplitData(
+            corpus=corpus, queries=queries, relevant_docs=rels, top_ranked=ranked
+        )
+
     # -- classification
     def _read_classification(self, splits: Iterable[str]) -> dict[str, Dataset]:
         data = {s: _read_jsonl(self.folder / f"{s}.jsonl", ("text", "label")) for s in splits}
+        train = getattr(self, "train_split", "train")
+        for s in data:
+            if s != train:
+                data[s] = self._capped(data[s], "test texts")
         labels = [r["label"] for rows in data.values() for r in rows]
         if any(isinstance(label, str) for label in labels):
             # mteb's Hub sets carry integer labels: number ours the same way (categories.json order)
@@ -192,6 +283,11 @@ class LocalFolderTask:
             for r in _read_jsonl(self.folder / "queries.jsonl", ("_id", "text"))
         }
         qrels = {split: self._read_qrels(split) for split in self.eval_splits}
+        if self.max_examples is not None:  # capped queries, then the documents they need
+            qrels = {
+                split: {q: rels[q] for q in self._capped(sorted(rels), "queries")}
+                for split, rels in qrels.items()
+            }
         for split, rels in qrels.items():
             missing = sorted(rels.keys() - query_rows.keys())
             if missing:
@@ -235,11 +331,26 @@ class LocalFolderTask:
         )
         keep = (relevant & set(ids)) | set(sample)
         kept = len(relevant & set(ids))
-        self.note = (
-            f"corpus capped to {len(keep)} of {len(ids)} documents (all {kept} relevant kept)"
+        self.note = _join(
+            self.note,
+            f"corpus capped to {len(keep)} of {len(ids)} documents (all {kept} relevant kept)",
         )
         log.info("%s: %s", self.metadata.name, self.note)
         return keep
+
+
+def _join(note: str, more: str) -> str:
+    return f"{note}; {more}" if note else more
+
+
+def _first_row(path: Path) -> dict[str, Any]:
+    """The first JSON object of a JSONL file ({} when there is none or it is not an object)."""
+    try:
+        for _, row in textfiles.jsonl(path):
+            return row if isinstance(row, dict) else {}
+    except textfiles.TextFileError as e:
+        raise LocalTaskError(str(e)) from None
+    return {}
 
 
 def _read_tsv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:

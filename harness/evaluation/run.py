@@ -60,15 +60,20 @@ def evaluate_embedder(
     score, seconds, ETA"): a trial sends it to the driver, which prints it.
     """
     tasks = resolve_tasks(
-        task_entries(eval_settings), data=data_dir, max_docs=eval_settings.max_docs
+        task_entries(eval_settings),
+        data=data_dir,
+        max_docs=eval_settings.max_docs,
+        max_examples=eval_settings.max_examples,
     )
     check_hub_access(tasks)
     instructions = Instructions(eval_settings.instructions)
     capped = eval_settings.max_docs is not None and any(
         isinstance(t, LocalFolderTask) and t.metadata.type == "Retrieval" for t in tasks
     )
-    experiment = {
+    local = any(isinstance(t, LocalFolderTask) for t in tasks)
+    experiment = {  # mteb's result cache keeps results of other caps apart
         "max_docs": eval_settings.max_docs if capped else None,
+        "max_examples": eval_settings.max_examples if local else None,
         "instructions": instructions.fingerprint(),
     }
     encoder = EmbedderEncoder(

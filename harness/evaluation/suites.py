@@ -92,13 +92,15 @@ def resolve_tasks(
     *,
     data: str | os.PathLike[str] | None = None,
     max_docs: int | None = None,
+    max_examples: int | None = None,
 ) -> list[AbsTask]:
-    """mteb task objects for names and folders (folders are read lazily, at evaluation)."""
+    """mteb task objects for names and folders (folders are read lazily, at evaluation); the caps
+    apply to local folders only (a named task is mteb's, whole)."""
     tasks = []
     for entry in entries:
         if is_folder_entry(entry):
             path = _expand(entry, data)
-            tasks.append(load_local_task(path, max_docs=max_docs))
+            tasks.append(load_local_task(path, max_docs=max_docs, max_examples=max_examples))
         else:
             tasks.append(named_task(entry))
     names = [t.metadata.name for t in tasks]
@@ -199,7 +201,12 @@ def check_eval(
     if not settings.suite and not settings.tasks:
         return []
     try:
-        tasks = resolve_tasks(task_entries(settings), data=data, max_docs=settings.max_docs)
+        tasks = resolve_tasks(
+            task_entries(settings),
+            data=data,
+            max_docs=settings.max_docs,
+            max_examples=settings.max_examples,
+        )
         check_hub_access(tasks)
     except (TaskResolutionError, ValueError) as e:  # LocalTaskError is a ValueError
         prefix = f"{where}: eval: " if where else "eval: "
