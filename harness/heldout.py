@@ -69,8 +69,17 @@ def embed_rows(
 
 
 def heldout_metrics(
-    embedder: Embedder, frame: pl.DataFrame, *, batch_size: int = 32, show_progress: bool = False
+    embedder: Embedder,
+    frame: pl.DataFrame,
+    *,
+    batch_size: int = 32,
+    group_size: int | None = None,
+    show_progress: bool = False,
 ) -> dict[str, float]:
+    """The held-out metrics of ``frame``'s rows. ``batch_size`` is how many texts are encoded at
+    once (speed only); ``group_size`` (default ``batch_size``) how many rows share their candidates
+    for recall@1, the training batch size: it defines the metric."""
+    group_size = group_size or batch_size
     if frame.height == 0:
         return {}
     emb = embed_rows(embedder, frame, batch_size=batch_size, show_progress=show_progress)
@@ -89,10 +98,10 @@ def heldout_metrics(
     if wins:
         metrics["heldout/acc_all"] = float(torch.cat(wins).double().mean())
 
-    # recall@1 within batches of the training batch size: positives + hard negatives as candidates
+    # recall@1 within groups of the training batch size: positives + hard negatives as candidates
     hits = 0
-    for start in range(0, frame.height, batch_size):
-        end = min(start + batch_size, frame.height)
+    for start in range(0, frame.height, group_size):
+        end = min(start + group_size, frame.height)
         negatives = [
             emb.negatives[col][start:end][frame[col][start:end].is_not_null().to_torch()]
             for col in NEG_COLUMNS

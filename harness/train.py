@@ -43,6 +43,8 @@ class TrainResult:
     heldout_before: dict[str, float] = field(default_factory=dict)
     stream: Stream = field(default_factory=list)  # every (step, metrics) reported, resumed ones too
     resumed_from: int | None = None  # the checkpoint's step when the training resumed from one
+    # the trained model, in memory (rank 0): evaluated as it is rather than saved and reloaded
+    embedder: Embedder | None = field(default=None, repr=False, compare=False)
 
 
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
@@ -247,10 +249,10 @@ def train_one(
         if untrained is not None:  # the trial's: cached per arm, with the evaluation's tasks
             before = untrained(embedder, heldout)
         elif t.heldout_before and heldout.height:
-            before = {
-                k.replace("heldout/", "heldout_base/"): v
-                for k, v in heldout_metrics(embedder, heldout, batch_size=t.batch_size).items()
-            }
+            scored = heldout_metrics(
+                embedder, heldout, batch_size=exp.eval.batch_size, group_size=t.batch_size
+            )
+            before = {k.replace("heldout/", "heldout_base/"): v for k, v in scored.items()}
         if on_metrics and before:
             on_metrics(0, before)
     started = time.perf_counter()
@@ -270,7 +272,11 @@ def train_one(
     if follower:
         return TrainResult(Path(output_dir) / "model", {}, t.steps, seconds, schedule.level_order())
     embedder.eval()
-    after = heldout_metrics(embedder, heldout, batch_size=t.batch_size) if heldout.height else {}
+    after = (
+        heldout_metrics(embedder, heldout, batch_size=exp.eval.batch_size, group_size=t.batch_size)
+        if heldout.height
+        else {}
+    )
     if on_metrics and after:
         on_metrics(t.steps, after)
     model_dir = embedder.save(
@@ -289,6 +295,7 @@ def train_one(
         heldout_before=before,
         stream=stream,
         resumed_from=resume.step if resume else None,
+        embedder=embedder,
     )
 
 

@@ -122,6 +122,7 @@ class Trained:
     heldout: dict[str, float]
     level_order: list[int | str]
     reused: bool
+    embedder: Any = None  # the trained model in memory (None: reused, load it from model_dir)
 
 
 def train_or_reuse(exp: Experiment, corpus: Corpus, ctx: TrialContext, name: str) -> Trained:
@@ -175,7 +176,9 @@ def train_or_reuse(exp: Experiment, corpus: Corpus, ctx: TrialContext, name: str
     tmp.write_text(json.dumps(saved), encoding="utf-8")
     os.replace(tmp, marker)  # written last and whole: its presence means the training finished
     checkpoints.discard(ctx.workdir / CHECKPOINT_DIR)  # the finished training supersedes it
-    return Trained(Path(result.model_dir), result.heldout, result.level_order, reused=False)
+    return Trained(
+        Path(result.model_dir), result.heldout, result.level_order, False, result.embedder
+    )
 
 
 def train_and_evaluate(exp: Experiment, corpus: Corpus, ctx: TrialContext) -> TrialOutput:
@@ -198,7 +201,8 @@ def train_and_evaluate(exp: Experiment, corpus: Corpus, ctx: TrialContext) -> Tr
         from harness.embedder import Embedder
         from harness.evaluation.run import evaluate_embedder
 
-        embedder = Embedder.load(result.model_dir)
+        # the model just trained, as it is in memory (it was also saved); a reused one is loaded
+        embedder = result.embedder or Embedder.load(result.model_dir)
         # The driver prints the trial's progress; a worker's own lines would interleave with it.
         evaluated = evaluate_embedder(
             embedder,

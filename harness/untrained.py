@@ -54,7 +54,7 @@ def arm_key(exp: Experiment, corpus_sha256: str) -> str:
             "heldout": [data["train"]["heldout_size"], corpus_sha256]
             if exp.train.heldout_before
             else None,
-            "heldout_batch": exp.train.batch_size if exp.train.heldout_before else None,
+            "heldout_group": exp.train.batch_size if exp.train.heldout_before else None,
         }
     )
 
@@ -127,7 +127,9 @@ def _score(
     embedder.eval()  # as the trained model is scored (no dropout)
     try:
         if exp.train.heldout_before and heldout.height:
-            scored = heldout_metrics(embedder, heldout, batch_size=exp.train.batch_size)
+            scored = heldout_metrics(
+                embedder, heldout, batch_size=exp.eval.batch_size, group_size=exp.train.batch_size
+            )
             scores.update({untrained_metric(k): v for k, v in scored.items()})
         evaluated = None
         if wants_eval(exp) and work is not None:

@@ -78,7 +78,49 @@ def test_train_one_saves_a_model_that_reloads_identically(tiny_corpus_dir, tmp_p
     again = Embedder.load(result.model_dir, "cpu").encode(
         texts, instruction="Retrieve similar text"
     )
+    # the model in memory is the model saved: the trial evaluates it without reloading
+    assert result.embedder is not None
+    in_memory = result.embedder.encode(texts, instruction="Retrieve similar text")
+    assert torch.allclose(in_memory, again, atol=1e-5)
     assert torch.allclose(a, again, atol=1e-6)
+
+
+def test_the_trial_evaluates_the_trained_model_in_memory(
+    tiny_corpus_dir, tmp_path, shared_data, monkeypatch
+):
+    """train_and_evaluate scores the model it just trained as it is in memory (fails before: it
+    saved, then loaded it again, model build and all)."""
+    from test_eval_run import sts_subset
+
+    from harness.trial import TrialContext, train_and_evaluate
+
+    task = sts_subset(shared_data, tmp_path, "BIOSSES", 10)
+    exp = _exp(tiny_corpus_dir, eval={"tasks": [str(task)], "untrained": False})
+
+    def no_reload(*args, **kwargs):
+        raise AssertionError("the trained model was loaded again from disk")
+
+    monkeypatch.setattr(Embedder, "load", no_reload)
+    ctx = TrialContext("t", "k", tmp_path / "trial", lambda step, metrics: None, say=lambda s: None)
+    ctx.workdir.mkdir()
+    out = train_and_evaluate(exp, read_corpus(tiny_corpus_dir), ctx)
+    assert {"eval/BIOSSES", "eval/avg", "heldout/recall_at_1"} <= set(out.metrics)
+    assert (Path(out.artifacts["model"]) / "embedder.json").is_file()  # still saved
+
+
+def test_held_out_recall_is_defined_by_the_group_not_the_encoding_batch(tiny_corpus_dir):
+    """Held-out texts are encoded at their own batch size; recall@1's candidate groups stay the
+    training batch size (fails before: one batch size set both)."""
+    from harness.heldout import heldout_metrics
+
+    exp = _exp(tiny_corpus_dir)
+    frame = read_corpus(tiny_corpus_dir).frame.sort("id").head(16)
+    embedder = Embedder.from_settings(exp.model, "cpu")
+    small = heldout_metrics(embedder, frame, batch_size=4, group_size=4)
+    large = heldout_metrics(embedder, frame, batch_size=16, group_size=4)
+    assert large == pytest.approx(small, abs=1e-6)
+    one_group = heldout_metrics(embedder, frame, batch_size=16, group_size=16)
+    assert one_group["heldout/recall_at_1"] <= small["heldout/recall_at_1"]  # more candidates
 
 
 def test_grad_cache_gives_the_same_gradients(tiny_corpus_dir):
