@@ -518,6 +518,61 @@ def audit(
 
 
 @app.command()
+def decontaminate(
+    experiment: ExperimentArg,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder of the checked copy (default: the corpus folder + '-clean')."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Replace --out when it is a copy this command wrote.")
+    ] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Write a copy of the file's corpus without the rows that hold a text of its evaluation tasks
+    (normalised exact match), counting them by task in the copy's manifest."""
+    from harness.decontamination import decontaminate_corpus
+    from harness.experiment_file import load_experiment
+    from synth.corpus import read_corpus, read_manifest
+    from synth.decontaminate import RECORD
+
+    try:
+        exp = load_experiment(experiment, set_ or [])
+        source_dir = exp.resolve_path(exp.corpus.path)
+        target = (out or source_dir.with_name(source_dir.name + "-clean")).resolve()
+        if target == source_dir.resolve():
+            _fail(f"--out {target} is the corpus itself; the copy goes to another folder")
+        if target.exists():
+            ours = (target / "manifest.json").is_file() and RECORD in read_manifest(target)
+            if not (force and ours):
+                why = "use --force to replace it" if ours else "it is not a copy this command wrote"
+                _fail(f"--out {target} exists; {why}")
+        source = read_corpus(source_dir)
+        import shutil
+        import tempfile
+
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            written, found = decontaminate_corpus(exp, source, staging)
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except _known_errors() as e:
+        _fail(str(e))
+    entry = written.manifest[RECORD]
+    for task, n in entry["dropped"].items():
+        typer.echo(f"  {task}: {n} row(s)")
+    if found.unreadable:
+        typer.echo(f"  not checked (data not readable here): {', '.join(found.unreadable)}")
+    typer.echo(
+        f"{target}: {len(written)} rows ({entry['rows_dropped']} of {entry['rows_before']} "
+        f"dropped); point corpus.path at it"
+    )
+
+
+@app.command()
 def check(experiment: ExperimentArg, set_: SetOpt = None) -> None:
     """Validate an experiment file (nothing is loaded or run) and list its trials."""
     from harness.experiment_file import cell_label, load_experiment, validated_cells
@@ -540,6 +595,15 @@ def check(experiment: ExperimentArg, set_: SetOpt = None) -> None:
             f"  evaluation: {len(tasks)} task(s): "
             f"{', '.join(t.metadata.name for t in tasks[:8])}{' ...' if len(tasks) > 8 else ''}"
         )
+    corpus_dir = exp.resolve_path(exp.corpus.path)
+    if tasks and (corpus_dir / "manifest.json").is_file():
+        from harness.corpora import warn_unchecked
+        from synth.corpus import CorpusError, read_manifest
+
+        try:
+            warn_unchecked(exp, read_manifest(corpus_dir), console)
+        except CorpusError as e:
+            _fail(str(e))
     for c in cells:
         typer.echo(f"  {cell_label(c)}")
 

@@ -213,6 +213,9 @@ class CorpusBuild(_Strict):
 class CorpusSettings(_Strict):
     path: str
     build: CorpusBuild | None = None
+    # A corpus the sweep builds loses every row holding a text of the evaluation tasks (normalised
+    # exact match; harness/decontamination.py). An existing corpus is only checked, with a warning.
+    decontaminate: bool = True
 
 
 class EvalSettings(_Strict):
@@ -458,6 +461,7 @@ KEY_EXCLUDED: set[tuple[str, str]] = {
     ("train", "checkpoint_every"),
     ("train", "keep_checkpoints"),
     ("eval", "untrained"),  # scores the untrained model beside the trial, not the trial
+    ("corpus", "decontaminate"),  # what it changes, it changes in the corpus and so its hash
 }
 KEY_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("model", "init_adapter_recipe"): None,

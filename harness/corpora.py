@@ -30,9 +30,42 @@ def load_corpus(exp: Experiment, console: Console) -> Corpus:
         what = "resuming the corpus build" if resume else "building the corpus"
         console.print(f"[bold]{what}[/] ({build.kind}, {config}) -> {path}")
         _build_corpus(build.kind, config, path, exp)
+        if exp.corpus.decontaminate:
+            _decontaminate_built(exp, path, console)
     corpus = read_corpus(path)
     console.print(f"corpus {corpus.name}: {len(corpus)} rows, sha256 {corpus.sha256[:12]}")
+    warn_unchecked(exp, corpus.manifest, console)
     return corpus
+
+
+def _decontaminate_built(exp: Experiment, path: Path, console: Console) -> None:
+    from harness.decontamination import decontaminate_built
+
+    corpus = decontaminate_built(exp, path)
+    entry = corpus.manifest["decontamination"]
+    costs = ", ".join(f"{task} {n}" for task, n in entry["dropped"].items() if n) or "none"
+    console.print(
+        f"decontaminated against {len(entry['tasks'])} evaluation task(s): "
+        f"{entry['rows_dropped']} of {entry['rows_before']} rows dropped (by task: {costs})"
+    )
+
+
+def warn_unchecked(exp: Experiment, manifest: dict, console: Console) -> list[str]:
+    """Say which of the file's evaluation tasks the corpus was never checked against."""
+    from harness.decontamination import unchecked
+
+    missing = unchecked(exp, manifest)
+    if missing:
+        shown = ", ".join(missing[:6]) + (
+            f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+        )
+        console.print(
+            f"[yellow]warning[/] corpus {exp.resolve_path(exp.corpus.path)} was not checked "
+            f"against evaluation task(s) {shown}: texts shared with them would inflate their "
+            f"scores (`harness decontaminate {exp.source or 'FILE'}` writes a checked copy)",
+            soft_wrap=True,
+        )
+    return missing
 
 
 def check_corpus_fits(exp: Experiment, corpus: Corpus) -> None:
