@@ -145,7 +145,14 @@ def test_max_examples_is_a_seeded_sample_with_a_note(shared_data: Path) -> None:
     assert sts.dataset["test"]["sentence1"] == again.dataset["test"]["sentence1"]  # same sample
     assert sts.note == "50 of 1379 pairs (seeded sample)"
     clf = load("Banking77Classification", 100)
-    assert clf.dataset["test"].num_rows == 100 and clf.dataset["train"].num_rows == 10003
+    assert clf.dataset["test"].num_rows == 100
+    # the training pool: 8 texts per label, what one of mteb's undersampled experiments uses
+    assert clf.dataset["train"].num_rows == 8 * 77
+    assert set(clf.dataset["train"]["label"]) == set(range(77))
+    assert (
+        clf.note
+        == "100 of 3080 test texts (seeded sample); training pool 8 per label (616 of 10003 texts)"
+    )
     sci = load("SciFact", 30)
     split = sci.dataset["default"]["test"]
     assert split["queries"].num_rows == 30 and len(split["relevant_docs"]) == 30

@@ -252,6 +252,8 @@ class LocalFolderTask:
         for s in data:
             if s != train:
                 data[s] = self._capped(data[s], "test texts")
+        if self.max_examples is not None and train in data:
+            data[train] = self._training_pool(data[train])
         labels = [r["label"] for rows in data.values() for r in rows]
         if any(isinstance(label, str) for label in labels):
             # mteb's Hub sets carry integer labels: number ours the same way (categories.json order)
@@ -274,6 +276,28 @@ class LocalFolderTask:
             )
             for s, rows in data.items()
         }
+
+    def _training_pool(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """With ``max_examples``, a seeded sample of ``samples_per_label`` training texts per label:
+        what one of mteb's undersampled experiments trains on. mteb encodes the union of its
+        experiments' samples (up to ``n_experiments`` x that, 6,160 texts for Banking77), which on
+        a CPU costs more than the rest of a small suite; with this pool every experiment draws the
+        same texts."""
+        per_label = int(getattr(self, "samples_per_label", 8))
+        by_label: dict[Any, list[int]] = {}
+        for i, r in enumerate(rows):
+            by_label.setdefault(r["label"], []).append(i)
+        rng = random.Random(SAMPLE_SEED)
+        keep = sorted(
+            i
+            for idx in by_label.values()
+            for i in (rng.sample(idx, per_label) if len(idx) > per_label else idx)
+        )
+        if len(keep) < len(rows):
+            self.note = _join(
+                self.note, f"training pool {per_label} per label ({len(keep)} of {len(rows)} texts)"
+            )
+        return [rows[i] for i in keep]
 
     # -- retrieval
     def _read_retrieval(self) -> dict[str, RetrievalSplitData]:
