@@ -21,7 +21,9 @@ from __future__ import annotations
 from _common import REPO, Report, parse, parser
 
 # isort: split
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,8 +70,15 @@ class Peaks:
 
 
 def run_variant(checkout: Path, work: Path, steps: int, seeds: int) -> tuple[list[dict], Peaks]:
-    work.mkdir(parents=True)
+    """The variant's sweep in ``work``; a sweep that finished there before is read, not rerun."""
     store = work / "mlflow.db"
+    done = work / "finished.json"
+    if done.is_file():
+        peaks = Peaks.__new__(Peaks)
+        peaks.driver, peaks.worker = json.loads(done.read_text())
+        return phases(f"sqlite:///{store}", steps), peaks
+    shutil.rmtree(work, ignore_errors=True)  # an unfinished attempt of this script's
+    work.mkdir(parents=True)
     corpus = REPO / "results" / "corpora" / "smoke"
     sets = [
         "grid.pooling=[ata]", f"grid.seed={list(range(1, seeds + 1))}", f"train.steps={steps}",
@@ -87,7 +96,9 @@ def run_variant(checkout: Path, work: Path, steps: int, seeds: int) -> tuple[lis
         code = proc.wait()
         peaks.stop()
     if code != 0:
-        raise SystemExit(f"{checkout}: sweep failed ({code}); see {work / 'sweep.log'}")
+        tail = (work / "sweep.log").read_text(errors="replace")[-3000:]
+        raise SystemExit(f"{checkout}: sweep failed ({code}):\n{tail}")
+    done.write_text(json.dumps([peaks.driver, peaks.worker]))
     return phases(f"sqlite:///{store}", steps), peaks
 
 
@@ -130,22 +141,27 @@ def main() -> None:
     ap.add_argument("--before", default=BEFORE, help="the revision measured as 'before'")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument(
+        "--work", type=Path, default=None,
+        help="keep the runs here; a rerun reads the variants that finished instead of rerunning them",
+    )  # fmt: skip
     args = parse(ap, QUICK)
-    with tempfile.TemporaryDirectory(prefix="nm-trial-split-") as tmp:
-        old = Path(tmp) / "before"
+    work = args.work or Path(tempfile.mkdtemp(prefix="nm-trial-split-"))
+    work.mkdir(parents=True, exist_ok=True)
+    old = work / "before"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "prune"], check=True)
+    if not old.exists():
         subprocess.run(
             ["git", "-C", str(REPO), "worktree", "add", "--detach", str(old), args.before],
             check=True, capture_output=True,
         )  # fmt: skip
-        try:
-            results = {}
-            for name, checkout in (("before", old), ("after", REPO)):
-                print(f"{name}: {checkout}", flush=True)
-                results[name] = run_variant(
-                    checkout, Path(tmp) / f"{name}-run", args.steps, args.seeds
-                )
-        finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)])
+    try:
+        results = {}
+        for name, checkout in (("before", old), ("after", REPO)):
+            print(f"{name}: {checkout}", flush=True)
+            results[name] = run_variant(checkout, work / f"{name}-run", args.steps, args.seeds)
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(old)])
     report = Report(f"Trial time split and peak memory, before ({args.before}) and after")
     report.para(
         f"`experiments/small/pooling.yaml` of each checkout, ATA, {args.seeds} seed(s) one after "
@@ -156,10 +172,9 @@ def main() -> None:
     rows = []
     for name, (trials, _) in results.items():
         for t in trials:
-            share = 1 - t["training"] / t["total"]
             rows.append([name, t["trial"], t["tasks"], *(f"{t[c]:.0f}" for c in cols),
-                         f"{share:.0%}", f"{t['step']:.1f}"])  # fmt: skip
-    report.table(["variant", "trial", "eval tasks", *cols, "non-training", "s/step"], rows)
+                         f"{1 - t['training'] / t['total']:.0%}", f"{t['step']:.1f}"])  # fmt: skip
+    report.table(["variant", "trial", "eval metrics", *cols, "non-training", "s/step"], rows)
     report.table(
         ["variant", "driver peak RSS (GB)", "trial worker peak RSS (GB)"],
         [
