@@ -76,7 +76,7 @@ def run_variant(checkout: Path, work: Path, steps: int, seeds: int) -> tuple[lis
     if done.is_file():
         peaks = Peaks.__new__(Peaks)
         peaks.driver, peaks.worker = json.loads(done.read_text())
-        return phases(f"sqlite:///{store}", steps), peaks
+        return phases(f"sqlite:///{store}", steps, _experiment_name(checkout)), peaks
     shutil.rmtree(work, ignore_errors=True)  # an unfinished attempt of this script's
     work.mkdir(parents=True)
     corpus = REPO / "results" / "corpora" / "smoke"
@@ -99,12 +99,21 @@ def run_variant(checkout: Path, work: Path, steps: int, seeds: int) -> tuple[lis
         tail = (work / "sweep.log").read_text(errors="replace")[-3000:]
         raise SystemExit(f"{checkout}: sweep failed ({code}):\n{tail}")
     done.write_text(json.dumps([peaks.driver, peaks.worker]))
-    return phases(f"sqlite:///{store}", steps), peaks
+    return phases(f"sqlite:///{store}", steps, _experiment_name(checkout)), peaks
 
 
-def phases(uri: str, steps: int) -> list[dict]:
+def _experiment_name(checkout: Path) -> str:
+    """The ``name:`` of the checkout's own pooling file (small-pooling before round 2, then
+    small-r2-pooling), read without importing that checkout's code."""
+    for line in (checkout / "experiments/small/pooling.yaml").read_text().splitlines():
+        if line.startswith("name:"):
+            return line.split(":", 1)[1].strip()
+    raise SystemExit(f"{checkout}: experiments/small/pooling.yaml has no name")
+
+
+def phases(uri: str, steps: int, name: str) -> list[dict]:
     client = MlflowClient(uri)
-    (exp,) = [e for e in client.search_experiments() if e.name == "small-pooling"]
+    (exp,) = [e for e in client.search_experiments() if e.name == name]
     runs = client.search_runs([exp.experiment_id], "tags.`harness.role` = 'trial'")
     out = []
     for run in sorted(runs, key=lambda r: r.info.start_time):

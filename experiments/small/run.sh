@@ -8,11 +8,11 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 mkdir -p results/small
 status=0
-for name in "${@:-schedule pooling pooling-causal}"; do
+for name in "${@:-pooling pooling-causal schedule}"; do
   for one in $name; do
     harness sweep "experiments/small/$one.yaml" || status=1   # a failed trial: the others still count
     python experiments/small/compact_store.py results/small/mlflow.db   # committed: keep it small
-    harness tables "experiments/small/$one.yaml" --output "results/small/$one" --no-log || status=1
+    harness tables "experiments/small/$one.yaml" --output "results/small/r2/$one" --no-log || status=1
   done
 done
 exit $status
