@@ -56,6 +56,11 @@ class GenerateResult:
     corpus: Corpus
     complete: bool  # every planned request answered (no failures, no budget stop)
 
+    @property
+    def failed(self) -> bool:
+        """No row passed validation: a failed run, however many requests were answered."""
+        return len(self.corpus) == 0
+
 
 def json_candidates(
     config: SynthConfig, stage2: list[Request], records: dict[str, dict[str, Any]]
@@ -256,5 +261,11 @@ def summary_lines(result: GenerateResult) -> list[str]:
     if not result.complete:
         lines.append(
             f"incomplete: {m['stopped'] or 'some requests failed (run again to retry them)'}"
+        )
+    if result.failed:
+        why = ", ".join(f"{k} {v}" for k, v in m["rejects"].items()) or "no answers"
+        lines.append(
+            f"failed: no example passed validation ({why}); the answers are in "
+            f"{result.corpus.path / REJECTS_FILE}"
         )
     return lines

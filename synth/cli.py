@@ -129,7 +129,7 @@ def generate(
             raise typer.Exit(130) from None
         for line in summary_lines(result):
             Console().print(line, soft_wrap=True)
-        if not result.complete:
+        if result.failed or not result.complete:
             raise typer.Exit(1)
 
     _run(go)

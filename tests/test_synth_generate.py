@@ -20,7 +20,15 @@ from typing import Any
 
 import polars as pl
 import pytest
-from synth_servers import GOOD, PARAPHRASES, Recorder, forward_to, scripted, serve
+from synth_servers import (
+    GOOD,
+    PARAPHRASES,
+    Recorder,
+    chat_response,
+    forward_to,
+    scripted,
+    serve,
+)
 from synth_servers import good_with as _with
 from synth_servers import synth_config_file as _config
 
@@ -581,3 +589,34 @@ def test_a_second_generate_into_one_output_refuses_naming_the_first(tmp_path: Pa
     with exclusive(config.work_dir / LOCK_FILE, "after the kill"):
         pass
     tally(cases=2, faults=1)
+
+
+@pytest.mark.faults
+def test_a_run_whose_every_example_is_rejected_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every stage-2 answer malformed: `synth generate` writes the rejects but exits 1 with the
+    reject counts, not 0 with a 0-row corpus (fails before: exit 0, acceptance 0.0). The scripted
+    server on loopback stands in for a model that never follows the format (a real one will not do
+    it on demand)."""
+    from typer.testing import CliRunner
+
+    from synth.cli import app
+
+    monkeypatch.setenv("NM_TEST_KEY", KEY)
+    answer = scripted()
+
+    def malformed(body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:
+        if body["messages"][0]["content"].startswith("Brainstorm"):
+            return answer(body)
+        return 200, {}, chat_response('{"query": "broken')
+
+    with serve(malformed) as url:
+        path = _config(tmp_path, endpoint={"base_url": url})
+        result = CliRunner().invoke(app, ["generate", str(path), "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert "failed: no example passed validation (generate/malformed_json 12)" in " ".join(
+        result.output.split()
+    )
+    assert read_corpus(tmp_path / "corpus").manifest["counts"]["rows"] == 0
+    assert len((tmp_path / "corpus" / REJECTS_FILE).read_text().splitlines()) == 12
