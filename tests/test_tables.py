@@ -760,3 +760,46 @@ def test_the_small_report_uses_the_tables_runs_in_grid_order(tmp_path: Path) -> 
     table = [line for line in lines if line.startswith("| ") and "|---" not in line]
     assert [line.split(" | ")[0] for line in table[1:]] == ["| mean", "| eos"]  # grid order
     assert table[2].startswith("| eos | 2 | 31.00 ± 1.41 |")  # 0.30 and 0.32, not 0.10
+
+
+def test_the_small_report_tests_the_interaction_seed_by_seed(tmp_path: Path) -> None:
+    """Round 2's claim 2: D_s = (ATA - mean) with the LLM2Vec conversion minus (ATA - mean)
+    without it, per seed, and a paired t-test over the seeds both files have (the numbers below
+    are worked out by hand: D = 0.10, 0.11, 0.15)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "small_report", Path(__file__).resolve().parents[1] / "experiments/small/report.py"
+    )
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+
+    s = Store(tmp_path)
+    scores = {
+        "bidirectional": {"ata": (0.60, 0.62, 0.64), "mean": (0.50, 0.50, 0.50)},
+        "causal": {"ata": (0.50, 0.50, 0.50), "mean": (0.50, 0.49, 0.51)},
+    }
+    paths = []
+    for name, rows in scores.items():
+        exp_id = s.experiment(name)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(
+            f"name: {name}\ncorpus: {{path: c}}\ngrid: {{seed: [1, 2, 3], pooling: [ata, mean]}}\n"
+            f"tables: {{baseline: {{pooling: ata}}}}\ntracking: {{uri: '{s.uri}'}}\n",
+            encoding="utf-8",
+        )
+        exp = load_experiment(path)
+        for pooling, values in rows.items():
+            for seed, value in enumerate(values, 1):
+                cell = {"train.seed": seed, "model.pooling": pooling}
+                metrics = {"eval/TaskA": value, "eval/avg": value}
+                key = trial_key(apply_cell(exp, cell), SHA)
+                s.trial(exp_id, None, cell, key, "FINISHED", metrics, [1.0])
+        paths.append(path)
+    lines = report.interaction(*paths)
+    (line,) = [x for x in lines if x.startswith("- X = mean")]
+    d = [0.10, 0.11, 0.15]
+    t = statistics.mean(d) / (statistics.stdev(d) / 3**0.5)
+    p = 2 * scipy_stats.t.sf(t, 2)
+    assert "3 seeds: D +12.00" in line and "(1: +10.00, 2: +11.00, 3: +15.00)" in line
+    assert f"t-test p = {p:.3g}, Holm p = {p:.3g}" in line  # one comparison: Holm is p itself
