@@ -57,6 +57,11 @@ MLFLOW_MODEL = "harness.mlflow_model"  # models:/<id>: the model as a registrabl
 RESUMED = "harness.resumed"
 # the Ray node ids of a trial's workers in rank order (resources.workers_per_trial > 1)
 WORKER_NODES = "harness.worker_nodes"
+# a re-evaluation (`harness eval RUN_ID`) is a child run of the trial it evaluated, role
+# "evaluation": the trial's own metrics stay the sweep's, the tables read trials only
+EVALUATED_RUN = "harness.evaluated_run"
+EVAL_TASKS = "harness.eval_tasks"  # what a re-evaluation scored: its suite, or its tasks
+EVAL_ARTIFACT = "mteb"  # mteb's result files of an evaluation
 
 MAX_PARAM_CHARS = 6000  # MLflow's param value limit (8000 in recent versions; stay well under)
 MAX_ERROR_CHARS = 1000
@@ -472,3 +477,40 @@ def git_sha(repo: Path | None = None) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha + ("+dirty" if dirty else "")
+
+
+def log_evaluation(
+    client: Any, run_id: str, metrics: Mapping[str, float], result_dir: Path, *, what: str
+) -> str:
+    """A re-evaluation of the trial run ``run_id``: a new child run of it (role ``evaluation``)
+    with the scores at step 0 and mteb's files under ``mteb``; the trial's own metrics are never
+    touched, so a table never mixes two evaluations. Returns the new run's id.
+
+    Args:
+        client: an ``MlflowClient`` of the trial's store.
+        run_id: the evaluated trial run.
+        metrics: ``eval/*`` scores (``harness.evaluation.scores.metrics``).
+        result_dir: the folder of mteb's result files.
+        what: the suite or the tasks scored, for the run's name and tag.
+    """
+    import time
+
+    from mlflow.entities import Metric
+
+    trial = client.get_run(run_id)
+    child = client.create_run(
+        trial.info.experiment_id,
+        run_name=f"{trial.info.run_name or run_id[:8]} eval {what}"[:250],
+        tags={
+            ROLE: "evaluation",
+            PARENT: run_id,
+            EVALUATED_RUN: run_id,
+            EVAL_TASKS: what[:MAX_PARAM_CHARS],
+            DRIVER: _driver(),
+        },
+    ).info.run_id
+    now = int(time.time() * 1000)
+    client.log_batch(child, metrics=[Metric(metric_name(k), v, now, 0) for k, v in metrics.items()])
+    client.log_artifacts(child, str(result_dir), EVAL_ARTIFACT)
+    client.set_terminated(child, "FINISHED")
+    return child

@@ -43,20 +43,28 @@ def test_saved_model_folder(saved_model: Path, biosses: str, tmp_path: Path, cap
     assert "| BIOSSES | STS | cosine_spearman |" in capsys.readouterr().out
 
 
-def test_mlflow_run_resolves_to_its_model_and_gets_the_scores(
-    saved_model: Path, biosses: str, tmp_path: Path
+def test_mlflow_run_resolves_to_its_model_and_a_child_run_gets_the_scores(
+    saved_model: Path, biosses: str, tmp_path: Path, capsys
 ) -> None:
+    """Re-evaluating a trial logs to a new child run of it (role ``evaluation``): the trial's own
+    scores, which the tables read, stay the sweep's (fails before: ``eval/avg`` of BIOSSES alone
+    went into the trial run at step 0 beside the sweep's, and the command did not say it logged)."""
     from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from harness.tracking import EVALUATED_RUN, PARENT, ROLE
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     exp_id = client.create_experiment(
         "eval-test", artifact_location=(tmp_path / "artifacts").as_uri()
     )
-    run_id = client.create_run(exp_id).info.run_id
+    run_id = client.create_run(exp_id, tags={ROLE: "trial"}, run_name="mean-s1").info.run_id
     client.log_artifacts(
         run_id, str(saved_model), "model"
     )  # as the sweep driver logs a trial's model
+    sweep_scores = {"eval/avg": 0.5, "eval/STS16": 0.5}
+    client.log_batch(run_id, [Metric(k, v, 0, 6) for k, v in sweep_scores.items()])
     client.set_terminated(run_id)
 
     result = eval_command(
@@ -67,10 +75,18 @@ def test_mlflow_run_resolves_to_its_model_and_gets_the_scores(
         tracking_uri=uri,
         no_instructions=True,
     )
-    logged = client.get_run(run_id).data.metrics
+    assert client.get_run(run_id).data.metrics == sweep_scores  # the trial's, untouched
+    (child,) = client.search_runs([exp_id], f"tags.`{EVALUATED_RUN}` = '{run_id}'")
+    assert child.data.tags[PARENT] == run_id and child.data.tags[ROLE] == "evaluation"
+    assert child.info.status == "FINISHED" and child.info.run_name == "mean-s1 eval BIOSSES"
+    logged = child.data.metrics
     assert logged["eval/BIOSSES"] == pytest.approx(result.metrics["eval/BIOSSES"])
     assert {"eval/STS", "eval/avg"} <= logged.keys()
-    assert "mteb" in {f.path for f in client.list_artifacts(run_id)}
+    assert "mteb" in {f.path for f in client.list_artifacts(child.info.run_id)}
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"logged to MLflow run {child.info.run_id} (an evaluation of trial run {run_id};" in said
+    trials = client.search_runs([exp_id], f"tags.`{ROLE}` = 'trial'")
+    assert [r.info.run_id for r in trials] == [run_id]  # what the tables read
 
     with pytest.raises(ModelNotFoundError, match="not found"):
         eval_command("0" * 32, None, [biosses], tracking_uri=uri)

@@ -2,10 +2,14 @@
 
 MODEL_OR_RUN is, in this order:
 - a folder saved by ``harness train`` (it holds ``embedder.json``): the trained model;
+- a folder written by ``harness export`` (it holds ``harness_embedding.json``): the exported
+  model, loaded as sentence-transformers loads it (``harness/evaluation/exported.py``), with its
+  own pooling, attention, format and adapter;
 - an MLflow run id (32 hex digits) of a trial: its ``model`` artifact, or the folder its
   ``model_dir`` tag points to (``host:/path``, when the model was too big to log; see
-  ``harness/saved_models.py``); the scores are then logged back to that run (``eval/*`` metrics,
-  mteb's files under the ``mteb`` artifact);
+  ``harness/saved_models.py``); the scores are then logged to a new child run of that run
+  (``harness.role=evaluation``: ``eval/*`` metrics, mteb's files under the ``mteb`` artifact), so
+  the trial's own scores, which the tables read, stay the sweep's;
 - anything else is a base model (Hub id, local folder, ``packaged:...``), evaluated untrained with
   ``--pooling``.
 """
@@ -24,8 +28,7 @@ from harness.saved_models import RUN_ID, ModelNotFoundError, RunModel, client_fo
 
 if TYPE_CHECKING:
     from harness.embedder import Embedder
-
-EVAL_ARTIFACT = "mteb"
+    from harness.evaluation.exported import ExportedEmbedder
 
 
 def eval_command(
@@ -69,12 +72,20 @@ def eval_command(
     result = evaluate_embedder(
         embedder, settings, output_dir=output_dir, data_dir=data_dir, overwrite=overwrite
     )
-    if run is not None:
-        _log_to_run(run.run_id, result, tracking_uri)
     from rich.console import Console
 
     Console().print(scores.markdown(result.frame), markup=False, highlight=False)
-    Console(stderr=True).print(f"results: {result.result_dir}", markup=False, highlight=False)
+    err = Console(stderr=True)
+    err.print(f"results: {result.result_dir}", markup=False, highlight=False)
+    if run is not None:
+        what = f"suite {suite}" if suite else ", ".join(Path(t).name for t in tasks)
+        child = _log_to_run(run.run_id, result, what, tracking_uri)
+        err.print(
+            f"logged to MLflow run {child} (an evaluation of trial run {run.run_id}; the trial's "
+            "own scores are unchanged)",
+            markup=False,
+            highlight=False,
+        )
     return result
 
 
@@ -85,8 +96,10 @@ def load_embedder(
     base_settings: Mapping[str, Any] | None = None,
     tracking_uri: str | None = None,
     device: str | None = None,
-) -> tuple[Embedder, RunModel | None]:
-    """The model MODEL_OR_RUN names (see the module docstring) and its run, if it is one."""
+    exports: bool = True,
+) -> tuple[Embedder | ExportedEmbedder, RunModel | None]:
+    """The model MODEL_OR_RUN names (see the module docstring) and its run, if it is one;
+    ``exports=False`` refuses an exported folder (for commands that need the harness's model)."""
     from harness.embedder import Embedder
 
     run = run_model(model_or_run, tracking_uri) if RUN_ID.match(model_or_run) else None
@@ -94,6 +107,15 @@ def load_embedder(
         return Embedder.load(run.path, device), run
     if (Path(model_or_run) / "embedder.json").is_file():
         return Embedder.load(model_or_run, device), None
+    from harness.evaluation.exported import ExportedEmbedder, is_export
+
+    if is_export(model_or_run):  # not a base model: its settings are in the folder
+        if not exports:
+            raise ModelNotFoundError(
+                f"{model_or_run}: a `harness export` folder; give the trained model folder it "
+                "was exported from, or its MLflow run id"
+            )
+        return ExportedEmbedder(model_or_run, device), None
     looks_local = "/" in model_or_run or model_or_run.startswith((".", "~"))
     if looks_local and is_local_path(model_or_run) and not Path(model_or_run).expanduser().exists():
         raise ModelNotFoundError(
@@ -111,16 +133,9 @@ def load_embedder(
     ), None
 
 
-def _log_to_run(run_id: str, result: EvalResult, tracking_uri: str | None) -> None:
-    import time
+def _log_to_run(run_id: str, result: EvalResult, what: str, tracking_uri: str | None) -> str:
+    from harness.tracking import log_evaluation
 
-    from mlflow.entities import Metric
-
-    from harness.tracking import metric_name
-
-    client = client_for(tracking_uri)
-    now = int(time.time() * 1000)
-    client.log_batch(
-        run_id, metrics=[Metric(metric_name(k), v, now, 0) for k, v in result.metrics.items()]
+    return log_evaluation(
+        client_for(tracking_uri), run_id, result.metrics, result.result_dir, what=what
     )
-    client.log_artifacts(run_id, str(result.result_dir), EVAL_ARTIFACT)
