@@ -505,6 +505,7 @@ def audit(
             base_settings=base,
             tracking_uri=tracking_uri,
             device=device,
+            exports=False,
         )  # type: ignore[arg-type]
         report = level_audit(
             embedder, data, model=model_or_run, max_rows=max_rows, batch_size=batch_size

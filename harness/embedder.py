@@ -287,6 +287,11 @@ class Embedder(nn.Module):
         return out
 
     @property
+    def max_doc_length(self) -> int:
+        """The token budget of texts without an instruction (both sides of a symmetric task)."""
+        return self.settings.max_doc_length
+
+    @property
     def dimension(self) -> int:
         cfg = (
             self.model.config

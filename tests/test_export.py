@@ -287,3 +287,35 @@ def test_portable_config_hides_local_paths():
         "eval": {"tasks": ["STS16", "<local>/BIOSSES"]},
         "train": {"lr": 1e-4},
     }
+
+
+def test_harness_eval_of_an_exported_folder_scores_the_trained_model(saved, tmp_path, shared_data):
+    """`harness eval EXPORT_DIR` scores the exported model with its own pooling, attention,
+    format and adapter, as on the folder it was exported from (fails before: the folder loaded as
+    a plain base model, mean pooling, native attention, no LoRA, and scored another number with
+    exit 0). `harness audit` needs the harness's model and refuses an export in one line."""
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+    from harness.evaluation.command import eval_command
+
+    case = "ata-bidirectional-e5"
+    out = tmp_path / "st"
+    export_model(str(saved[case]), out, device="cpu")
+    task = tmp_path / "tasks" / "BIOSSES"  # 24 real pairs in a folder mteb knows by its name
+    task.mkdir(parents=True)
+    lines = (shared_data / "BIOSSES" / "test.tsv").read_text(encoding="utf-8").splitlines()[:25]
+    (task / "test.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def score(model: str, where: str) -> float:
+        result = eval_command(model, None, [str(task)], output_dir=str(tmp_path / where))
+        return result.metrics["eval/BIOSSES"]
+
+    trained, exported = score(str(saved[case]), "saved"), score(str(out), "export")
+    # the fixture's LoRA is far from identity: loaded as a base model (mean pooling, native
+    # attention, no LoRA) the export scored 60.86 where the trained model scores 18.64
+    print(f"BIOSSES x100: trained {100 * trained:.2f}, export {100 * exported:.2f}")
+    assert exported == pytest.approx(trained, abs=1e-6)
+
+    audit = CliRunner().invoke(app, ["audit", str(tiny_corpus_dir), str(out)])
+    assert audit.exit_code == 2 and "a `harness export` folder" in audit.output

@@ -31,6 +31,7 @@ class TextEmbedder(Protocol):
 
     name: str
     revision: str
+    max_doc_length: int  # the budget of texts without an instruction (symmetric tasks' both sides)
 
     def encode(
         self,

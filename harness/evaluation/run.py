@@ -80,7 +80,7 @@ def evaluate_embedder(
         embedder,
         name=name,
         instructions=instructions,
-        symmetric_max_length=getattr(getattr(embedder, "settings", None), "max_doc_length", None),
+        symmetric_max_length=getattr(embedder, "max_doc_length", None),
         experiment_kwargs={k: v for k, v in experiment.items() if v is not None},
         progress=progress,
     )
