@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from harness.checkpoints import Stream
 from harness.config import Experiment
 from harness.mlflow_model import NAME as MLFLOW_MODEL_NAME
 from harness.tracking import (
@@ -32,6 +33,7 @@ from harness.tracking import (
     RESUMED,
     Tracker,
     describe_error,
+    metric_name,
     redact_text,
 )
 from harness.trial import (
@@ -39,6 +41,7 @@ from harness.trial import (
     KIND,
     NOTE,
     STEP,
+    STREAM,
     TAGS,
     TrialSpec,
     cell_of,
@@ -133,6 +136,9 @@ class TrackingCallback(tune.Callback):
             str, tuple[float, int]
         ] = {}  # trial -> (time, step) of its first step
         self._started: dict[str, float] = {}
+        # trials started by this driver that have reported no step yet: a resume among them comes
+        # from a checkpoint an earlier sweep left (its run is continued), not from a retry here
+        self._fresh: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         """Tune pickles its run config, callbacks included, for ``Tuner.restore``; this sweep
@@ -152,6 +158,7 @@ class TrackingCallback(tune.Callback):
             tags=self.tags,
         )
         self._specs[trial.trial_id] = spec
+        self._fresh.add(trial.trial_id)
         self._started[trial.trial_id] = time.time()
         self.records[trial.trial_id] = TrialRecord(spec.label, spec.key, "RUNNING", run_id)
         self.console.print(f"[cyan]start[/] {spec.label} ({spec.key})")
@@ -172,15 +179,21 @@ class TrackingCallback(tune.Callback):
             and not isinstance(v, bool)
         }
         if kind == "step":
+            self._fresh.discard(trial.trial_id)
             step = int(result[STEP])
             new_step = step > self._last_step.get(trial.trial_id, -1)
             self._last_step[trial.trial_id] = max(step, self._last_step.get(trial.trial_id, -1))
             self._log_new(trial.trial_id, record, metrics, step)
             if new_step:  # the held-out score after training comes at the last step again
                 self._progress(trial.trial_id, step)
-        elif kind == "resume":  # a retry continues from its checkpoint of step STEP
-            step, reached = int(result[STEP]), self._last_step.get(trial.trial_id, 0)
-            resumed = f"step {step} after step {reached}"
+        elif kind == "resume":  # the trial continues from its checkpoint of step STEP
+            step, stream = int(result[STEP]), result.pop(STREAM, [])
+            if trial.trial_id in self._fresh:  # a checkpoint an earlier sweep left in its folder
+                self._fresh.discard(trial.trial_id)
+                resumed = self._continue_earlier_run(trial.trial_id, record, step, stream)
+            else:  # a retry (resources.max_failures) in this run
+                resumed = f"step {step} after step {self._last_step.get(trial.trial_id, 0)}"
+            reached = self._last_step.get(trial.trial_id, 0)
             if record.tags.get(RESUMED):
                 resumed = f"{record.tags[RESUMED]}; {resumed}"
             record.tags[RESUMED] = resumed
@@ -208,16 +221,53 @@ class TrackingCallback(tune.Callback):
             record.tags.update(tags)
             record.seconds = metrics.get("trial/seconds")
 
+    def _continue_earlier_run(
+        self, trial_id: str, record: TrialRecord, step: int, stream: Stream
+    ) -> str:
+        """The trial resumed from the checkpoint (of ``step``, holding ``stream``) that an earlier
+        sweep left in its folder: continue that sweep's run of the trial, so one run holds the
+        whole curve, and drop the run just started. The run is the newest KILLED or FAILED one of
+        the trial whose logged metrics agree with the checkpoint's record of them (the same
+        attempt logged both); with none (deleted, another store) the new run stays and gets the
+        checkpoint's metrics of steps 0 to ``step``. Returns the ``harness.resumed`` text."""
+        for earlier in self.tracker.unfinished_trial_runs(record.key):
+            history = self.tracker.history(earlier.run_id)
+            if _holds(history, stream):
+                break
+        else:
+            for at, metrics in stream:
+                self._log_new(trial_id, record, metrics, at)
+            self._last_step[trial_id] = step
+            return f"step {step} after a run not found (steps 0-{step} copied from the checkpoint)"
+        self.tracker.continue_trial_run(earlier.run_id, parent_id=self.parent_id, tags=self.tags)
+        self.tracker.discard_run(record.run_id)
+        self.console.print(
+            f"  {record.label}: continues its {earlier.status} run {earlier.run_id}",
+            highlight=False,
+            markup=False,
+        )
+        record.run_id = earlier.run_id
+        if earlier.tags.get(RESUMED):
+            record.tags[RESUMED] = earlier.tags[RESUMED]
+        # what the run holds is not logged again; what the driver had not logged yet when it
+        # stopped (the checkpoint is saved before the driver logs its step) is, from the checkpoint
+        self._logged[trial_id] = {name: max(steps) for name, steps in history.items() if steps}
+        for at, metrics in stream:
+            self._log_new(trial_id, record, metrics, at)
+        reached = max(self._logged[trial_id].values(), default=0)
+        self._last_step[trial_id] = reached
+        return f"step {step} after step {reached}"
+
     def _log_new(
         self, trial_id: str, record: TrialRecord, metrics: dict[str, float], step: int
     ) -> None:
         """Log the metrics not logged yet at ``step``: a trial resumed from a checkpoint redoes
         the steps after it, with the same values, and its curve must stay one value per step."""
-        logged = self._logged.setdefault(trial_id, {})
-        new = {k: v for k, v in metrics.items() if step > logged.get(k, -1)}
+        logged = self._logged.setdefault(trial_id, {})  # by the name MLflow holds
+        new = {k: v for k, v in metrics.items() if step > logged.get(metric_name(k), -1)}
         if new:
             self.tracker.log_metrics(record.run_id, new, step)
-            logged.update(dict.fromkeys(new, step))
+            logged.update(dict.fromkeys(map(metric_name, new), step))
         record.metrics.update(metrics)
 
     def _log_artifacts(self, record: TrialRecord, bundle: bytes, tags: dict[str, str]) -> set[str]:
@@ -312,6 +362,22 @@ class TrackingCallback(tune.Callback):
             if record.status == "RUNNING":
                 record.status = "KILLED"
                 self.tracker.client.set_terminated(record.run_id, "KILLED")
+
+
+def _holds(history: Mapping[str, Mapping[int, float]], stream: Stream) -> bool:
+    """Whether a run's metrics (:meth:`Tracker.history`) are those of a checkpoint's ``stream``:
+    every value both hold agrees, and they share at least one. The values are the same floats
+    (one attempt reported both), rates and times included, so another attempt does not match."""
+    shared = 0
+    for step, metrics in stream:
+        for name, value in metrics.items():
+            logged = history.get(metric_name(name), {}).get(step)
+            if logged is None:
+                continue
+            if not math.isclose(logged, float(value), rel_tol=1e-9, abs_tol=0.0):
+                return False
+            shared += 1
+    return shared > 0
 
 
 def _trial_exception(trial: Any) -> BaseException | None:

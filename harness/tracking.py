@@ -53,7 +53,9 @@ MODEL_URI = "harness.model_uri"  # where the trained model is: runs:/<run>/model
 MODEL_PATH = "harness.model_path"  # the folder a trial saved its model in (host:path)
 MLFLOW_MODEL = "harness.mlflow_model"  # models:/<id>: the model as a registrable MLflow model
 # each resume of a trial from its checkpoint (train.checkpoint_every): "step C after step K" (K: the
-# last step the driver had from the stopped attempt; K - C steps were trained twice), "; "-joined
+# last step its run holds from the stopped attempt; K - C steps were trained twice), "; "-joined;
+# "step C after a run not found (...)" when a rerun found no run of the trial holding the
+# checkpoint's steps (deleted, another store): the checkpoint's own record of steps 0-C is logged
 RESUMED = "harness.resumed"
 # the Ray node ids of a trial's workers in rank order (resources.workers_per_trial > 1)
 WORKER_NODES = "harness.worker_nodes"
@@ -226,6 +228,13 @@ class FinishedTrial:
     sweep_key: str | None
 
 
+@dataclass(frozen=True)
+class UnfinishedTrial:
+    run_id: str
+    status: str  # KILLED or FAILED
+    tags: dict[str, str]
+
+
 class Tracker:
     """The driver's MLflow writer for one experiment."""
 
@@ -364,6 +373,42 @@ class Tracker:
                     run.info.run_id, key, cell, dict(run.data.metrics), sweep_key
                 )
         return out
+
+    def unfinished_trial_runs(self, key: str) -> list[UnfinishedTrial]:
+        """The runs of trial ``key`` that ended without finishing (KILLED: a driver that was
+        stopped or is gone; FAILED), newest first: what a rerun resumed from a checkpoint in the
+        trial's folder continues (:meth:`continue_trial_run`)."""
+        found = self._search(f"tags.`{ROLE}` = 'trial' and tags.`{TRIAL_KEY}` = '{key}'")
+        return [
+            UnfinishedTrial(run.info.run_id, run.info.status, dict(run.data.tags))
+            for run in sorted(found, key=lambda r: r.info.start_time or 0, reverse=True)
+            if run.info.status in ("KILLED", "FAILED")  # (MLflow's filter has no IN for status)
+        ]
+
+    def history(self, run_id: str) -> dict[str, dict[int, float]]:
+        """Every metric of a run, by step (the last value logged at a step, as MLflow's UI shows)."""
+        out: dict[str, dict[int, float]] = {}
+        for name in self.client.get_run(run_id).data.metrics:
+            points = sorted(self.client.get_metric_history(run_id, name), key=lambda m: m.timestamp)
+            out[name] = {m.step: m.value for m in points}
+        return out
+
+    def continue_trial_run(
+        self, run_id: str, *, parent_id: str | None, tags: Mapping[str, str]
+    ) -> None:
+        """Make an unfinished trial run this driver's again: RUNNING, a child of ``parent_id``,
+        owned by this process (so a kill of this driver is seen, :func:`driver_gone`), with
+        ``tags`` and without the error of the attempt that stopped."""
+        if ERROR in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, ERROR)
+        nesting = {PARENT: parent_id} if parent_id else {}
+        self._log(run_id, tags={**nesting, DRIVER: _driver(), **tags})
+        self.client.update_run(run_id, RunStatus.to_string(RunStatus.RUNNING))
+
+    def discard_run(self, run_id: str) -> None:
+        """Delete a run this driver just made and then did not need (MLflow keeps it as deleted,
+        out of every search, until `mlflow gc`)."""
+        self.client.delete_run(run_id)
 
     def close_stale_runs(self) -> list[str]:
         """Mark RUNNING runs whose driver process is gone as KILLED; return their names.

@@ -43,8 +43,11 @@ KIND = "harness/kind"  # "step" (a training step), "note" (a progress line) or "
 STEP = "harness/step"
 NOTE = "harness/note"  # the text of a "note" report
 # a "checkpoint" report carries the training state (bytes, harness/checkpoints.py), which the
-# Tune trial turns into a Tune checkpoint; a "resume" report says the trial resumed after STEP
+# Tune trial turns into a Tune checkpoint; a "resume" report says the trial resumed after STEP and
+# carries the checkpoint's STREAM (the metrics of steps 0 to STEP), for the driver to find or
+# complete the run they belong to
 CHECKPOINT = "harness/checkpoint"
+STREAM = "harness/stream"
 TAGS = "harness/tags"
 ARTIFACTS = "harness/artifacts"  # tar bytes, popped by the driver before Ray stores the result
 INLINE_ARTIFACT_LIMIT = 256 * 2**20  # bigger artifacts stay on the worker; a tag says where
@@ -397,7 +400,7 @@ def _checkpointing(
         resume = parallel.from_first(found) if parallel is not None else found
     state = checkpoints.from_bytes(resume) if resume is not None else None
     if state is not None:
-        send({KIND: "resume", STEP: state.step})
+        send({KIND: "resume", STEP: state.step, STREAM: state.stream})
 
     def save(state: checkpoints.TrainState) -> None:
         data = checkpoints.to_bytes(state)

@@ -163,6 +163,20 @@ def _logged_steps(tmp_path: Path) -> int:
     )
 
 
+def _uninterrupted(path: Path, corpus_dir: Path, out: Path):
+    """The uninterrupted training of the trial of experiment file ``path``, here without Ray, on
+    one thread as the trial (Ray gives a 1-CPU worker one thread; another count rounds sums
+    differently)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_one(
+            load_experiment(path), read_corpus(corpus_dir), output_dir=out, progress=False
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.timeout(600)
 def test_a_sweep_finishes_a_killed_trial_from_its_last_checkpoint(tmp_path, tiny_corpus_dir):
     path = write_experiment(
@@ -218,17 +232,7 @@ def test_a_sweep_finishes_a_killed_trial_from_its_last_checkpoint(tmp_path, tiny
     steps = [m.step for m in history]
     assert sorted(steps) == list(range(1, KILL_TRAIN["steps"] + 1))  # one value per step
 
-    # the uninterrupted training of the same trial, here without Ray, on one thread as the trial
-    # (Ray gives a 1-CPU worker one thread; another count rounds sums differently)
-    exp = load_experiment(path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        full = train_one(
-            exp, read_corpus(tiny_corpus_dir), output_dir=tmp_path / "full", progress=False
-        )
-    finally:
-        torch.set_num_threads(threads)
+    full = _uninterrupted(path, tiny_corpus_dir, tmp_path / "full")
     logged = {m.step: m.value for m in history}
     expected = _losses(full.stream)
     assert logged == expected
@@ -276,3 +280,106 @@ def test_a_rerun_resumes_from_the_checkpoint_in_the_trial_folder(
     )
     assert "resume" not in [r[KIND] for r in sent]
     assert min(r[STEP] for r in sent if r[KIND] == "step") <= 1
+
+
+# ---- a real sweep whose driver is SIGKILLed, then run again --------------------------------------
+
+DRIVER_KILL_TRAIN = {**KILL_TRAIN, "checkpoint_every": 8}  # a kill window of 7 steps (9-15)
+
+
+def _trial_runs(tmp_path: Path, name: str) -> list:
+    try:
+        return runs(tmp_path, name, "trial")
+    except Exception:  # the store or the experiment does not exist yet
+        return []
+
+
+def _reached(client: MlflowClient, run_id: str) -> int:
+    return max((m.step for m in client.get_metric_history(run_id, "train/loss")), default=0)
+
+
+@pytest.mark.faults
+@pytest.mark.timeout(900)
+def test_a_sweep_rerun_after_its_driver_was_killed_continues_the_trial_run(
+    tmp_path, tiny_corpus_dir, tally
+):
+    """`harness sweep` SIGKILLed (driver, its local Ray and the trial with it) after a checkpoint
+    of the trial and before the next, then run again: the trial resumes from the checkpoint in its folder, and
+    the earlier run of the trial is continued, so one FINISHED run holds the whole curve, one value
+    per step, equal to the uninterrupted training's; no KILLED copy of it is left."""
+    path = write_experiment(
+        tmp_path,
+        tiny_corpus_dir,
+        "rerun",
+        model=MODEL,
+        train=DRIVER_KILL_TRAIN,
+        eval={"enabled": False},
+        resources={"cpus_per_trial": 1},
+        tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "system_metrics": False},
+    )
+    command = [sys.executable, "-c", HARNESS, "sweep", str(path)]
+    env = {**os.environ, "COLUMNS": "100"}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    every = DRIVER_KILL_TRAIN["checkpoint_every"]
+    first = subprocess.Popen(  # its own process group: the kill takes the Ray it started
+        command,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    killed_after = 0
+    try:
+        for line in first.stdout:  # the store exists once the plan is printed
+            if line.startswith("plan "):
+                break
+        deadline = time.time() + 400
+        while time.time() < deadline and first.poll() is None:
+            found = _trial_runs(tmp_path, "rerun")
+            step = _reached(client, found[0].info.run_id) if found else 0
+            if step > every and step % every != 0:  # a checkpoint exists, and steps after it
+                killed_after = step
+                break
+            time.sleep(0.05)
+    finally:
+        leader = psutil.Process(first.pid)
+        group = [leader, *leader.children(recursive=True)]
+        os.killpg(first.pid, signal.SIGKILL)
+        _, alive = psutil.wait_procs(group, timeout=60)
+        for proc in alive:  # a process of the group that left it (none expected)
+            proc.kill()
+        output = first.communicate()[0]
+    assert killed_after, f"the trial finished before its driver could be killed:\n{output}"
+    (killed,) = _trial_runs(tmp_path, "rerun")
+    reached = _reached(client, killed.info.run_id)
+
+    second = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=400
+    )
+    output = second.stdout + second.stderr
+    assert second.returncode == 0, output
+    assert "Traceback" not in output, output
+
+    (run,) = _trial_runs(tmp_path, "rerun")  # one run of the trial, none KILLED beside it
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    _, checkpoint_step, _, _, resumed_after = run.data.tags["harness.resumed"].split()
+    checkpoint_step = int(checkpoint_step)
+    assert checkpoint_step % every == 0 and checkpoint_step > 0  # not from step 0
+    # K: the last step the run held; the trial may have been a step ahead of the store, with
+    # that step's checkpoint, which the rerun logs from the checkpoint
+    assert int(resumed_after) == max(reached, checkpoint_step) and reached >= killed_after
+    said = " ".join(output.split())  # the console wraps long lines
+    assert f"resumed from its checkpoint at step {checkpoint_step}" in said, output
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, DRIVER_KILL_TRAIN["steps"] + 1))
+    parents = sorted(r.info.status for r in runs(tmp_path, "rerun", "sweep"))
+    assert parents == ["FINISHED", "KILLED"]
+    assert run.data.tags["mlflow.parentRunId"] in {
+        r.info.run_id for r in runs(tmp_path, "rerun", "sweep") if r.info.status == "FINISHED"
+    }
+
+    full = _uninterrupted(path, tiny_corpus_dir, tmp_path / "full")
+    assert {m.step: m.value for m in history} == _losses(full.stream)
+    tally(cases=1, faults=1, rows=len(history), trials=1)
