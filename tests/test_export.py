@@ -289,7 +289,9 @@ def test_portable_config_hides_local_paths():
     }
 
 
-def test_harness_eval_of_an_exported_folder_scores_the_trained_model(saved, tmp_path, shared_data):
+def test_harness_eval_of_an_exported_folder_scores_the_trained_model(
+    saved, tmp_path, shared_data, tiny_corpus_dir
+):
     """`harness eval EXPORT_DIR` scores the exported model with its own pooling, attention,
     format and adapter, as on the folder it was exported from (fails before: the folder loaded as
     a plain base model, mean pooling, native attention, no LoRA, and scored another number with
