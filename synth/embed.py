@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from synth.packaged import resolve
+from synth.packaged import no_progress_bars, resolve
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -30,13 +30,9 @@ def load_encoder(
 ) -> SentenceTransformer:
     """A sentence-transformers model by Hub id, local folder or ``packaged:`` name (cached)."""
     from sentence_transformers import SentenceTransformer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise here
-    try:
+    with no_progress_bars():  # the per-tensor "Loading weights" bar is noise here
         model = SentenceTransformer(resolve(name))
-    finally:
-        hf_logging.enable_progress_bar()
     if max_seq_length is not None:
         model.max_seq_length = max_seq_length
     return model

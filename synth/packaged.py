@@ -18,6 +18,7 @@ import io
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from synth.locks import build_once
@@ -78,17 +79,26 @@ def convert_smollm2(target: Path | None = None) -> Path:
     return target
 
 
-def _convert(target: Path) -> None:
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' (and the Hub's) progress bars off inside, then as they were: a quiet
+    console (``harness.logs.quiet_logs``) stays quiet after a model is loaded here."""
     from transformers.utils import logging as hf_logging
 
-    # per-tensor de-quantization (a bare tqdm on stderr) and shard-writing bars: noise in a log;
-    # errors still raise
+    was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            _convert_quietly(target)
+        yield
     finally:
-        hf_logging.enable_progress_bar()
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def _convert(target: Path) -> None:
+    # per-tensor de-quantization (a bare tqdm on stderr) and shard-writing bars: noise in a log;
+    # errors still raise
+    with no_progress_bars(), contextlib.redirect_stderr(io.StringIO()):
+        _convert_quietly(target)
 
 
 def _convert_quietly(target: Path) -> None:
@@ -118,15 +128,23 @@ def _convert_quietly(target: Path) -> None:
         raise
 
 
+def locate(name: str) -> Path:
+    """The installed files of ``packaged:NAME`` (the GGUF, or the model folder), without
+    converting anything: whether it would resolve here (``harness check``)."""
+    key = name[len(PREFIX) :]
+    if key == SMOLLM2:
+        return smollm2_gguf()
+    if key == MINILM:
+        return minilm_dir()
+    raise PackagedModelError(
+        f"unknown packaged model {name!r}; known: {', '.join(PREFIX + p for p in PACKAGED)}"
+    )
+
+
 def resolve(name: str) -> str:
     """Turn ``packaged:NAME`` into a local folder; other names (Hub ids, paths) pass through."""
     if not is_packaged(name):
         return name
-    key = name[len(PREFIX) :]
-    if key == SMOLLM2:
+    if name[len(PREFIX) :] == SMOLLM2:
         return str(convert_smollm2())
-    if key == MINILM:
-        return str(minilm_dir())
-    raise PackagedModelError(
-        f"unknown packaged model {name!r}; known: {', '.join(PREFIX + p for p in PACKAGED)}"
-    )
+    return str(locate(name))

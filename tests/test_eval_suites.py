@@ -128,3 +128,18 @@ def test_every_mteb_en_task_has_the_instruction_mteb_ships() -> None:
         shipped = meta.prompt.get("query") if isinstance(meta.prompt, dict) else meta.prompt
         if shipped:
             assert ours == shipped, meta.name
+
+
+def test_without_shared_data_the_error_says_how_to_point_at_it(monkeypatch, tmp_path) -> None:
+    """No NM_SHARED_DATA and no shared/data beside the checkout: the error names the variable and
+    gives --data-dir only to the command that has it (fails before: it told every command, `sweep`
+    and `check` included, to pass --data-dir, which they do not take)."""
+    from harness.evaluation import suites
+
+    monkeypatch.delenv("NM_SHARED_DATA", raising=False)
+    monkeypatch.setattr(suites, "_CHECKOUT", tmp_path / "a" / "checkout")
+    with pytest.raises(suites.TaskResolutionError) as info:
+        suites.data_dir()
+    message = str(info.value)
+    assert "set NM_SHARED_DATA=/path/to/shared/data" in message
+    assert "(`harness eval` also takes --data-dir)" in message

@@ -23,3 +23,20 @@ def test_the_eta_is_shown_when_steps_are_slower_than_thirty_seconds() -> None:
     assert eta(progress_bar("blocks", get_time=lambda: now[0])) == "1:04:40"
     # rich's default window, as the bar was built before
     assert eta(Progress(TimeRemainingColumn(), get_time=lambda: now[0])) == "-:--:--"
+
+
+def test_loading_a_packaged_encoder_leaves_a_quiet_console_quiet() -> None:
+    """Mining loads MiniLM with its bars off and then turned them back on, so the sweep's later
+    model loads printed transformers' "Loading weights" bar into a quiet console (fails before:
+    the bars were on after the load)."""
+    from transformers.utils import logging as hf_logging
+
+    from synth.embed import load_encoder
+
+    hf_logging.disable_progress_bar()  # as harness.logs.quiet_logs leaves them
+    try:
+        load_encoder.cache_clear()
+        load_encoder("packaged:all-minilm-l6-v2")
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()

@@ -79,7 +79,9 @@ def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
         if (base / "shared" / "data").is_dir():
             return base / "shared" / "data"
     raise TaskResolutionError(
-        f"local task folders use ${{{DATA_VAR}}}: set {DATA_VAR} or pass --data-dir"
+        f"local task folders use ${{{DATA_VAR}}}, which is not set, and no shared/data lies "
+        f"beside the checkout: set {DATA_VAR}=/path/to/shared/data (`harness eval` also takes "
+        "--data-dir)"
     )
 
 
