@@ -575,37 +575,32 @@ def decontaminate(
 
 @app.command()
 def check(experiment: ExperimentArg, set_: SetOpt = None) -> None:
-    """Validate an experiment file (nothing is loaded or run) and list its trials."""
-    from harness.experiment_file import cell_label, load_experiment, validated_cells
-    from harness.init_adapter import check_init_adapter
+    """Check an experiment file (nothing is loaded, built or run): its grid, model, init adapter,
+    evaluation tasks and corpus, every problem on its own line; then list its trials."""
+    from harness.experiment_file import cell_label, load_experiment
+    from harness.preflight import preflight
 
     try:
         exp = load_experiment(experiment, set_ or [])
-        cells = validated_cells(exp)
-        check_init_adapter(exp)
-        tasks = []
-        if exp.eval.enabled:
-            from harness.evaluation.suites import check_eval
-
-            tasks = check_eval(exp.eval, where=str(experiment))
     except _known_errors() as e:
         _fail(str(e))
-    typer.echo(f"{experiment}: valid; experiment {exp.name!r}, {len(cells)} trial(s)")
+    checked = preflight(exp)
+    for finding in checked.findings:
+        tag = "[red]error[/]" if finding.fatal else "[yellow]warning[/]"
+        console.print(
+            f"{tag} ({finding.part}) {escape(finding.message)}", highlight=False, soft_wrap=True
+        )
+    if checked.errors:
+        n = len(checked.errors)
+        _fail(f"{experiment}: not valid ({n} problem{'s' if n > 1 else ''} above)")
+    typer.echo(f"{experiment}: valid; experiment {exp.name!r}, {len(checked.cells)} trial(s)")
+    tasks = checked.tasks
     if tasks:
         typer.echo(
             f"  evaluation: {len(tasks)} task(s): "
             f"{', '.join(t.metadata.name for t in tasks[:8])}{' ...' if len(tasks) > 8 else ''}"
         )
-    corpus_dir = exp.resolve_path(exp.corpus.path)
-    if tasks and (corpus_dir / "manifest.json").is_file():
-        from harness.corpora import warn_unchecked
-        from synth.corpus import CorpusError, read_manifest
-
-        try:
-            warn_unchecked(exp, read_manifest(corpus_dir), console)
-        except CorpusError as e:
-            _fail(str(e))
-    for c in cells:
+    for c in checked.cells:
         typer.echo(f"  {cell_label(c)}")
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from harness.config import ConfigError, Experiment
 from synth.corpus import MANIFEST_FILE, SYNTHETIC_SOURCE, Corpus, CorpusError, read_corpus
@@ -50,22 +51,27 @@ def _decontaminate_built(exp: Experiment, path: Path, console: Console) -> None:
     )
 
 
-def warn_unchecked(exp: Experiment, manifest: dict, console: Console) -> list[str]:
-    """Say which of the file's evaluation tasks the corpus was never checked against."""
+def unchecked_warning(exp: Experiment, manifest: dict) -> str | None:
+    """The warning that the corpus was never checked against some of the file's evaluation tasks
+    (plain text), or None."""
     from harness.decontamination import unchecked
 
     missing = unchecked(exp, manifest)
-    if missing:
-        shown = ", ".join(missing[:6]) + (
-            f" and {len(missing) - 6} more" if len(missing) > 6 else ""
-        )
-        console.print(
-            f"[yellow]warning[/] corpus {exp.resolve_path(exp.corpus.path)} was not checked "
-            f"against evaluation task(s) {shown}: texts shared with them would inflate their "
-            f"scores (`harness decontaminate {exp.source or 'FILE'}` writes a checked copy)",
-            soft_wrap=True,
-        )
-    return missing
+    if not missing:
+        return None
+    shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+    return (
+        f"corpus {exp.resolve_path(exp.corpus.path)} was not checked against evaluation "
+        f"task(s) {shown}: texts shared with them would inflate their scores "
+        f"(`harness decontaminate {exp.source or 'FILE'}` writes a checked copy)"
+    )
+
+
+def warn_unchecked(exp: Experiment, manifest: dict, console: Console) -> None:
+    """Say which of the file's evaluation tasks the corpus was never checked against."""
+    warning = unchecked_warning(exp, manifest)
+    if warning:
+        console.print("[yellow]warning[/] " + escape(warning), soft_wrap=True)
 
 
 def check_corpus_fits(exp: Experiment, corpus: Corpus) -> None:
