@@ -10,6 +10,7 @@ merged corpus's hash, and with it every trial key, changes when a part changes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,7 +18,15 @@ from typing import Any
 
 import polars as pl
 
-from synth.corpus import Corpus, CorpusError, check_output_folder, read_corpus, write_corpus
+from synth import outputs
+from synth.corpus import (
+    Corpus,
+    CorpusError,
+    read_corpus,
+    write_corpus,
+)
+
+COMMAND = "synth merge"
 
 
 class MergeError(ValueError):
@@ -48,11 +57,13 @@ def merge_corpora(
     weights: Mapping[str, float] | None = None,
     seed: int = 0,
     name: str | None = None,
+    force: bool = False,
 ) -> Corpus:
-    """Merge the corpora in ``parts`` into ``out`` (see the module docstring)."""
+    """Merge the corpora in ``parts`` into ``out`` (see the module docstring); ``force`` replaces
+    a corpus this command wrote at ``out`` (synth/outputs.py)."""
     if len(parts) < 2:
         raise MergeError("give at least two corpus folders to merge")
-    out = check_output_folder(out)
+    out = outputs.check_output(out, COMMAND, inputs=parts, force=force)
     corpora = [read_corpus(p) for p in parts]
     names = [Path(p).resolve().name for p in parts]
     if len(set(names)) != len(names):
@@ -65,8 +76,6 @@ def merge_corpora(
         raise MergeError(
             f"--weight names no part: {', '.join(unknown)} (parts: {', '.join(names)})"
         )
-    if Path(out).resolve() in {Path(p).resolve() for p in parts}:
-        raise MergeError(f"--out {out} is one of the parts")
 
     frames: list[pl.DataFrame] = []
     recorded: list[dict[str, Any]] = []
@@ -94,5 +103,12 @@ def merge_corpora(
     merged = merged.unique(subset="id", keep="first", maintain_order=True)
     if merged.height == 0:
         raise CorpusError("the merged corpus would have no rows")
-    build = {"kind": "merge", "parts": recorded, "seed": seed, "duplicates_dropped": duplicates}
-    return write_corpus(merged, out, name=name, build=build)
+    build = {
+        "kind": "merge",
+        "parts": recorded,
+        "seed": seed,
+        "duplicates_dropped": duplicates,
+    }
+    with outputs.replacing(out, COMMAND, inputs=parts, force=force) as staging:
+        written = write_corpus(merged, staging, name=name or out.name, build=build)
+    return dataclasses.replace(written, path=out)
