@@ -171,8 +171,10 @@ def merge(
         )
         build = corpus.manifest["build"]
         kept = ", ".join(f"{p['name']} {p['kept']:,}/{p['rows']:,}" for p in build["parts"])
+        renamed = f", {build['ids_renamed']:,} ids taken by an earlier part renamed PART:id"
         Console().print(
-            f"wrote {len(corpus):,} rows to {out} ({kept}; {build['duplicates_dropped']:,} duplicates dropped), "
+            f"wrote {len(corpus):,} rows to {out} ({kept}; {build['duplicates_dropped']:,} "
+            f"duplicates of content dropped{renamed if build['ids_renamed'] else ''}), "
             f"sha256 {corpus.sha256[:12]}",
             highlight=False,
         )

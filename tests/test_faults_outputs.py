@@ -8,13 +8,15 @@ Fails before: ``harness export --force`` deleted a folder of user files and, wit
 model itself, the model; ``synth merge``, ``synth verify`` and ``--undo`` replaced an existing
 corpus without ``--force`` (``--undo --out V`` overwrote the verified corpus in place, leaving its
 stale ``rejects.parquet``); ``synth mine`` and ``synth generate`` wrote into a user's folder;
-``harness decontaminate --force`` deleted a checked copy with a user's file in it.
+``harness decontaminate --force`` deleted a checked copy with a user's file in it; ``synth merge``
+of a part reusing another's row ids dropped its distinct rows as "duplicates".
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import polars as pl
 import pytest
 import yaml
 from conftest import snli_frame
@@ -23,7 +25,7 @@ from typer.testing import CliRunner
 
 from harness.cli import app as harness_app
 from synth.cli import app as synth_app
-from synth.corpus import read_corpus, write_corpus
+from synth.corpus import NEG_COLUMNS, read_corpus, write_corpus
 
 pytestmark = pytest.mark.faults
 MINILM = "packaged:all-minilm-l6-v2"
@@ -227,3 +229,27 @@ def test_export_never_deletes_a_users_folder_nor_its_model(tmp_path, tally) -> N
     assert out.stat().st_mode & 0o777 == (tmp_path / "beside").stat().st_mode & 0o777
     assert snapshot(tmp_path / "beside") == beside and snapshot(model) == trained
     tally(cases=8, faults=8)
+
+
+def test_merge_keeps_rows_whose_ids_another_part_reuses(corpora, tmp_path, tally) -> None:
+    """B numbers its rows with A's ids (a corpus made elsewhere) and holds 20 of A's rows under
+    other ids: its 40 distinct rows are kept (renamed ``b:id``), the 20 copies dropped."""
+    a = read_corpus(corpora[0]).frame
+    b = read_corpus(corpora[1]).frame.with_columns(pl.Series("id", a["id"]))
+    copies = a.head(20).with_columns(pl.format("copy-{}", pl.col("id")).alias("id"))
+    write_corpus(pl.concat([b, copies]), tmp_path / "b", name="b")
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(
+        synth_app, ["merge", str(corpora[0]), str(tmp_path / "b"), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    merged = read_corpus(out)
+    texts = ["instruction", "query", "positive", *NEG_COLUMNS]
+    assert len(merged) == 80 == merged.frame.select(texts).n_unique()
+    expected = pl.concat([a, b]).select(texts).unique()
+    assert merged.frame.select(texts).sort(texts).equals(expected.sort(texts))
+    build = merged.manifest["build"]
+    assert build["duplicates_dropped"] == 20 and build["ids_renamed"] == 40
+    assert merged.frame.filter(pl.col("id").str.starts_with("b:")).height == 40
+    assert "20 duplicates of content dropped" in " ".join(result.output.split())
+    tally(cases=1, faults=1, rows=100)
