@@ -298,16 +298,12 @@ def _claim_output(config: SynthConfig) -> None:
     """Refuse an output folder this command did not make (synth/outputs.py); resume into one it
     did. A synthesis begun before the marker existed is proven ours by its work folder, which
     holds only this command's files (journal, lock, server logs)."""
-    out = config.output
     entries = (config.work_dir.name, SAMPLES_FILE, MANIFEST_FILE, REJECTS_FILE)
     work = os.listdir(config.work_dir) if config.work_dir.is_dir() else []
     ours = (JOURNAL_FILE, LOCK_FILE, "transformers-serve-", f".{JOURNAL_FILE}.")
-    if work and all(name.startswith(ours) for name in work) and not (out / outputs.MARKER).exists():
-        outputs.mark(out, COMMAND, entries)
-    outputs.check_output(out, COMMAND, what="output", resume=True)
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / outputs.MARKER).exists():
-        outputs.mark(out, COMMAND, entries)
+    proven = bool(work) and all(name.startswith(ours) for name in work)
+    outputs.adopt(config.output, COMMAND, entries, proven)
+    outputs.claim(config.output, COMMAND, entries, what="output")
 
 
 def _generate(config: SynthConfig, *, progress: bool, console: Console | None) -> GenerateResult:

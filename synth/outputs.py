@@ -135,6 +135,37 @@ def mark(
     _write_marker(folder, data)
 
 
+def adopt(
+    folder: str | os.PathLike[str], command: str, entries: Iterable[str], proven: bool
+) -> None:
+    """Mark a folder written before the marker existed as ``command``'s, when ``proven`` (it holds
+    what only that command writes) and it holds nothing but ``entries``."""
+    folder, entries = Path(folder), tuple(entries)
+    if not proven or not folder.is_dir() or (folder / MARKER).exists():
+        return
+    names = os.listdir(folder)
+    temporary = tuple(f".{e}." for e in entries)
+    if names and all(n in entries or n.startswith(temporary) for n in names):
+        mark(folder, command, entries)
+
+
+def claim(
+    folder: str | os.PathLike[str],
+    command: str,
+    entries: Iterable[str],
+    *,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    what: str = "--out",
+) -> Path:
+    """For a command that writes its folder in place and comes back to it (``synth generate``
+    resumes, ``harness train`` trains again): check it, make it and mark it with ``entries``."""
+    folder = check_output(folder, command, inputs=inputs, what=what, resume=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / MARKER).exists():
+        mark(folder, command, entries)
+    return folder
+
+
 def record(folder: str | os.PathLike[str], *names: str) -> None:
     """Add ``names`` to the marker of ``folder`` when it has one: a command that writes files into
     another command's folder (``synth audit`` beside a corpus) keeps that folder replaceable."""

@@ -35,6 +35,7 @@ def user_folder(path: Path) -> dict[str, bytes]:
     """A folder of a user's files (one in a subfolder, one named like a corpus file); its bytes."""
     (path / "sub").mkdir(parents=True)
     (path / "notes.txt").write_text("my notes\n", encoding="utf-8")
+    (path / "README.md").write_text("# my project\n", encoding="utf-8")
     (path / "manifest.json").write_text('{"mine": true}\n', encoding="utf-8")
     (path / "sub" / "data.bin").write_bytes(bytes(range(256)))
     return snapshot(path)
@@ -229,6 +230,47 @@ def test_export_never_deletes_a_users_folder_nor_its_model(tmp_path, tally) -> N
     assert out.stat().st_mode & 0o777 == (tmp_path / "beside").stat().st_mode & 0o777
     assert snapshot(tmp_path / "beside") == beside and snapshot(model) == trained
     tally(cases=8, faults=8)
+
+
+def test_mntp_never_trains_into_a_users_folder_nor_its_texts(tmp_path, shared_data, tally):
+    texts = tmp_path / "texts"  # mntp.text: a folder of the user's .txt files
+    texts.mkdir()
+    lines = (shared_data / "STSBenchmark" / "train.tsv").read_text(encoding="utf-8").splitlines()
+    (texts / "sts.txt").write_text("\n".join(x.split("\t")[0] for x in lines[1:65]), "utf-8")
+    data = snapshot(texts)
+    user = tmp_path / "user"
+    files = user_folder(user)
+
+    def mntp(output: Path):
+        exp = tmp_path / "mntp.yaml"
+        mntp = {"text": [str(texts)], "output": str(output), "steps": 1, "batch_size": 2}
+        raw = {"name": "mntp", "corpus": {"path": str(tmp_path / "unused")}, "mntp": mntp}
+        exp.write_text(yaml.safe_dump(raw), encoding="utf-8")
+        return CliRunner().invoke(harness_app, ["mntp", str(exp), "--no-track"])
+
+    refused(mntp(user), str(user), "harness mntp")
+    refused(mntp(texts), "is the input")
+    refused(mntp(tmp_path), "holds the input")
+    assert snapshot(user) == files and snapshot(texts) == data
+    tally(cases=3, faults=3)
+
+
+def test_train_never_writes_into_a_users_folder_nor_its_corpus(tiny_corpus_dir, tmp_path, tally):
+    exp = tmp_path / "train.yaml"
+    train = {"steps": 1, "batch_size": 4, "heldout_size": 8}
+    raw = {"name": "train", "corpus": {"path": str(tiny_corpus_dir)}, "train": train}
+    exp.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    user = tmp_path / "user"
+    files = user_folder(user)
+    corpus = snapshot(tiny_corpus_dir)
+    run = lambda out: CliRunner().invoke(
+        harness_app, ["train", str(exp), "--output", str(out), "--no-track"]
+    )
+    refused(run(user), str(user), "harness train")
+    refused(run(tiny_corpus_dir), "is the input")
+    refused(run(tiny_corpus_dir.parent), "holds the input")
+    assert snapshot(user) == files and snapshot(tiny_corpus_dir) == corpus
+    tally(cases=3, faults=3)
 
 
 def test_merge_keeps_rows_whose_ids_another_part_reuses(corpora, tmp_path, tally) -> None:
