@@ -110,6 +110,11 @@ def export_model(
         raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     log = log or register is not None
     is_run = bool(RUN_ID.match(model_or_run))
+    if not is_run and not (Path(model_or_run) / META_FILE).is_file():
+        raise ExportError(
+            f"{model_or_run}: not a folder saved by `harness train` (no {META_FILE}) "
+            "nor an MLflow run id (32 hex digits)"
+        )
     # before anything loads; checked again against the run's model folder once it is found
     out = outputs.check_output(out, COMMAND, inputs=[] if is_run else [model_or_run], force=force)
     if log and not is_run:
@@ -117,15 +122,10 @@ def export_model(
     if is_run:
         found = run_model(model_or_run, tracking_uri)
         source, provenance = found.path, _run_provenance(found.path, model_or_run, tracking_uri)
-    elif (Path(model_or_run) / META_FILE).is_file():
+        outputs.check_output(out, COMMAND, inputs=[source], force=force)
+    else:
         source = Path(model_or_run)
         provenance = Provenance(meta=_read_meta(source))
-    else:
-        raise ExportError(
-            f"{model_or_run}: not a folder saved by `harness train` (no {META_FILE}) "
-            "nor an MLflow run id (32 hex digits)"
-        )
-    outputs.check_output(out, COMMAND, inputs=[source], force=force)
     embedder = Embedder.load(source, device)
     with outputs.replacing(out, COMMAND, inputs=[source], force=force) as tmp:  # moved in whole
         prompts = write_export(
