@@ -86,11 +86,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from harness.tracking import TrackingError
     from synth.corpus import CorpusError
     from synth.locks import LockedError
+    from synth.outputs import OutputError
     from synth.packaged import PackagedModelError
 
     return (
         ConfigError,
         CorpusError,
+        OutputError,
         ModelLoadError,
         PackagedModelError,
         TrackingError,
@@ -425,7 +427,9 @@ def export(
         str | None,
         typer.Option(metavar="NAME", help="Also register that MLflow model under NAME."),
     ] = None,
-    force: Annotated[bool, typer.Option(help="Replace --out when it is not empty.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Replace --out when it is an export (never another folder).")
+    ] = False,
     tracking_uri: TrackingUriOpt = None,
     device: DeviceOpt = None,
     verbose: VerboseOpt = False,
@@ -526,40 +530,26 @@ def decontaminate(
         typer.Option(help="Folder of the checked copy (default: the corpus folder + '-clean')."),
     ] = None,
     force: Annotated[
-        bool, typer.Option(help="Replace --out when it is a copy this command wrote.")
+        bool, typer.Option(help="Replace --out when it is a copy this command wrote (never else).")
     ] = False,
     set_: SetOpt = None,
 ) -> None:
     """Write a copy of the file's corpus without the rows that hold a text of its evaluation tasks
     (normalised exact match), counting them by task in the copy's manifest."""
-    from harness.decontamination import decontaminate_corpus
+    from harness.decontamination import COMMAND, decontaminate_corpus
     from harness.experiment_file import load_experiment
-    from synth.corpus import read_corpus, read_manifest
+    from synth import outputs
+    from synth.corpus import read_corpus
     from synth.decontaminate import RECORD
 
     try:
         exp = load_experiment(experiment, set_ or [])
         source_dir = exp.resolve_path(exp.corpus.path)
         target = (out or source_dir.with_name(source_dir.name + "-clean")).resolve()
-        if target == source_dir.resolve():
-            _fail(f"--out {target} is the corpus itself; the copy goes to another folder")
-        if target.exists():
-            ours = (target / "manifest.json").is_file() and RECORD in read_manifest(target)
-            if not (force and ours):
-                why = "use --force to replace it" if ours else "it is not a copy this command wrote"
-                _fail(f"--out {target} exists; {why}")
+        outputs.check_output(target, COMMAND, inputs=[source_dir], force=force)
         source = read_corpus(source_dir)
-        import shutil
-        import tempfile
-
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
+        with outputs.replacing(target, COMMAND, inputs=[source_dir], force=force) as staging:
             written, found = decontaminate_corpus(exp, source, staging)
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     except _known_errors() as e:
         _fail(str(e))
     entry = written.manifest[RECORD]

@@ -22,6 +22,8 @@ from harness.config import Experiment
 from synth.corpus import Corpus, read_corpus
 from synth.decontaminate import checked_tasks, decontaminate, normalized_set
 
+COMMAND = "harness decontaminate"  # what synth.outputs.MARKER records in a checked copy
+
 
 @dataclass(frozen=True)
 class EvalTexts:

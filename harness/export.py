@@ -34,11 +34,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from harness.model_card import model_card
-from synth import packaged
+from synth import outputs, packaged
 
 if TYPE_CHECKING:
     from harness.embedder import Embedder
 
+COMMAND = "harness export"  # what synth.outputs.MARKER records in an exported folder
 MODULE_TYPE = "st_module.HarnessEmbedding"  # the class in the folder's st_module.py
 # the Hub checkpoints the packaged stand-ins come from (synth/packaged.py)
 PACKAGED_HUB_IDS = {
@@ -97,46 +98,40 @@ def export_model(
         merge: merge the LoRA adapter into the weights (otherwise kept in ``adapter/``).
         instruction: the ``query`` prompt's instruction (default: a generic retrieval one).
         dtype: the weights' dtype (float32, bfloat16, float16; default: as the model loads).
-        force: replace ``out`` when it is not empty.
+        force: replace ``out`` when it is an earlier export (synth/outputs.py: never another
+            folder, nor the model exported).
         log: also log the folder to the run as an MLflow model (a run id only).
         register: also register that MLflow model under this name (implies ``log``).
     """
     from harness.embedder import META_FILE, Embedder
     from harness.saved_models import RUN_ID, run_model
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ExportError(f"--out {out}: exists and is not empty (--force replaces it)")
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     log = log or register is not None
     is_run = bool(RUN_ID.match(model_or_run))
+    if not is_run and not (Path(model_or_run) / META_FILE).is_file():
+        raise ExportError(
+            f"{model_or_run}: not a folder saved by `harness train` (no {META_FILE}) "
+            "nor an MLflow run id (32 hex digits)"
+        )
+    # before anything loads; checked again against the run's model folder once it is found
+    out = outputs.check_output(out, COMMAND, inputs=[] if is_run else [model_or_run], force=force)
     if log and not is_run:
         raise ExportError("--log and --register need an MLflow run id, not a folder")
     if is_run:
         found = run_model(model_or_run, tracking_uri)
         source, provenance = found.path, _run_provenance(found.path, model_or_run, tracking_uri)
-    elif (Path(model_or_run) / META_FILE).is_file():
+        outputs.check_output(out, COMMAND, inputs=[source], force=force)
+    else:
         source = Path(model_or_run)
         provenance = Provenance(meta=_read_meta(source))
-    else:
-        raise ExportError(
-            f"{model_or_run}: not a folder saved by `harness train` (no {META_FILE}) "
-            "nor an MLflow run id (32 hex digits)"
-        )
     embedder = Embedder.load(source, device)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # moved into place whole
-    try:
+    with outputs.replacing(out, COMMAND, inputs=[source], force=force) as tmp:  # moved in whole
         prompts = write_export(
             embedder, tmp, merge=merge, instruction=instruction, dtype=dtype, provenance=provenance
         )
         check_portable(tmp, _local_paths(source, embedder))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     merged = not has_adapter(out)
     if not log:
         return ExportResult(out, merged, prompts)

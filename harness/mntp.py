@@ -32,6 +32,7 @@ import torch
 from transformers import set_seed
 
 from harness.config import Experiment, MntpSettings
+from harness.init_adapter import ADAPTER_FILES
 from harness.init_adapter import MNTP_META as META_FILE
 from harness.mntp_data import (
     MntpError,
@@ -50,6 +51,7 @@ from harness.models import (
     pick_device,
 )
 from harness.train import lr_lambda, progress_bar
+from synth import outputs
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -71,6 +73,28 @@ class MntpResult:
     eval_before: dict[str, float]
     eval_after: dict[str, float]
     final_loss: float
+
+
+COMMAND = "harness mntp"  # what synth.outputs.MARKER records in an adapter folder
+WHAT = "mntp.output"
+# what an adapter folder held before the marker existed (peft's files and ours)
+ADAPTER_ENTRIES = (*ADAPTER_FILES, "README.md", META_FILE)
+
+
+def _inputs(exp: Experiment) -> list[Path]:
+    """What MNTP reads from disk: the base model when it is a folder, the text files and folders,
+    the corpus when its texts are used; the adapter may not be, hold or lie in one."""
+    assert exp.mntp is not None
+    found = [Path(exp.model.name).expanduser()]
+    found += [exp.resolve_path(exp.corpus.path if t == "corpus" else t) for t in exp.mntp.text]
+    return [p for p in found if p.exists()]
+
+
+def check_output(exp: Experiment, output: Path) -> None:
+    """Refuse, before training, an ``output`` this command may not write (synth/outputs.py);
+    an adapter folder from before the marker (only peft's files and ``mntp.json``) is adopted."""
+    outputs.adopt(output, COMMAND, ADAPTER_ENTRIES, (output / META_FILE).is_file())
+    outputs.check_output(output, COMMAND, inputs=_inputs(exp), force=True, what=WHAT)
 
 
 def train_mntp(
@@ -206,8 +230,6 @@ def train_mntp(
         raise FloatingPointError("MNTP produced non-finite adapter weights")
 
     text_sha = hashlib.sha256("\n".join(texts).encode()).hexdigest()
-    output.mkdir(parents=True, exist_ok=True)
-    lm.model.save_pretrained(output)
     result = MntpResult(
         output=output,
         steps=m.steps,
@@ -224,7 +246,10 @@ def train_mntp(
         "settings": m.model_dump(mode="json"),
         **{k: v for k, v in asdict(result).items() if k != "output"},
     }
-    (output / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    # written whole, over an adapter of this command's only (synth/outputs.py)
+    with outputs.replacing(output, COMMAND, inputs=_inputs(exp), force=True, what=WHAT) as staging:
+        lm.model.save_pretrained(staging)
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return result
 
 
@@ -268,6 +293,7 @@ def run_mntp(
             f"MNTP adapter {output} is already trained with these settings (--force to train again)"
         )
         return None
+    check_output(exp, output)
     texts = read_texts(exp.mntp.text, exp, load_corpus_texts)
     tracker = run_id = None
     if track:

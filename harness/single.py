@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from harness.config import path_part, trial_key
+from harness.config import Experiment, path_part, trial_key
 from harness.corpora import check_corpus_fits, load_corpus
 from harness.experiment_file import (
     apply_cell,
@@ -31,6 +31,12 @@ from harness.tracking import (
     git_sha,
 )
 from harness.train import TrainResult, train_one
+from synth import outputs
+from synth.corpus import Corpus
+
+COMMAND = "harness train"  # what synth.outputs.MARKER records in its output folder
+MODEL, MTEB = "model", "mteb"  # what it writes there (train.py saves the model), and the
+# MLflow model folder while it logs it (mlflow_model.NAME)
 
 
 def train_single(
@@ -64,6 +70,7 @@ def train_single(
     check_corpus_fits(exp, corpus)
     key = trial_key(exp, corpus.sha256)
     out = output or Path("results") / "runs" / path_part(exp.name) / path_part(f"{label}-{key}")
+    _claim_output(exp, out, corpus)
 
     tracker = run_id = None
     if track:
@@ -109,7 +116,7 @@ def train_single(
             evaluated = evaluate_embedder(
                 Embedder.load(result.model_dir),
                 exp.eval,
-                output_dir=out / "mteb",
+                output_dir=out / MTEB,
                 name=f"{exp.name}/{label}-{key}",
             )
             scores.update(evaluated.metrics)  # eval/<Task>, eval/<Category>, eval/avg
@@ -132,6 +139,20 @@ def train_single(
             tracker.fail_trial(run_id, describe_error(e))
         raise
     return result
+
+
+def _claim_output(exp: Experiment, out: Path, corpus: Corpus) -> None:
+    """Train into a folder this command made (again: same key, same folder) or a new one, never
+    into a user's folder nor the corpus or init adapter (synth/outputs.py). A folder from before
+    the marker is proven ours by its saved model."""
+    from harness.embedder import META_FILE
+    from harness.init_adapter import local_folder
+    from harness.mlflow_model import NAME
+
+    entries = (MODEL, MTEB, NAME)
+    inputs = [p for p in (corpus.path, local_folder(exp)) if p is not None]
+    outputs.adopt(out, COMMAND, entries, (out / MODEL / META_FILE).is_file())
+    outputs.claim(out, COMMAND, entries, inputs=inputs, what="--output")
 
 
 def _log_mlflow_model(

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy.stats import spearmanr
 
+from synth import outputs
 from synth.corpus import LEVELS, NEG_COLUMNS, Corpus, read_corpus
 from synth.embed import DEFAULT_ENCODER, encode, load_encoder
 
@@ -151,6 +152,7 @@ def write_report(report: dict[str, Any], directory: str | os.PathLike[str]) -> t
     json_file, md_file = directory / AUDIT_JSON, directory / AUDIT_MD
     json_file.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     md_file.write_text(render_markdown(report), encoding="utf-8")
+    outputs.record(directory, AUDIT_JSON, AUDIT_MD)  # a corpus folder stays its command's
     return json_file, md_file
 
 

@@ -26,6 +26,10 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 USAGE_ERROR = 2
+ForceOpt = Annotated[
+    bool,
+    typer.Option(help="Replace --out when this command wrote it (synth/outputs.py: never else)."),
+]
 
 
 def _run(fn: Callable[[], None]) -> None:
@@ -75,6 +79,7 @@ def mine(
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Encoder batch size.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Mine a graded corpus (4 negative levels by similarity rank) from (query, positive) pairs."""
 
@@ -98,7 +103,7 @@ def mine(
             cfg = config_from_sources(
                 source or [], task_kind=task_kind, instruction=instruction, **overrides
             )
-        run_mine(cfg, out, progress=not quiet)
+        run_mine(cfg, out, progress=not quiet, force=force)
 
     _run(go)
 
@@ -154,6 +159,7 @@ def merge(
     name: Annotated[
         str | None, typer.Option(help="Corpus name (default: the --out folder's).")
     ] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Merge corpora (e.g. synthetic MGH data + the mined retrieval mix) into one training corpus."""
 
@@ -161,12 +167,14 @@ def merge(
         from synth.merge import merge_corpora, parse_weights
 
         corpus = merge_corpora(
-            parts, out, weights=parse_weights(weight or []), seed=seed, name=name
+            parts, out, weights=parse_weights(weight or []), seed=seed, name=name, force=force
         )
         build = corpus.manifest["build"]
         kept = ", ".join(f"{p['name']} {p['kept']:,}/{p['rows']:,}" for p in build["parts"])
+        renamed = f", {build['ids_renamed']:,} ids taken by an earlier part renamed PART:id"
         Console().print(
-            f"wrote {len(corpus):,} rows to {out} ({kept}; {build['duplicates_dropped']:,} duplicates dropped), "
+            f"wrote {len(corpus):,} rows to {out} ({kept}; {build['duplicates_dropped']:,} "
+            f"duplicates of content dropped{renamed if build['ids_renamed'] else ''}), "
             f"sha256 {corpus.sha256[:12]}",
             highlight=False,
         )
@@ -207,6 +215,7 @@ def verify(
         bool, typer.Option("--undo", help="CORPUS was written by synth verify: rebuild its source.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Check every negative with a teacher embedder: drop likely false negatives, then re-order the
     levels or reject rows whose order the teacher contradicts; counts go to the manifest."""
@@ -216,7 +225,7 @@ def verify(
 
         console = Console(highlight=False)
         if undo:
-            restored = undo_verify(corpus, out)
+            restored = undo_verify(corpus, out, force=force)
             console.print(
                 f"restored {len(restored):,} rows to {out}, sha256 {restored.sha256[:12]}"
             )
@@ -230,7 +239,12 @@ def verify(
             batch_size=batch_size,
         )
         verified = verify_corpus(
-            corpus, out, settings, progress=not quiet, log=lambda m: err.print(m, highlight=False)
+            corpus,
+            out,
+            settings,
+            progress=not quiet,
+            log=lambda m: err.print(m, highlight=False),
+            force=force,
         )
         counts = verified.manifest["build"]["counts"]
         rejected = ", ".join(f"{n:,} {r}" for r, n in counts["rows_rejected"].items()) or "none"

@@ -153,19 +153,6 @@ def summarize(frame: pl.DataFrame) -> dict[str, Any]:
     }
 
 
-def check_output_folder(path: str | os.PathLike[str], what: str = "--out") -> Path:
-    """Refuse, before any work, an output that cannot become a corpus folder (a file, or under one)."""
-    path = Path(path)
-    for p in (path, *path.parents):
-        if p.exists() and not p.is_dir():
-            raise CorpusError(
-                f"{what} {path}: {p} is a file, not a folder (the corpus is written as a folder)"
-            )
-        if p.exists():
-            break
-    return path
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.fchmod(fd, 0o644)  # mkstemp makes 0600; the manifest is as readable as the parquet beside it

@@ -11,6 +11,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from synth.locks import LockedError
     from synth.merge import MergeError
     from synth.mine_config import MineError
+    from synth.outputs import OutputError
     from synth.packaged import PackagedModelError
     from synth.server import ServerError
     from synth.sources import SourceError
@@ -30,4 +31,5 @@ def user_errors() -> tuple[type[Exception], ...]:
         LockedError,
         MergeError,
         VerifyError,
+        OutputError,
     )

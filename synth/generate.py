@@ -36,14 +36,16 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from synth import outputs
 from synth.assemble import (
+    REJECTS_FILE,
     GenerateResult,
     build_corpus,
     check_answer,
     journal_usage,
     json_candidates,
 )
-from synth.corpus import check_output_folder
+from synth.corpus import MANIFEST_FILE, SAMPLES_FILE
 from synth.fields import field_candidates, field_examples
 from synth.journal import Journal
 from synth.llm import ChatClient, EndpointError, Usage
@@ -55,6 +57,7 @@ from synth.templates import FieldPrompts, PromptSet
 
 JOURNAL_FILE = "journal.jsonl"
 LOCK_FILE = "generate.lock"
+COMMAND = "synth generate"  # what outputs.MARKER records
 
 
 @dataclass(frozen=True)
@@ -286,9 +289,21 @@ def generate(
 ) -> GenerateResult:
     """Run (or resume) both stages, then build the corpus from the journal. One run per output
     folder at a time: a second one stops at once, naming the first (:mod:`synth.locks`)."""
-    check_output_folder(config.output, "output")
+    _claim_output(config)
     with exclusive(config.work_dir / LOCK_FILE, f"synth generate into {config.output}"):
         return _generate(config, progress=progress, console=console)
+
+
+def _claim_output(config: SynthConfig) -> None:
+    """Refuse an output folder this command did not make (synth/outputs.py); resume into one it
+    did. A synthesis begun before the marker existed is proven ours by its work folder, which
+    holds only this command's files (journal, lock, server logs)."""
+    entries = (config.work_dir.name, SAMPLES_FILE, MANIFEST_FILE, REJECTS_FILE)
+    work = os.listdir(config.work_dir) if config.work_dir.is_dir() else []
+    ours = (JOURNAL_FILE, LOCK_FILE, "transformers-serve-", f".{JOURNAL_FILE}.")
+    proven = bool(work) and all(name.startswith(ours) for name in work)
+    outputs.adopt(config.output, COMMAND, entries, proven)
+    outputs.claim(config.output, COMMAND, entries, what="output")
 
 
 def _generate(config: SynthConfig, *, progress: bool, console: Console | None) -> GenerateResult:

@@ -3,13 +3,17 @@ retrieval mix), in the same contract as its parts.
 
 Each part is read and hash-checked; a weight below 1 keeps a seeded sample of that share of its
 rows (a weight of 1 keeps them all; the paper does not say how it mixed, so the default is all of
-everything). A row found in two parts (same content, same ``id``) is kept once. The manifest's
+everything). A row's identity is its content (:func:`synth.corpus.row_id` of its texts), not its
+``id``: a row whose texts are already in the merge is a duplicate and kept once; a row of other
+texts whose ``id`` an earlier part already uses (corpora made elsewhere number their rows) is kept
+under ``PART:id``. The manifest's
 ``build`` records every part's name, folder, ``samples_sha256``, rows, weight and rows kept, so the
 merged corpus's hash, and with it every trial key, changes when a part changes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,7 +21,16 @@ from typing import Any
 
 import polars as pl
 
-from synth.corpus import Corpus, CorpusError, check_output_folder, read_corpus, write_corpus
+from synth import outputs
+from synth.corpus import (
+    NEG_COLUMNS,
+    Corpus,
+    CorpusError,
+    read_corpus,
+    write_corpus,
+)
+
+COMMAND = "synth merge"
 
 
 class MergeError(ValueError):
@@ -48,11 +61,13 @@ def merge_corpora(
     weights: Mapping[str, float] | None = None,
     seed: int = 0,
     name: str | None = None,
+    force: bool = False,
 ) -> Corpus:
-    """Merge the corpora in ``parts`` into ``out`` (see the module docstring)."""
+    """Merge the corpora in ``parts`` into ``out`` (see the module docstring); ``force`` replaces
+    a corpus this command wrote at ``out`` (synth/outputs.py)."""
     if len(parts) < 2:
         raise MergeError("give at least two corpus folders to merge")
-    out = check_output_folder(out)
+    out = outputs.check_output(out, COMMAND, inputs=parts, force=force)
     corpora = [read_corpus(p) for p in parts]
     names = [Path(p).resolve().name for p in parts]
     if len(set(names)) != len(names):
@@ -65,8 +80,6 @@ def merge_corpora(
         raise MergeError(
             f"--weight names no part: {', '.join(unknown)} (parts: {', '.join(names)})"
         )
-    if Path(out).resolve() in {Path(p).resolve() for p in parts}:
-        raise MergeError(f"--out {out} is one of the parts")
 
     frames: list[pl.DataFrame] = []
     recorded: list[dict[str, Any]] = []
@@ -88,11 +101,43 @@ def merge_corpora(
                 "build_kind": corpus.manifest.get("build", {}).get("kind"),
             }
         )
-    # diagonal: a part verified by `synth verify` brings its verify_* columns, the others null
-    merged = pl.concat(frames, how="diagonal_relaxed")
-    duplicates = merged.height - merged["id"].n_unique()
-    merged = merged.unique(subset="id", keep="first", maintain_order=True)
+    merged, duplicates, renamed = _distinct_rows(frames, names)
     if merged.height == 0:
         raise CorpusError("the merged corpus would have no rows")
-    build = {"kind": "merge", "parts": recorded, "seed": seed, "duplicates_dropped": duplicates}
-    return write_corpus(merged, out, name=name, build=build)
+    build = {
+        "kind": "merge",
+        "parts": recorded,
+        "seed": seed,
+        "duplicates_dropped": duplicates,
+        "ids_renamed": renamed,
+    }
+    with outputs.replacing(out, COMMAND, inputs=parts, force=force) as staging:
+        written = write_corpus(merged, staging, name=name or out.name, build=build)
+    return dataclasses.replace(written, path=out)
+
+
+def _distinct_rows(
+    frames: Sequence[pl.DataFrame], names: Sequence[str]
+) -> tuple[pl.DataFrame, int, int]:
+    """The parts' rows, each content (the texts :func:`synth.corpus.row_id` hashes) once, first
+    part first; how many rows were duplicates; how many kept rows found their ``id`` taken by an
+    earlier row (they are now ``PART:id``)."""
+    keyed = [frame.with_columns(pl.lit(part).alias("_part")) for frame, part in zip(frames, names)]
+    # diagonal: a part verified by `synth verify` brings its verify_* columns, the others null
+    rows = pl.concat(keyed, how="diagonal_relaxed")
+    texts = ["instruction", "query", "positive", *NEG_COLUMNS]  # what row_id hashes
+    distinct = rows.unique(subset=texts, keep="first", maintain_order=True)
+    taken = ~distinct["id"].is_first_distinct()
+    distinct = distinct.with_columns(
+        pl.when(taken)
+        .then(pl.col("_part") + ":" + pl.col("id"))
+        .otherwise(pl.col("id"))
+        .alias("id")
+    )
+    if distinct["id"].n_unique() != distinct.height:
+        raise CorpusError("the merged corpus would repeat an id even after naming ids by part")
+    return (
+        distinct.drop("_part"),
+        rows.height - distinct.height,
+        int(taken.sum()),
+    )

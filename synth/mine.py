@@ -30,6 +30,7 @@ notion of a data set's own negative competing with the mined ones; its false-neg
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -40,10 +41,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from rich.console import Console
 
-from synth.corpus import LEVELS, Corpus, RowBuilder, check_output_folder, write_corpus
+from synth import outputs
+from synth.corpus import LEVELS, Corpus, RowBuilder, write_corpus
 from synth.embed import encode, load_encoder
 from synth.mine_config import MineConfig, MineError, SourceConfig
 from synth.sources import Columns, Pair, PairSet, SourceError, read_hub, read_local
+
+COMMAND = "synth mine"  # what outputs.MARKER records
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -230,10 +234,13 @@ def mine(
     *,
     progress: bool = True,
     console: Console | None = None,
+    force: bool = False,
 ) -> Corpus:
     """Mine every source of ``config`` into one corpus at ``out``; return the written corpus.
-    Progress goes to ``console`` (stderr by default) unless ``progress`` is off; warnings always."""
-    check_output_folder(out)  # before the model loads and the mining runs
+    Progress goes to ``console`` (stderr by default) unless ``progress`` is off; warnings always.
+    ``force`` replaces a corpus this command wrote at ``out`` (synth/outputs.py)."""
+    inputs = [s.path for s in config.sources if s.path is not None]
+    out = outputs.check_output(out, COMMAND, inputs=inputs, force=force)  # before the model loads
     warn = (console or Console(stderr=True)).print
     console = (
         console if console is not None and progress else Console(stderr=True, quiet=not progress)
@@ -252,7 +259,6 @@ def mine(
         ]
     except SourceError as e:
         raise MineError(str(e)) from None
-    out = Path(out)
     build = {
         "kind": "mine",
         "model": config.model,
@@ -264,6 +270,8 @@ def mine(
         "load_model_seconds": round(loaded - started, 2),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    corpus = write_corpus(builder.frame(), out, name=config.name or out.name, build=build)
+    with outputs.replacing(out, COMMAND, inputs=inputs, force=force) as staging:
+        corpus = write_corpus(builder.frame(), staging, name=config.name or out.name, build=build)
+    corpus = dataclasses.replace(corpus, path=out)
     console.print(f"wrote {len(corpus):,} rows to {out} in {build['seconds']:.1f} s")
     return corpus

@@ -33,6 +33,7 @@ check of the result.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections import Counter
@@ -45,6 +46,7 @@ from typing import Any, Literal
 import polars as pl
 import torch
 
+from synth import outputs
 from synth.audit import level_similarities, text_embeddings
 from synth.corpus import (
     LEVELS,
@@ -54,7 +56,6 @@ from synth.corpus import (
     VERIFY_COLUMNS,
     Corpus,
     CorpusError,
-    check_output_folder,
     read_corpus,
     write_corpus,
 )
@@ -65,6 +66,7 @@ Rows = Literal["all", "synthetic"]
 MODES: tuple[Mode, ...] = ("reorder", "reject")
 REJECTS_FILE = "rejects.parquet"
 REPORT_FILE = "verify.md"
+COMMAND, UNDO_COMMAND = "synth verify", "synth verify --undo"  # what outputs.MARKER records
 
 # Reject reasons (counted in the manifest).
 NO_NEGATIVE_LEFT = "no_negative_left"  # every negative was a likely false negative (or none)
@@ -162,12 +164,12 @@ def verify_corpus(
     *,
     progress: bool = True,
     log: Callable[[str], None] = lambda _: None,
+    force: bool = False,
 ) -> Corpus:
-    """Verify the corpus at ``source`` into ``out`` (see the module docstring); return it."""
+    """Verify the corpus at ``source`` into ``out`` (see the module docstring); return it.
+    ``force`` replaces a folder this command wrote at ``out`` (synth/outputs.py)."""
     settings.check()
-    out = check_output_folder(out)
-    if Path(out).resolve() == Path(source).resolve():
-        raise VerifyError(f"--out {out} is the corpus being verified; write to another folder")
+    out = outputs.check_output(out, COMMAND, inputs=[source], force=force)
     started = time.perf_counter()
     corpus = read_corpus(source)
     if "verify_original" in corpus.frame.columns:
@@ -254,15 +256,16 @@ def verify_corpus(
         "audit_after": _summary(after),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    written = write_corpus(result, out, name=f"{corpus.name}-verified", build=build)
     rejects = pl.DataFrame(
         rejected_rows,
         schema={**SCHEMA, "verify_positive": pl.Float64(), "verify_scores": pl.List(pl.Float64())}
         | {"reason": pl.String()},
     )
-    rejects.sort("id").write_parquet(Path(out) / REJECTS_FILE)
-    (Path(out) / REPORT_FILE).write_text(render_report(build), encoding="utf-8")
-    return written
+    with outputs.replacing(out, COMMAND, inputs=[source], force=force) as staging:
+        written = write_corpus(result, staging, name=f"{corpus.name}-verified", build=build)
+        rejects.sort("id").write_parquet(staging / REJECTS_FILE)
+        (staging / REPORT_FILE).write_text(render_report(build), encoding="utf-8")
+    return dataclasses.replace(written, path=out)
 
 
 def _summary(stats: dict[str, Any]) -> dict[str, Any]:
@@ -331,11 +334,13 @@ def render_report(build: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def undo_verify(verified: str | os.PathLike[str], out: str | os.PathLike[str]) -> Corpus:
+def undo_verify(
+    verified: str | os.PathLike[str], out: str | os.PathLike[str], *, force: bool = False
+) -> Corpus:
     """The source of a verified corpus, rebuilt from its kept rows (original negatives restored)
     and ``rejects.parquet``: the source's rows, so its ``samples_sha256`` where the same polars
-    version writes both."""
-    out = check_output_folder(out)
+    version writes both. ``force`` replaces a folder this command wrote at ``out``."""
+    out = outputs.check_output(out, UNDO_COMMAND, inputs=[verified], force=force)
     corpus = read_corpus(verified)
     build = corpus.manifest.get("build", {})
     rejects_file = Path(verified) / REJECTS_FILE
@@ -351,9 +356,15 @@ def undo_verify(verified: str | os.PathLike[str], out: str | os.PathLike[str]) -
     ).select(list(SCHEMA))
     rejects = pl.read_parquet(rejects_file).select(list(SCHEMA))
     source = build["source"]
-    return write_corpus(
-        pl.concat([restored, rejects]),
-        out,
-        name=source["name"],
-        build={"kind": "verify-undo", "verified": str(Path(verified).resolve()), "source": source},
-    )
+    with outputs.replacing(out, UNDO_COMMAND, inputs=[verified], force=force) as staging:
+        written = write_corpus(
+            pl.concat([restored, rejects]),
+            staging,
+            name=source["name"],
+            build={
+                "kind": "verify-undo",
+                "verified": str(Path(verified).resolve()),
+                "source": source,
+            },
+        )
+    return dataclasses.replace(written, path=out)

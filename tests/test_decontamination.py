@@ -156,12 +156,12 @@ def test_check_warns_and_decontaminate_writes_a_checked_copy(
 
     # never over the corpus itself, never over a folder this command did not write
     itself = runner.invoke(app, ["decontaminate", str(path), "--out", str(corpus.path)])
-    assert itself.exit_code == 2 and "is the corpus itself" in itself.output
+    assert itself.exit_code == 2 and "is the input" in itself.output
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     refused = runner.invoke(app, ["decontaminate", str(path), "--out", str(foreign), "--force"])
-    assert refused.exit_code == 2 and "not a copy this command wrote" in refused.output
+    assert refused.exit_code == 2 and "not a folder harness decontaminate wrote" in refused.output
     assert (foreign / "notes.txt").read_text() == "mine"
 
     made = runner.invoke(app, ["decontaminate", str(path)])
@@ -170,7 +170,7 @@ def test_check_warns_and_decontaminate_writes_a_checked_copy(
     assert "STSBenchmark" in read_manifest(clean)["decontamination"]["tasks"]
     assert read_corpus(corpus.path).sha256 == corpus.sha256  # the source is untouched
     again = runner.invoke(app, ["decontaminate", str(path)])
-    assert again.exit_code == 2 and "use --force" in again.output
+    assert again.exit_code == 2 and "--force replaces it" in again.output
     assert runner.invoke(app, ["decontaminate", str(path), "--force"]).exit_code == 0
 
     pointed = experiment(tmp_path, clean, tasks)

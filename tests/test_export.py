@@ -177,7 +177,7 @@ def test_a_merged_export_needs_no_peft_and_names_no_local_path(saved, tmp_path):
 
     # one-line errors: an occupied --out, a folder that is no saved model
     again = CliRunner().invoke(app, ["export", str(saved[case]), "--out", str(out)])
-    assert again.exit_code == 2 and "not empty (--force replaces it)" in again.output
+    assert again.exit_code == 2 and "--force replaces it" in again.output
     with pytest.raises(ExportError, match="not a folder saved by `harness train`"):
         export_model(str(tmp_path), tmp_path / "x")
 

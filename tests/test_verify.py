@@ -20,6 +20,7 @@ from synth.audit import audit_corpus
 from synth.cli import app
 from synth.corpus import NEG_COLUMNS, SYNTHETIC_SOURCE, read_corpus, write_corpus
 from synth.merge import merge_corpora
+from synth.outputs import OutputError
 from synth.verify import (
     NO_NEGATIVE_LEFT,
     ORDER_CONTRADICTED,
@@ -106,9 +107,11 @@ def test_reject_keeps_the_order_within_tolerance() -> None:
 def test_bad_settings_are_one_line_errors(source: Path, tmp_path: Path) -> None:
     with pytest.raises(VerifyError, match="--relative-margin"):
         verify_corpus(source, tmp_path / "x", Settings(relative_margin=1.5))
-    with pytest.raises(VerifyError, match="is the corpus being verified"):
+    with pytest.raises(OutputError, match="is the input"):
         verify_corpus(source, source, Settings())
-    result = CliRunner().invoke(app, ["verify", str(tmp_path / "nope"), "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        app, ["verify", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code == 2 and "corpus directory does not exist" in result.output
 
 
