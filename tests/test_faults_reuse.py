@@ -23,18 +23,10 @@ from harness.config import ModelSettings
 from harness.embedder import FILES_KEY, META_FILE, Embedder, SavedModelError, check_saved
 from harness.weights import file_hashes
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("one_torch_thread")]
 runner = CliRunner()
 MINILM = "packaged:all-minilm-l6-v2"
 WEIGHTS = "adapter/adapter_model.safetensors"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
