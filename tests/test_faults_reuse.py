@@ -7,12 +7,16 @@ harness's own, else refused in one line; real small packaged models throughout."
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from faults_util import assert_clean_failure
 from safetensors.torch import load_file, save_file
 from sweep_util import write_experiment
@@ -236,3 +240,202 @@ def test_a_damaged_finished_training_is_trained_again(finished_trial, tmp_path, 
     assert min(steps) <= 1  # trained from the start
     check_saved(workdir / "model")  # and the model it left is whole
     tally(cases=1, faults=1, trials=1)
+
+
+# ---- an MNTP adapter (mntp.output), reused by a sweep or `harness mntp`
+
+MNTP = {"steps": 2, "batch_size": 4, "max_length": 32, "eval_blocks": 4}
+
+
+def _mntp_file(root: Path, corpus: Path, name: str, output: Path, text: Path, **mntp) -> Path:
+    return write_experiment(
+        root,
+        corpus,
+        name,
+        model={
+            "attention": "bidirectional",
+            "template": "llm2vec",
+            "init_adapter": str(output),
+            "dtype": "float32",
+        },
+        mntp={"text": [str(text)], "output": str(output), **MNTP, **mntp},
+        eval={"enabled": False},
+    )
+
+
+@pytest.fixture(scope="module")
+def mntp_text(tmp_path_factory, shared_data) -> Path:
+    lines = (shared_data / "STSBenchmark" / "train.tsv").read_text(encoding="utf-8").splitlines()
+    text = tmp_path_factory.mktemp("mntp-text") / "text.txt"
+    text.write_text("\n".join(line.split("\t")[0] for line in lines[1:81]), encoding="utf-8")
+    return text
+
+
+@pytest.fixture(scope="module")
+def built_mntp(tmp_path_factory, tiny_corpus_dir, mntp_text, smollm2_dir) -> Path:
+    """A real 2-step MNTP adapter of the packaged SmolLM2, built by `harness mntp`."""
+    from harness.experiment_file import load_experiment
+    from harness.mntp import run_mntp
+
+    root = tmp_path_factory.mktemp("mntp")
+    exp = load_experiment(_mntp_file(root, tiny_corpus_dir, "m", root / "adapter", mntp_text))
+    assert run_mntp(exp, None, track=False, progress=False, say=lambda _: None) is not None
+    return root / "adapter"
+
+
+def _prepare(exp_file: Path) -> tuple[object, list[str], list[str]]:
+    """The sweep's pre-flight for the file's init adapter (a real MNTP build when it builds)."""
+    from harness.experiment_file import load_experiment
+    from harness.init_adapter import prepare_init_adapter
+    from harness.mntp import run_mntp
+
+    exp = load_experiment(exp_file)
+    builds: list[str] = []
+    notes: list[str] = []
+
+    def build(e, folder: Path) -> None:
+        builds.append(str(folder))
+        run_mntp(e, None, output=folder, track=False, progress=False, say=notes.append)
+
+    prepare_init_adapter(exp, build=build, say=notes.append)
+    return exp, builds, notes
+
+
+def _weights_cut(adapter: Path) -> None:
+    f = adapter / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+
+
+def _weights_nan_recorded(adapter: Path) -> None:
+    from harness.weights import file_hashes
+
+    f = adapter / "adapter_model.safetensors"
+    tensors = load_file(f)
+    tensors = {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}
+    save_file(tensors, f, metadata={"format": "pt"})
+    meta = json.loads((adapter / "mntp.json").read_text())
+    meta["files"] = file_hashes(adapter, [p for p in adapter.iterdir() if p.name != "mntp.json"])
+    (adapter / "mntp.json").write_text(json.dumps(meta))
+
+
+def _record_dropped(adapter: Path) -> None:  # killed before the record (or built before records)
+    meta = json.loads((adapter / "mntp.json").read_text())
+    del meta["files"]
+    (adapter / "mntp.json").write_text(json.dumps(meta))
+
+
+def _other_settings(adapter: Path) -> None:
+    meta = json.loads((adapter / "mntp.json").read_text())
+    meta["settings"]["lr"] = 0.5
+    (adapter / "mntp.json").write_text(json.dumps(meta))
+
+
+OURS: dict[str, Callable[[Path], None]] = {
+    "weights-cut-short": _weights_cut,
+    "weights-nan-recorded": _weights_nan_recorded,
+    "no-completion-record": _record_dropped,
+    "other-settings": _other_settings,
+}
+
+
+@pytest.mark.parametrize("damage", list(OURS))
+def test_a_damaged_mntp_adapter_of_our_own_is_rebuilt(
+    built_mntp, tmp_path, tiny_corpus_dir, mntp_text, damage, tally
+):
+    """An adapter `harness mntp` wrote (its mntp.json) that is cut short, not finite, without its
+    completion record or of other settings than the file's is trained again, not used."""
+    from harness.init_adapter import mntp_state
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(built_mntp, adapter)
+    OURS[damage](adapter)
+    exp, builds, notes = _prepare(_mntp_file(tmp_path, tiny_corpus_dir, "m", adapter, mntp_text))
+    assert builds == [str(adapter.resolve())], notes
+    assert any("training it again" in n for n in notes), notes
+    assert mntp_state(exp, adapter).ready
+    assert exp.model.init_adapter_recipe is not None  # keyed by its recipe, as before
+    tally(cases=1, faults=1)
+
+
+def _no_meta(adapter: Path) -> None:  # an adapter put there by hand (or another tool)
+    (adapter / "mntp.json").unlink()
+
+
+def _meta_garbled(adapter: Path) -> None:
+    (adapter / "mntp.json").write_bytes(b"\x00{not json")
+
+
+@pytest.mark.parametrize("damage", [_no_meta, _meta_garbled], ids=["no-mntp-json", "garbled"])
+def test_an_mntp_output_that_is_not_ours_is_refused_and_left_alone(
+    built_mntp, tmp_path, tiny_corpus_dir, mntp_text, damage, tally
+):
+    """Nothing proves such a folder is harness mntp's: the sweep's pre-flight and `harness mntp`
+    refuse it in one line and leave every byte as it was."""
+    from harness.config import ConfigError
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(built_mntp, adapter)
+    damage(adapter)
+    before = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    exp_file = _mntp_file(tmp_path, tiny_corpus_dir, "m", adapter, mntp_text)
+    with pytest.raises(ConfigError, match="left alone"):
+        _prepare(exp_file)
+    result = runner.invoke(app, ["mntp", str(exp_file), "--no-track"])
+    assert_clean_failure(result.exit_code, result.output, str(adapter), "left alone")
+    result = runner.invoke(app, ["mntp", str(exp_file), "--no-track", "--force"])
+    assert_clean_failure(result.exit_code, result.output, "left alone")
+    assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
+    tally(cases=3, faults=1)
+
+
+CONCURRENT = """
+import sys
+from pathlib import Path
+from harness.experiment_file import load_experiment
+from harness.init_adapter import prepare_init_adapter
+from harness.mntp import run_mntp
+
+exp = load_experiment(sys.argv[1])
+
+def build(e, folder):
+    print("BUILD", flush=True)
+    run_mntp(e, None, output=folder, track=False, progress=False, say=lambda _: None)
+
+prepare_init_adapter(exp, build=build, say=lambda line: print(line, flush=True))
+print("SHA", exp.model.init_adapter_sha256, flush=True)
+"""
+
+
+def test_two_files_sharing_a_missing_mntp_output_build_it_once(
+    tmp_path, tiny_corpus_dir, mntp_text, smollm2_dir, tally
+):
+    """Two experiment files (two sweeps: two store locks) with one missing mntp.output: the
+    second waits for the first's build and uses it, instead of training into it at the same time."""
+
+    adapter = tmp_path / "shared-adapter"
+    files = [_mntp_file(tmp_path, tiny_corpus_dir, name, adapter, mntp_text) for name in ("a", "b")]
+    script = tmp_path / "prepare.py"
+    script.write_text(CONCURRENT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # see one_torch_thread
+    first = subprocess.Popen(
+        [sys.executable, str(script), str(files[0])], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert first.stdout.readline().strip() == "BUILD"  # the first one is training now
+    second = subprocess.run(
+        [sys.executable, str(script), str(files[1])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    out_first = first.communicate(timeout=300)[0]
+    assert first.returncode == 0 and second.returncode == 0, second.stderr[-2000:]
+    assert "BUILD" not in second.stdout, second.stdout
+    assert "waiting for the MNTP adapter" in second.stdout, second.stdout
+    sha = {
+        line.split()[1]
+        for line in (out_first + second.stdout).splitlines()
+        if line.startswith("SHA")
+    }
+    assert len(sha) == 1 and len(sha.pop()) == 64
+    tally(cases=1, faults=1)
