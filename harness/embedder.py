@@ -28,6 +28,7 @@ from harness.config import ModelSettings
 from harness.inputs import Batch, Encoded, collate, tokenize_one
 from harness.models import (
     Backbone,
+    ModelLoadError,
     apply_lora,
     autocast_dtype,
     enable_gradient_checkpointing,
@@ -36,11 +37,66 @@ from harness.models import (
 )
 from harness.pooling import AttentionCapture, pool
 from harness.templates import resolve_template
+from harness.weights import WEIGHT_SUFFIXES, file_hashes, finite_problem, hash_problem
 
 log = logging.getLogger(__name__)
 META_FILE = "embedder.json"
 ADAPTER_DIR = "adapter"
 INIT_ADAPTER_DIR = "init_adapter"  # a copy of model.init_adapter, so a saved model reloads anywhere
+# In embedder.json: the sha256 of every file under ADAPTER_DIR and INIT_ADAPTER_DIR, by path
+# relative to the model folder, recorded when the model is saved and checked whenever it loads.
+FILES_KEY = "files"
+
+
+class SavedModelError(ModelLoadError):
+    """A saved model whose files are not the ones it was saved with, or whose weights are not
+    finite; the message names the file."""
+
+
+def _weight_files(path: Path) -> list[Path]:
+    return sorted(
+        p
+        for folder in (ADAPTER_DIR, INIT_ADAPTER_DIR)
+        if (path / folder).is_dir()
+        for p in (path / folder).rglob("*")
+        if p.is_file()
+    )
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``embedder.json`` of a saved model; a missing or unreadable one is one line."""
+    meta_file = Path(path) / META_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path}: not a saved harness model (no {META_FILE})")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SavedModelError(f"{meta_file}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("settings"), dict):
+        raise SavedModelError(f"{meta_file}: not a saved model's description (no settings)")
+    return meta
+
+
+def check_saved(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check a saved model before it is used, and return its ``embedder.json``: every file recorded
+    there must have its recorded sha256 (a model saved before hashes were recorded has none to
+    check), and every weight of its adapters must load and be finite."""
+    path = Path(path)
+    meta = read_meta(path)
+    recorded = meta.get(FILES_KEY)
+    if recorded is not None and not isinstance(recorded, dict):
+        raise SavedModelError(f"{path / META_FILE}: {FILES_KEY!r} is not a mapping")
+    problem = hash_problem(path, recorded or {}, path / META_FILE) or next(
+        (
+            p
+            for f in _weight_files(path)
+            if f.suffix in WEIGHT_SUFFIXES and (p := finite_problem(f))
+        ),
+        None,
+    )
+    if problem:
+        raise SavedModelError(problem)
+    return meta
 
 
 class Embedder(nn.Module):
@@ -121,13 +177,15 @@ class Embedder(nn.Module):
     def load(
         cls, path: str | os.PathLike[str], device: torch.device | str | None = None
     ) -> Embedder:
-        """Reload a model saved by :meth:`save`: base model, LoRA adapter, pooling and template."""
+        """Reload a model saved by :meth:`save`: base model, LoRA adapter, pooling and template,
+        once :func:`check_saved` passes (else :class:`SavedModelError`)."""
         path = Path(path)
-        meta_file = path / META_FILE
-        if not meta_file.is_file():
-            raise FileNotFoundError(f"{path}: not a saved harness model (no {META_FILE})")
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        settings = ModelSettings.model_validate(meta["settings"])
+        meta = check_saved(path)
+        try:
+            settings = ModelSettings.model_validate(meta["settings"])
+        except ValueError as e:  # pydantic's ValidationError
+            first = str(e).splitlines()[0]
+            raise SavedModelError(f"{path / META_FILE}: settings are not valid ({first})") from None
         if (
             path / INIT_ADAPTER_DIR
         ).is_dir():  # the copy saved with the model, wherever it came from
@@ -149,7 +207,8 @@ class Embedder(nn.Module):
         return emb.eval()
 
     def save(self, path: str | os.PathLike[str], **extra: Any) -> Path:
-        """Write the adapter (if any) and ``embedder.json`` (everything needed to reload)."""
+        """Write the adapter (if any) and ``embedder.json`` (everything needed to reload, and the
+        adapter files' sha256)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if hasattr(self.model, "peft_config"):
@@ -167,8 +226,11 @@ class Embedder(nn.Module):
             "settings": self.settings.model_dump(mode="json"),
             "harness_version": __version__,
             **extra,
+            FILES_KEY: file_hashes(path, _weight_files(path)),
         }
-        (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        tmp = path / f".{META_FILE}.tmp"  # written last and whole: the files it records are there
+        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path / META_FILE)
         return path
 
     # ------------------------------------------------------------------ inputs

@@ -355,9 +355,9 @@ def default_prompts() -> tuple[str, dict[str, str]]:
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:
-    from harness.embedder import META_FILE
+    from harness.embedder import check_saved
 
-    return json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    return check_saved(folder)  # before anything is written: a damaged model is one line
 
 
 def _run_provenance(folder: Path, run_id: str, tracking_uri: str | None) -> Provenance:

@@ -32,7 +32,7 @@ import torch
 from transformers import set_seed
 
 from harness.config import Experiment, MntpSettings
-from harness.init_adapter import ADAPTER_FILES
+from harness.init_adapter import ADAPTER_FILES, MNTP_FILES, mntp_lock, mntp_state
 from harness.init_adapter import MNTP_META as META_FILE
 from harness.mntp_data import (
     MntpError,
@@ -51,6 +51,7 @@ from harness.models import (
     pick_device,
 )
 from harness.train import lr_lambda, progress_bar
+from harness.weights import file_hashes
 from synth import outputs
 
 if TYPE_CHECKING:
@@ -241,14 +242,17 @@ def train_mntp(
         eval_after=after,
         final_loss=loss_value,
     )
-    meta = {
-        "base_model": exp.model.name,
-        "settings": m.model_dump(mode="json"),
-        **{k: v for k, v in asdict(result).items() if k != "output"},
-    }
-    # written whole, over an adapter of this command's only (synth/outputs.py)
+    # written whole (a staging sibling renamed into place), over an adapter of this command's
+    # only (synth/outputs.py); the completion record (every file's sha256) is written last: a
+    # folder whose mntp.json has one is complete and harness mntp's own
     with outputs.replacing(output, COMMAND, inputs=_inputs(exp), force=True, what=WHAT) as staging:
         lm.model.save_pretrained(staging)
+        meta = {
+            "base_model": exp.model.name,
+            "settings": m.model_dump(mode="json"),
+            **{k: v for k, v in asdict(result).items() if k != "output"},
+            MNTP_FILES: file_hashes(staging, [f for f in staging.rglob("*") if f.is_file()]),
+        }
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -257,17 +261,9 @@ def train_mntp(
 
 
 def is_done(exp: Experiment, output: Path) -> bool:
-    """Whether ``output`` holds an adapter trained with these settings on this base model."""
-    meta_file = output / META_FILE
-    if exp.mntp is None or not meta_file.is_file():
-        return False
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
-    return meta.get("base_model") == exp.model.name and meta.get("settings") == exp.mntp.model_dump(
-        mode="json"
-    )
+    """Whether ``output`` holds a complete adapter (its files as recorded, finite weights) trained
+    with these settings on this base model."""
+    return exp.mntp is not None and mntp_state(exp, output).ready
 
 
 def run_mntp(
@@ -281,19 +277,42 @@ def run_mntp(
     say: Callable[[str], None] = print,
 ) -> MntpResult | None:
     """``harness mntp``: train the file's MNTP adapter (tracked as an MLflow run with role ``mntp``)
-    unless ``output`` already holds one with the same settings (then None)."""
-    from harness.config import flatten
-    from harness.tracking import Tracker, describe_error
-
+    unless ``output`` already holds a complete one with the same settings (then None). A folder
+    that is not (cut short, changed, other settings) is trained again when it is harness mntp's
+    own (its mntp.json), and refused otherwise."""
     if exp.mntp is None:
         raise MntpError(f"{exp.source}: no mntp: block (see README, 'The LLM2Vec backbone')")
     output = output or exp.resolve_path(exp.mntp.output)
-    if not force and is_done(exp, output):
-        say(
-            f"MNTP adapter {output} is already trained with these settings (--force to train again)"
-        )
-        return None
-    check_output(exp, output)
+    with mntp_lock(output, say):  # one builder of this folder at a time; the others wait
+        state = mntp_state(exp, output)
+        if state.ready and not force:
+            say(
+                f"MNTP adapter {output} is already trained with these settings (--force to train again)"
+            )
+            return None
+        check_output(exp, output)  # never a user's folder, the texts or the base model
+        if not state.ours:
+            raise MntpError(
+                f"{output}: {state.reason}, so not an adapter `harness mntp` completed; it is left "
+                "alone: move it away or set mntp.output elsewhere"
+            )
+        if not state.ready and state.reason != "missing":
+            say(f"MNTP adapter {output}: {state.reason}; training it again")
+        return _train_and_track(exp, load_corpus_texts, output, track, progress, say)
+
+
+def _train_and_track(
+    exp: Experiment,
+    load_corpus_texts: Callable[[], list[str]] | None,
+    output: Path,
+    track: bool,
+    progress: bool,
+    say: Callable[[str], None],
+) -> MntpResult:
+    from harness.config import flatten
+    from harness.tracking import Tracker, describe_error
+
+    assert exp.mntp is not None
     texts = read_texts(exp.mntp.text, exp, load_corpus_texts)
     tracker = run_id = None
     if track:

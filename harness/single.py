@@ -66,7 +66,7 @@ def train_single(
         check_eval(exp.eval, where=exp.source)
     label = cell_label(cell) if cell else "train"
     corpus = load_corpus(exp, console)
-    prepare_init_adapter(exp, build=mntp_builder(corpus, console))
+    prepare_init_adapter(exp, build=mntp_builder(corpus, console), say=console.print)
     check_corpus_fits(exp, corpus)
     key = trial_key(exp, corpus.sha256)
     out = output or Path("results") / "runs" / path_part(exp.name) / path_part(f"{label}-{key}")

@@ -158,7 +158,9 @@ def run_sweep(
         store_lock(uri, exp.name), f"a sweep of experiment {exp.name!r} on {redact_text(uri)}"
     ):
         corpus = load_corpus(exp, console)
-        init_adapter = prepare_init_adapter(exp, build=mntp_builder(corpus, console))
+        init_adapter = prepare_init_adapter(
+            exp, build=mntp_builder(corpus, console), say=console.print
+        )
         for cell in [{}] if exp.search else grid_cells(exp):
             check_corpus_fits(apply_cell(exp, cell), corpus)
         tracker = Tracker(exp.tracking, exp.name, exp.source)

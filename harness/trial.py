@@ -10,6 +10,7 @@ results into MLflow calls; a trial never writes to the tracking store and needs 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -136,9 +137,7 @@ def train_or_reuse(exp: Experiment, corpus: Corpus, ctx: TrialContext, name: str
     marker = ctx.workdir / TRAINED_FILE
     saved = None
     if ctx.leader and ctx.reuse_training and marker.is_file():
-        saved = json.loads(marker.read_text(encoding="utf-8"))
-        if not (Path(saved["model_dir"]) / "embedder.json").is_file():
-            saved = None
+        saved = _finished_training(marker, ctx.say)
     if ctx.parallel is not None:  # the other workers train only if rank 0 does
         saved = ctx.parallel.from_first(saved)
     if saved is not None:
@@ -171,6 +170,8 @@ def train_or_reuse(exp: Experiment, corpus: Corpus, ctx: TrialContext, name: str
         return Trained(Path(result.model_dir), {}, result.level_order, reused=False)
     saved = {
         "model_dir": str(Path(result.model_dir).resolve()),
+        # the saved model's description, which records its files' hashes: reuse checks both
+        MODEL_SHA256: _meta_sha256(Path(result.model_dir)),
         "heldout": result.heldout,
         "level_order": result.level_order,
         "stream": result.stream,
@@ -182,6 +183,47 @@ def train_or_reuse(exp: Experiment, corpus: Corpus, ctx: TrialContext, name: str
     return Trained(
         Path(result.model_dir), result.heldout, result.level_order, False, result.embedder
     )
+
+
+MODEL_SHA256 = "embedder_json_sha256"  # in trained.json
+
+
+def _meta_sha256(model_dir: Path) -> str:
+    from harness.embedder import META_FILE
+
+    return hashlib.sha256((model_dir / META_FILE).read_bytes()).hexdigest()
+
+
+def _finished_training(marker: Path, say: Callable[[str], None]) -> dict[str, Any] | None:
+    """The finished training that ``marker`` (trained.json) describes, if its model is whole: the
+    ``embedder.json`` it recorded, whose file hashes and finite weights :func:`check_saved`
+    checks. None (train again: the trial's folder is its own) otherwise, with a line saying why."""
+    from harness.embedder import SavedModelError, check_saved
+
+    try:
+        saved = json.loads(marker.read_text(encoding="utf-8"))
+        model_dir = Path(saved["model_dir"])
+        if not (
+            isinstance(saved["stream"], list)
+            and isinstance(saved["heldout"], dict)
+            and isinstance(saved["level_order"], list)
+        ):
+            raise ValueError("not the record of a finished training")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        say(f"{marker}: unreadable ({type(e).__name__}: {e}); training again")
+        return None
+    try:
+        check_saved(model_dir)
+        recorded, found = saved.get(MODEL_SHA256), _meta_sha256(model_dir)
+        if recorded is not None and recorded != found:
+            raise SavedModelError(
+                f"{model_dir}: embedder.json sha256 {found[:12]}… is not the {recorded[:12]}… "
+                f"recorded in {marker.name}"
+            )
+    except (SavedModelError, FileNotFoundError) as e:
+        say(f"the finished training in {marker.parent} is not usable ({e}); training again")
+        return None
+    return saved
 
 
 def train_and_evaluate(exp: Experiment, corpus: Corpus, ctx: TrialContext) -> TrialOutput:

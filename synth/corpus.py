@@ -9,6 +9,7 @@ level 4 the easiest.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -161,6 +162,15 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def samples_bytes(frame: pl.DataFrame, where: str = "corpus") -> tuple[pl.DataFrame, bytes]:
+    """``frame`` validated and sorted by id, and the bytes of its ``samples.parquet`` (what
+    :func:`write_corpus` writes, so their sha256 is the manifest's)."""
+    frame = validate_frame(frame, where=where).sort("id")
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer, compression="zstd", statistics=False)
+    return frame, buffer.getvalue()
+
+
 def write_corpus(
     frame: pl.DataFrame,
     directory: str | os.PathLike[str],
@@ -177,13 +187,13 @@ def write_corpus(
     the same content always gives the same file and hash.
     """
     directory = Path(directory)
+    frame, data = samples_bytes(frame, where=str(directory))
     directory.mkdir(parents=True, exist_ok=True)
-    frame = validate_frame(frame, where=str(directory)).sort("id")
     samples = directory / SAMPLES_FILE
     tmp = directory / f".{SAMPLES_FILE}.tmp"
-    frame.write_parquet(tmp, compression="zstd", statistics=False)
+    tmp.write_bytes(data)
     os.replace(tmp, samples)
-    digest = sha256_file(samples)
+    digest = hashlib.sha256(data).hexdigest()
     manifest: dict[str, Any] = {
         "name": name or directory.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

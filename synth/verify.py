@@ -34,6 +34,7 @@ check of the result.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
 from collections import Counter
@@ -57,6 +58,7 @@ from synth.corpus import (
     Corpus,
     CorpusError,
     read_corpus,
+    samples_bytes,
     write_corpus,
 )
 from synth.embed import DEFAULT_ENCODER, encode, load_encoder
@@ -338,13 +340,16 @@ def undo_verify(
     verified: str | os.PathLike[str], out: str | os.PathLike[str], *, force: bool = False
 ) -> Corpus:
     """The source of a verified corpus, rebuilt from its kept rows (original negatives restored)
-    and ``rejects.parquet``: the source's rows, so its ``samples_sha256`` where the same polars
-    version writes both. ``force`` replaces a folder this command wrote at ``out``."""
+    and ``rejects.parquet``. The rebuilt rows must be the source's, checked against the row count
+    and ``samples_sha256`` the manifest recorded (so the same polars version must write both);
+    anything else is refused and nothing is written. ``force`` replaces a folder this command
+    wrote at ``out``."""
     out = outputs.check_output(out, UNDO_COMMAND, inputs=[verified], force=force)
     corpus = read_corpus(verified)
     build = corpus.manifest.get("build", {})
     rejects_file = Path(verified) / REJECTS_FILE
-    if build.get("kind") != "verify" or not rejects_file.is_file():
+    source = build.get("source") if isinstance(build, dict) else None
+    if build.get("kind") != "verify" or not rejects_file.is_file() or not isinstance(source, dict):
         raise VerifyError(f"{verified}: not a corpus written by synth verify (no {REJECTS_FILE})")
     frame = corpus.frame
     restored = frame.with_columns(
@@ -354,13 +359,32 @@ def undo_verify(
         .alias(col)
         for i, col in enumerate(NEG_COLUMNS)
     ).select(list(SCHEMA))
-    rejects = pl.read_parquet(rejects_file).select(list(SCHEMA))
-    source = build["source"]
+    try:
+        rejects = pl.read_parquet(rejects_file).select(list(SCHEMA))
+        whole = pl.concat([restored, rejects])
+    except Exception as e:  # polars raises several types for truncated/corrupt files
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise VerifyError(
+            f"{rejects_file}: cannot be read as the rejected rows ({type(e).__name__}: {first}); "
+            "nothing written"
+        ) from None
+    try:
+        whole, data = samples_bytes(whole, where=str(rejects_file))
+    except CorpusError as e:  # a row twice, a missing text: not the source's rows
+        raise VerifyError(f"{verified}: cannot rebuild the source: {e}; nothing written") from None
+    digest = hashlib.sha256(data).hexdigest()
+    rows, expected = source.get("rows"), str(source.get("samples_sha256"))
+    if whole.height != rows or digest != expected:
+        raise VerifyError(
+            f"{verified}: the rebuilt source has {whole.height} rows, sha256 {digest[:12]}…, but "
+            f"the manifest recorded {rows} rows, sha256 {expected[:12]}… ({REJECTS_FILE} changed "
+            "after synth verify wrote it, or another polars version wrote the source); nothing written"
+        )
     with outputs.replacing(out, UNDO_COMMAND, inputs=[verified], force=force) as staging:
         written = write_corpus(
-            pl.concat([restored, rejects]),
+            whole,
             staging,
-            name=source["name"],
+            name=source.get("name"),
             build={
                 "kind": "verify-undo",
                 "verified": str(Path(verified).resolve()),

@@ -112,6 +112,18 @@ def real_server(smollm2_dir: Path):
 
 
 @pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures(...)``): on a busy
+    small machine two threads spin against each other (10x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def ray_instance():
     """One local Ray start per module (~3-20 s here); run_sweep reuses a connection it finds, and
     Ray workers can import ``tests/sweep_standins``."""

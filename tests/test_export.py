@@ -38,6 +38,7 @@ CASES = {  # model, pooling, attention, template: the paper's backbone (bidirect
 }
 CORPUS_SHA = "ab" * 32
 HARNESS: dict[str, Embedder] = {}  # the saved models as the harness embeds with them, by case
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _settings(name: str, pooling: str, attention: str, template: str) -> ModelSettings:
@@ -51,15 +52,6 @@ def _settings(name: str, pooling: str, attention: str, template: str) -> ModelSe
         max_query_length=24,
         max_doc_length=32,
     )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a busy small machine two threads spin against each other (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -196,31 +196,37 @@ def test_an_adapter_built_by_the_files_mntp_block_is_keyed_by_its_recipe(tmp_pat
     """A committed store stays valid on a machine that rebuilds the MNTP adapter: the trial key
     follows the recipe (base model, settings, text), not the rebuilt weights' bytes, while the
     weights' hash is still pinned for provenance. A foreign adapter is keyed by its bytes."""
+    from safetensors.torch import save_file
+
     from harness.config import trial_key
     from harness.init_adapter import prepare_init_adapter
+    from harness.weights import file_hashes
 
-    def build(weights: bytes, *, steps: int = 12, folder: str = "adapter"):
+    def build(weight: float, *, steps: int = 12, folder: str = "adapter"):
         exp = _exp(tmp_path, tmp_path / "t.txt", steps=steps)
         exp.model.init_adapter = str(tmp_path / folder)
         out = tmp_path / folder
         out.mkdir(exist_ok=True)
         (out / "adapter_config.json").write_text("{}", encoding="utf-8")
-        (out / "adapter_model.safetensors").write_bytes(weights)
+        save_file({"w": torch.full((2,), weight)}, out / "adapter_model.safetensors")
         meta = {
             "base_model": exp.model.name,
             "settings": exp.mntp.model_dump(mode="json"),
             "text_sha256": "ab" * 32,
+            "files": file_hashes(
+                out, [out / "adapter_config.json", out / "adapter_model.safetensors"]
+            ),
         }
         (out / "mntp.json").write_text(json.dumps(meta), encoding="utf-8")
         prepare_init_adapter(exp)
         return exp
 
-    first, rebuilt = build(b"weights on machine A"), build(b"weights on machine B")
+    first, rebuilt = build(1.0), build(2.0)  # the weights of machines A and B
     assert first.model.init_adapter_sha256 != rebuilt.model.init_adapter_sha256
     assert first.model.init_adapter_recipe == rebuilt.model.init_adapter_recipe is not None
     assert trial_key(first, "c" * 64) == trial_key(rebuilt, "c" * 64)
-    longer = build(b"weights on machine B", steps=13)  # another recipe: another key
+    longer = build(2.0, steps=13)  # another recipe: another key
     assert trial_key(longer, "c" * 64) != trial_key(rebuilt, "c" * 64)
-    foreign = build(b"weights on machine B", folder="elsewhere")  # not the file's mntp.output
+    foreign = build(2.0, folder="elsewhere")  # not the file's mntp.output
     assert foreign.model.init_adapter_recipe is None
     assert trial_key(foreign, "c" * 64) != trial_key(rebuilt, "c" * 64)

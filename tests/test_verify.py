@@ -8,6 +8,7 @@ negative is its positive (a false negative), and one whose negatives all copy th
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -225,3 +226,72 @@ def test_cli(source: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["verify", str(out), "--undo", "--out", str(tmp_path / "u")])
     assert result.exit_code == 0, result.output
     assert read_corpus(tmp_path / "u").sha256 == read_corpus(source).sha256
+
+
+# ------------------------------------------------------------------ undo, checked
+
+
+@pytest.fixture(scope="module")
+def rejected(source: Path, tmp_path_factory) -> Path:
+    """Verified in reject mode: many rows in rejects.parquet, so one can go missing."""
+    out = tmp_path_factory.mktemp("verify") / "rejected"
+    verify_corpus(source, out, Settings(mode="reject"), progress=False)
+    assert pl.read_parquet(out / REJECTS_FILE).height >= 5
+    return out
+
+
+def _shortened(path: Path) -> None:
+    frame = pl.read_parquet(path)
+    frame.head(frame.height - 3).write_parquet(path)
+
+
+def _truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garbled(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"\xff" * 32
+    path.write_bytes(bytes(data))
+
+
+def _edited(path: Path) -> None:  # same rows, one text changed
+    frame = pl.read_parquet(path).with_row_index("i")
+    frame.with_columns(
+        positive=pl.when(pl.col("i") == 0).then(pl.lit("changed")).otherwise(pl.col("positive"))
+    ).drop("i").write_parquet(path)
+
+
+def _doubled(path: Path) -> None:  # a row twice: more rows than the source had
+    frame = pl.read_parquet(path)
+    pl.concat([frame, frame.head(1)]).write_parquet(path)
+
+
+def _emptied(path: Path) -> None:
+    pl.read_parquet(path).head(0).write_parquet(path)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "damage",
+    [_shortened, _truncated, _garbled, _edited, _doubled, _emptied],
+    ids=lambda f: f.__name__[1:],
+)
+def test_undo_refuses_damaged_rejects_and_writes_nothing(
+    source: Path, rejected: Path, tmp_path: Path, damage, tally
+) -> None:
+    """A rejects.parquet that lost, gained or changed rows rebuilds a corpus that is not the
+    source: the row count and sha256 recorded in the manifest refuse it, in one line."""
+    verified = tmp_path / "verified"
+    shutil.copytree(rejected, verified)
+    damage(verified / REJECTS_FILE)
+    out = tmp_path / "restored"
+    result = CliRunner().invoke(app, ["verify", str(verified), "--undo", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.output.count("error:") == 1, result.output
+    assert str(verified) in result.output and "nothing written" in result.output, result.output
+    assert not out.exists()
+    tally(cases=1, faults=1, rows=read_corpus(source).frame.height)
+    # the undamaged corpus still rebuilds its source exactly
+    shutil.copy2(rejected / REJECTS_FILE, verified / REJECTS_FILE)
+    assert undo_verify(verified, out).sha256 == read_corpus(source).sha256
