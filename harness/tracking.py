@@ -12,6 +12,7 @@ another tracking backend replaces this one file.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -187,8 +188,18 @@ def check_reachable(uri: str, where: str | None = None, timeout: float = 5.0) ->
     parts = urllib.parse.urlsplit(uri)
     if parts.scheme not in ("http", "https"):
         return
+    # user:password@ is for the server (MLflow's client sends it as basic auth), not part of the
+    # host urllib would look up
+    request = urllib.request.Request(
+        urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])).rstrip("/")
+        + "/health"
+    )
+    if parts.username is not None:
+        user, password = (urllib.parse.unquote(p or "") for p in (parts.username, parts.password))
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+        with urllib.request.urlopen(request, timeout=timeout):
             return
     except urllib.error.HTTPError:
         return  # it answered (an auth proxy, an older server): the client will say more
