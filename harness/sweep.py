@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import shlex
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -62,6 +64,7 @@ from synth.corpus import Corpus
 from synth.locks import exclusive
 
 log = logging.getLogger(__name__)
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM); the running trials were stopped and marked KILLED"
 
 
 class SweepError(RuntimeError):
@@ -229,21 +232,28 @@ def run_sweep(
             )
             stopped = None
             try:
-                _fit(
-                    exp,
-                    plan,
-                    corpus,
-                    trial_fn,
-                    callback,
-                    results_dir,
-                    per_trial,
-                    init_adapter,
-                    reuse_training=resume,
-                    concurrency=concurrency,
-                )
+                with _sigterm_as_ctrl_c():
+                    _fit(
+                        exp,
+                        plan,
+                        corpus,
+                        trial_fn,
+                        callback,
+                        results_dir,
+                        per_trial,
+                        init_adapter,
+                        reuse_training=resume,
+                        concurrency=concurrency,
+                    )
+                if callback.interrupted():  # Tune's Ctrl-C handler ended the run
+                    stopped = INTERRUPTED
+            except KeyboardInterrupt:  # a second Ctrl-C, or one before Tune's handler was set
+                callback.on_experiment_end([])
+                stopped = INTERRUPTED
             except Exception as e:  # Tune itself failed: keep what finished, say so, exit 1
                 stopped = _stop_reason(e)
                 callback.abandon(stopped)
+            if stopped:
                 console.print(
                     f"[red]the sweep stopped early[/]: {escape(stopped)}; run the same command "
                     "again to resume (finished trials are kept)",
@@ -263,6 +273,7 @@ def run_sweep(
             tracker.end_sweep(
                 parent_id,
                 failed=summary.failed or bool(stopped),
+                killed=stopped == INTERRUPTED,
                 metrics={
                     "sweep/wall_seconds": summary.wall_seconds,
                     "sweep/ideal_seconds": summary.ideal_seconds,
@@ -340,6 +351,28 @@ def _fit(
     # Our callback prints progress; Ray's own result tables would bury it.
     with _environ(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0", **env):
         tuner.fit()
+
+
+@contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (`kill`, a scheduler's stop) ends the sweep as Ctrl-C does: Tune's SIGINT handler
+    stops the trials and the callback marks their runs KILLED. Ray's own handler, set by
+    ``ray.init``, exits in the middle of Tune's loop, dumps a C++ stack and leaves runs RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers (and only it gets signals)
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):  # SIGINT ignored: still stop
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def storage_path(exp: Experiment, results_dir: Path) -> str:

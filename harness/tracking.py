@@ -266,9 +266,13 @@ class Tracker:
         self.client.log_text(run_id, config_yaml, "experiment.yaml")
         return run_id
 
-    def end_sweep(self, run_id: str, *, failed: int, metrics: Mapping[str, float]) -> None:
+    def end_sweep(
+        self, run_id: str, *, failed: int, metrics: Mapping[str, float], killed: bool = False
+    ) -> None:
         self._log(run_id, metrics=metrics)
-        self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+        self.client.set_terminated(
+            run_id, "KILLED" if killed else "FAILED" if failed else "FINISHED"
+        )
 
     # ------------------------------------------------------------ child runs
 
