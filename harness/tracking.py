@@ -135,15 +135,25 @@ def read_only(uri: str) -> Iterator[str]:
     source = Path(uri[len(prefix) :])
     with tempfile.TemporaryDirectory(prefix="harness-read-") as tmp:
         copy = Path(tmp) / source.name
-        src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
         try:
-            dst = sqlite3.connect(copy)
+            src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
             try:
-                src.backup(dst)
+                dst = sqlite3.connect(copy)
+                try:
+                    src.backup(dst)
+                    # a page garbled past the header copies silently: check before MLflow reads
+                    problem = dst.execute("PRAGMA quick_check").fetchone()[0]
+                finally:
+                    dst.close()
             finally:
-                dst.close()
-        finally:
-            src.close()
+                src.close()
+        except sqlite3.DatabaseError as e:  # not a database, truncated, unreadable
+            problem = str(e)
+        if problem != "ok":
+            raise TrackingError(
+                f"{source}: not a readable SQLite MLflow store ({problem}); "
+                "restore it from a copy or give another tracking URI"
+            )
         yield prefix + str(copy)
 
 

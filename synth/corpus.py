@@ -168,15 +168,29 @@ def summarize(frame: pl.DataFrame) -> dict[str, Any]:
     }
 
 
-def check_output_folder(path: str | os.PathLike[str], what: str = "--out") -> Path:
-    """Refuse, before any work, an output that cannot become a corpus folder (a file, or under one)."""
+def check_output_folder(
+    path: str | os.PathLike[str],
+    what: str = "--out",
+    why: str = "the corpus is written as a folder",
+) -> Path:
+    """Refuse, before any work, an output that cannot become a folder: a file, under one, or in a
+    folder nothing can be created in (tried for real: the permission bits do not bind root).
+
+    Args:
+        what: the option or field that named ``path``, for the message.
+        why: why it must be a folder, for the message.
+    """
     path = Path(path)
     for p in (path, *path.parents):
         if p.exists() and not p.is_dir():
-            raise CorpusError(
-                f"{what} {path}: {p} is a file, not a folder (the corpus is written as a folder)"
-            )
+            raise CorpusError(f"{what} {path}: {p} is a file, not a folder ({why})")
         if p.exists():
+            try:
+                tempfile.TemporaryDirectory(dir=p, prefix=".write-check-").cleanup()
+            except OSError as e:
+                raise CorpusError(
+                    f"{what} {path}: cannot write in {p} ({e.strerror or e})"
+                ) from None
             break
     return path
 
