@@ -124,9 +124,14 @@ def export_model(
             f"{model_or_run}: not a folder saved by `harness train` (no {META_FILE}) "
             "nor an MLflow run id (32 hex digits)"
         )
-    embedder = Embedder.load(source, device)
+    try:
+        embedder = Embedder.load(source, device)
+    finally:
+        if is_run:
+            found.discard()  # the downloaded copy: loaded, it is not read again
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # moved into place whole
+    follow_umask(tmp)  # mkdtemp makes 0700; an export is as readable as any other output
     try:
         prompts = write_export(
             embedder, tmp, merge=merge, instruction=instruction, dtype=dtype, provenance=provenance
@@ -151,6 +156,13 @@ def export_model(
         )
     version = register_model(client, register, model_id, model_or_run) if register else None
     return ExportResult(out, merged, prompts, model_id, version)
+
+
+def follow_umask(folder: Path) -> None:
+    """Give a folder made by ``mkdtemp`` (0700) the mode a plain ``mkdir`` would give it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
 
 
 def export_mlflow_model(

@@ -14,9 +14,7 @@ import json
 import logging
 import os
 import shlex
-import signal
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -62,6 +60,7 @@ from harness.tracking import (
 from harness.trial import TrialFn, cell_of, run_trial, trial_spec
 from synth.corpus import Corpus
 from synth.locks import exclusive
+from synth.processes import sigterm_as_ctrl_c
 
 log = logging.getLogger(__name__)
 INTERRUPTED = "interrupted (Ctrl-C or SIGTERM); the running trials were stopped and marked KILLED"
@@ -232,7 +231,7 @@ def run_sweep(
             )
             stopped = None
             try:
-                with _sigterm_as_ctrl_c():
+                with sigterm_as_ctrl_c():
                     _fit(
                         exp,
                         plan,
@@ -351,28 +350,6 @@ def _fit(
     # Our callback prints progress; Ray's own result tables would bury it.
     with _environ(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0", **env):
         tuner.fit()
-
-
-@contextmanager
-def _sigterm_as_ctrl_c() -> Iterator[None]:
-    """SIGTERM (`kill`, a scheduler's stop) ends the sweep as Ctrl-C does: Tune's SIGINT handler
-    stops the trials and the callback marks their runs KILLED. Ray's own handler, set by
-    ``ray.init``, exits in the middle of Tune's loop, dumps a C++ stack and leaves runs RUNNING."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set handlers (and only it gets signals)
-        return
-
-    def on_term(signum: int, frame: Any) -> None:
-        handler = signal.getsignal(signal.SIGINT)
-        if not callable(handler):  # SIGINT ignored: still stop
-            raise KeyboardInterrupt
-        handler(signal.SIGINT, frame)
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def storage_path(exp: Experiment, results_dir: Path) -> str:

@@ -354,6 +354,10 @@ class Tracker:
     def finish_trial(self, run_id: str) -> None:
         self.client.set_terminated(run_id, "FINISHED")
 
+    def kill_trial(self, run_id: str) -> None:
+        """The run was interrupted (Ctrl-C, SIGTERM): KILLED, not RUNNING forever."""
+        self.client.set_terminated(run_id, "KILLED")
+
     def fail_trial(self, run_id: str, error: str) -> None:
         self._log(run_id, tags={ERROR: error[:MAX_ERROR_CHARS]})
         self.client.set_terminated(run_id, "FAILED")
