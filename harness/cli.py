@@ -225,10 +225,13 @@ def tables(
     _quiet(verbose)
     from harness.experiment_file import load_experiment
     from harness.tables import TablesError, write_tables
+    from synth.corpus import check_output_folder
 
     if experiment is None and experiment_name is None:
         _fail("give an experiment file or --experiment NAME")
     try:
+        if output is not None:  # before the store is read
+            check_output_folder(output, "--output", "the tables are written into a folder")
         exp = load_experiment(experiment, set_ or []) if experiment else None
         if exp is not None:
             from harness.init_adapter import pin_if_present
@@ -439,8 +442,10 @@ def export(
     _quiet(verbose)
     from harness.export import ExportError, export_model
     from harness.saved_models import ModelNotFoundError
+    from synth.corpus import check_output_folder
 
     try:
+        check_output_folder(out, "--out", "the model is exported as a folder")
         result = export_model(
             model_or_run,
             out,
@@ -498,10 +503,11 @@ def audit(
     from harness.evaluation.command import ModelNotFoundError, load_embedder
     from harness.heldout import level_audit
     from synth.audit import print_report, write_report
-    from synth.corpus import read_corpus
+    from synth.corpus import check_output_folder, read_corpus
 
     base = _base_settings(pooling, attention, template, init_adapter)
     try:
+        check_output_folder(output, "--out", "audit.json and audit.md are written into a folder")
         data = read_corpus(corpus)
         embedder, _ = load_embedder(
             model_or_run,

@@ -356,6 +356,10 @@ class TrackingCallback(tune.Callback):
                 record.seconds = time.time() - self._started[trial_id]
                 self.tracker.fail_trial(record.run_id, record.error)
 
+    def interrupted(self) -> bool:
+        """Whether the run was interrupted: only ``on_experiment_end`` marks a run KILLED."""
+        return any(r.status == "KILLED" for r in self.records.values())
+
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Runs still open here were interrupted (Ctrl-C): mark them KILLED, not RUNNING forever."""
         for record in self.records.values():

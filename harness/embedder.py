@@ -32,6 +32,7 @@ from harness.models import (
     apply_lora,
     autocast_dtype,
     enable_gradient_checkpointing,
+    load_adapter,
     load_backbone,
     pick_device,
 )
@@ -194,9 +195,7 @@ class Embedder(nn.Module):
         backbone = load_backbone(settings, dev)
         model = backbone.model
         if (path / ADAPTER_DIR).is_dir():
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, path / ADAPTER_DIR).to(dev)
+            model = load_adapter(model, path / ADAPTER_DIR, "the trained adapter").to(dev)
         emb = cls(
             dataclasses.replace(backbone, model=model),
             settings,

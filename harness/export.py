@@ -126,7 +126,11 @@ def export_model(
     else:
         source = Path(model_or_run)
         provenance = Provenance(meta=_read_meta(source))
-    embedder = Embedder.load(source, device)
+    try:
+        embedder = Embedder.load(source, device)
+    finally:
+        if is_run:
+            found.discard()  # the downloaded copy: loaded, it is not read again
     with outputs.replacing(out, COMMAND, inputs=[source], force=force) as tmp:  # moved in whole
         prompts = write_export(
             embedder, tmp, merge=merge, instruction=instruction, dtype=dtype, provenance=provenance

@@ -53,6 +53,7 @@ from harness.models import (
 from harness.train import lr_lambda, progress_bar
 from harness.weights import file_hashes
 from synth import outputs
+from synth.processes import sigterm_as_ctrl_c
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -317,6 +318,8 @@ def _train_and_track(
     tracker = run_id = None
     if track:
         tracker = Tracker(exp.tracking, exp.name, exp.source)
+        for name in tracker.close_stale_runs():  # a SIGKILLed `harness mntp` could not end its run
+            say(f"marked KILLED {name}: left RUNNING by a process that is gone")
         params = flatten(
             {
                 "mntp": exp.mntp.model_dump(mode="json"),
@@ -337,11 +340,16 @@ def _train_and_track(
             tracker.log_metrics(run_id, metrics, step=step)
 
     try:
-        result = train_mntp(exp, texts, output, on_metrics=on_metrics, progress=progress)
+        with sigterm_as_ctrl_c():  # `kill` ends the run as KILLED, like Ctrl-C
+            result = train_mntp(exp, texts, output, on_metrics=on_metrics, progress=progress)
         if tracker is not None:
             tracker.set_tags(run_id, {"mntp.text_sha256": result.text_sha256})
             tracker.log_artifacts(run_id, output, "adapter")
             tracker.finish_trial(run_id)
+    except KeyboardInterrupt:
+        if tracker is not None:
+            tracker.kill_trial(run_id)
+        raise
     except BaseException as e:
         if tracker is not None:
             tracker.fail_trial(run_id, describe_error(e))

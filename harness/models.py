@@ -171,17 +171,31 @@ def _check_pinned(source: str, sha256: str | None) -> None:
         )
 
 
+def load_adapter(model: nn.Module, source: str | Path, what: str) -> nn.Module:
+    """``model`` with the PEFT adapter at ``source``; an adapter that is unreadable (a truncated
+    or garbled file) or does not fit the model (other modules or ranks in its ``adapter_config``)
+    is one :class:`ModelLoadError` naming ``what`` and ``source``."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    try:
+        return PeftModel.from_pretrained(model, source)
+    # OSError: files missing; ValueError: a broken config or modules the model lacks (peft's
+    # NoMatchingPeftModuleError); SafetensorError: a cut or garbled weights file
+    except (OSError, ValueError, SafetensorError) as e:
+        problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except RuntimeError as e:  # torch's load_state_dict: tensors of other shapes (another rank)
+        if "Error(s) in loading state_dict" not in str(e):
+            raise
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        problem = lines[0] if lines else str(e).splitlines()[0]
+    raise ModelLoadError(f"{what} {source}: cannot load the adapter ({problem})")
+
+
 def merge_adapter(model: nn.Module, source: str) -> nn.Module:
     """Merge the PEFT adapter at ``source`` (folder or Hub id) into ``model``'s weights."""
-    from peft import PeftModel
-
     target = adapter_target(model)
-    try:
-        merged = PeftModel.from_pretrained(target, source).merge_and_unload()
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(
-            f"model.init_adapter {source!r}: cannot load the adapter: {e}".splitlines()[0]
-        ) from None
+    merged = load_adapter(target, source, "model.init_adapter").merge_and_unload()
     if target is model:
         return merged
     model.model = merged

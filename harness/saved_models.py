@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,12 @@ class RunModel:
     run_id: str
     path: Path
     suite: str | None  # the run's own eval.suite, used when the command gives none
+    download: Path | None = None  # the temporary folder ``path`` was downloaded into, if any
+
+    def discard(self) -> None:
+        """Remove the downloaded copy (once the model is loaded); a folder on disk stays."""
+        if self.download is not None:
+            shutil.rmtree(self.download, ignore_errors=True)
 
 
 def client_for(tracking_uri: str | None) -> Any:  # an MlflowClient
@@ -58,7 +65,7 @@ def run_model(run_id: str, tracking_uri: str | None) -> RunModel:
     if any(f.path == MODEL_ARTIFACT for f in client.list_artifacts(run_id)):
         into = Path(tempfile.mkdtemp(prefix=f"harness-eval-{run_id[:8]}-"))
         path = Path(client.download_artifacts(run_id, MODEL_ARTIFACT, str(into)))
-        return RunModel(run_id, path, suite)
+        return RunModel(run_id, path, suite, download=into)
     tag = run.data.tags.get(MODEL_DIR)
     if tag:
         local = Path(tag.split(":", 1)[1] if ":" in tag and not Path(tag).exists() else tag)

@@ -60,8 +60,10 @@ from harness.tracking import (
 from harness.trial import TrialFn, cell_of, run_trial, trial_spec
 from synth.corpus import Corpus
 from synth.locks import exclusive
+from synth.processes import sigterm_as_ctrl_c
 
 log = logging.getLogger(__name__)
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM); the running trials were stopped and marked KILLED"
 
 
 class SweepError(RuntimeError):
@@ -231,21 +233,28 @@ def run_sweep(
             )
             stopped = None
             try:
-                _fit(
-                    exp,
-                    plan,
-                    corpus,
-                    trial_fn,
-                    callback,
-                    results_dir,
-                    per_trial,
-                    init_adapter,
-                    reuse_training=resume,
-                    concurrency=concurrency,
-                )
+                with sigterm_as_ctrl_c():
+                    _fit(
+                        exp,
+                        plan,
+                        corpus,
+                        trial_fn,
+                        callback,
+                        results_dir,
+                        per_trial,
+                        init_adapter,
+                        reuse_training=resume,
+                        concurrency=concurrency,
+                    )
+                if callback.interrupted():  # Tune's Ctrl-C handler ended the run
+                    stopped = INTERRUPTED
+            except KeyboardInterrupt:  # a second Ctrl-C, or one before Tune's handler was set
+                callback.on_experiment_end([])
+                stopped = INTERRUPTED
             except Exception as e:  # Tune itself failed: keep what finished, say so, exit 1
                 stopped = _stop_reason(e)
                 callback.abandon(stopped)
+            if stopped:
                 console.print(
                     f"[red]the sweep stopped early[/]: {escape(stopped)}; run the same command "
                     "again to resume (finished trials are kept)",
@@ -265,6 +274,7 @@ def run_sweep(
             tracker.end_sweep(
                 parent_id,
                 failed=summary.failed or bool(stopped),
+                killed=stopped == INTERRUPTED,
                 metrics={
                     "sweep/wall_seconds": summary.wall_seconds,
                     "sweep/ideal_seconds": summary.ideal_seconds,

@@ -12,6 +12,7 @@ another tracking backend replaces this one file.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -141,15 +142,25 @@ def read_only(uri: str) -> Iterator[str]:
     source = Path(uri[len(prefix) :])
     with tempfile.TemporaryDirectory(prefix="harness-read-") as tmp:
         copy = Path(tmp) / source.name
-        src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
         try:
-            dst = sqlite3.connect(copy)
+            src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
             try:
-                src.backup(dst)
+                dst = sqlite3.connect(copy)
+                try:
+                    src.backup(dst)
+                    # a page garbled past the header copies silently: check before MLflow reads
+                    problem = dst.execute("PRAGMA quick_check").fetchone()[0]
+                finally:
+                    dst.close()
             finally:
-                dst.close()
-        finally:
-            src.close()
+                src.close()
+        except sqlite3.DatabaseError as e:  # not a database, truncated, unreadable
+            problem = str(e)
+        if problem != "ok":
+            raise TrackingError(
+                f"{source}: not a readable SQLite MLflow store ({problem}); "
+                "restore it from a copy or give another tracking URI"
+            )
         yield prefix + str(copy)
 
 
@@ -194,8 +205,18 @@ def check_reachable(uri: str, where: str | None = None, timeout: float = 5.0) ->
     parts = urllib.parse.urlsplit(uri)
     if parts.scheme not in ("http", "https"):
         return
+    # user:password@ is for the server (MLflow's client sends it as basic auth), not part of the
+    # host urllib would look up
+    request = urllib.request.Request(
+        urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])).rstrip("/")
+        + "/health"
+    )
+    if parts.username is not None:
+        user, password = (urllib.parse.unquote(p or "") for p in (parts.username, parts.password))
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+        with urllib.request.urlopen(request, timeout=timeout):
             return
     except urllib.error.HTTPError:
         return  # it answered (an auth proxy, an older server): the client will say more
@@ -269,9 +290,13 @@ class Tracker:
         self.client.log_text(run_id, config_yaml, "experiment.yaml")
         return run_id
 
-    def end_sweep(self, run_id: str, *, failed: int, metrics: Mapping[str, float]) -> None:
+    def end_sweep(
+        self, run_id: str, *, failed: int, metrics: Mapping[str, float], killed: bool = False
+    ) -> None:
         self._log(run_id, metrics=metrics)
-        self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+        self.client.set_terminated(
+            run_id, "KILLED" if killed else "FAILED" if failed else "FINISHED"
+        )
 
     # ------------------------------------------------------------ child runs
 
@@ -342,6 +367,10 @@ class Tracker:
 
     def finish_trial(self, run_id: str) -> None:
         self.client.set_terminated(run_id, "FINISHED")
+
+    def kill_trial(self, run_id: str) -> None:
+        """The run was interrupted (Ctrl-C, SIGTERM): KILLED, not RUNNING forever."""
+        self.client.set_terminated(run_id, "KILLED")
 
     def fail_trial(self, run_id: str, error: str) -> None:
         self._log(run_id, tags={ERROR: error[:MAX_ERROR_CHARS]})

@@ -3,8 +3,10 @@ own process group so that stopping it (Ctrl-C, SIGTERM) stops its server workers
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,10 +28,29 @@ class UIError(RuntimeError):
     """The MLflow UI could not be started."""
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port something already listens on: ``mlflow ui`` would exit there while the other
+    server answers ``/health``, so the URL would show another store."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # as the server will bind: a port in TIME_WAIT after a stopped UI is free, a listener is not
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UIError(
+                    f"port {port} on {host} is already in use (another MLflow UI or server?): "
+                    "stop it or choose another --port"
+                ) from None
+            raise UIError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def start_ui(
     uri: str, port: int, host: str = "127.0.0.1", timeout: float = 180.0
 ) -> subprocess.Popen[bytes]:
     """Start the MLflow UI and return once ``/health`` answers (the caller stops the process)."""
+    check_port_free(host, port)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     # its own process group: stopping it stops the server workers it forks too
     proc = subprocess.Popen(
@@ -44,7 +65,8 @@ def start_ui(
             raise UIError(f"mlflow ui exited with code {proc.returncode} (is port {port} taken?)")
         try:
             with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=2) as r:
-                if r.status == 200:
+                # ours only while it runs: a server that took the port since the check answers too
+                if r.status == 200 and proc.poll() is None:
                     return proc
         except OSError:
             time.sleep(0.5)
@@ -79,6 +101,7 @@ def serve_ui(
             raise UIError(
                 f"no MLflow store at {store.resolve()} (run a sweep first, or give the store's URI)"
             )
+    check_port_free(host, port)  # before a URL is printed: it would show another server
     print(
         f"starting the MLflow UI for {resolve_uri(target)} on http://{host}:{port} ...", flush=True
     )
@@ -92,9 +115,11 @@ def serve_ui(
 
     previous = signal.signal(signal.SIGTERM, stop)  # `kill` stops the UI like Ctrl-C does
     try:
-        proc.wait()
+        code = proc.wait()
     except KeyboardInterrupt:
-        pass
+        code = 0
     finally:
         stop_ui(proc)
         signal.signal(signal.SIGTERM, previous)
+    if code:  # it died on its own: the URL printed above no longer serves this store
+        raise UIError(f"mlflow ui on port {port} exited with code {code}")

@@ -164,8 +164,10 @@ def merge(
     """Merge corpora (e.g. synthetic MGH data + the mined retrieval mix) into one training corpus."""
 
     def go() -> None:
-        from synth.merge import merge_corpora, parse_weights
+        from synth.merge import MergeError, merge_corpora, parse_weights
 
+        if not 0 <= seed < 2**64:  # what polars' sampling takes; outside it raises OverflowError
+            raise MergeError(f"--seed {seed}: expected 0 <= seed < 2**64")
         corpus = merge_corpora(
             parts, out, weights=parse_weights(weight or []), seed=seed, name=name, force=force
         )

@@ -123,6 +123,21 @@ def validate_frame(frame: pl.DataFrame, where: str = "corpus") -> pl.DataFrame:
             raise CorpusError(
                 f"{where}: column {col!r} is empty in {bad.height} row(s) (first id: {first})"
             )
+    # a missing negative is null; an empty one would be trained and scored as a text (the
+    # held-out ranking beats "" at once, so recall@1 rises with no learning)
+    blank = [
+        (col, frame.filter(pl.col(col).is_not_null() & (pl.col(col).str.strip_chars() == "")))
+        for col in NEG_COLUMNS
+    ]
+    blank = [(col, bad) for col, bad in blank if bad.height]
+    if blank:
+        where_blank = "; ".join(
+            f"{col} in {bad.height} row(s) (first id: {bad['id'][0]})" for col, bad in blank
+        )
+        raise CorpusError(
+            f"{where}: empty or whitespace negatives: {where_blank}; "
+            "a missing negative must be null, not an empty text"
+        )
     kinds = set(frame["task_kind"].unique().to_list()) - set(TASK_KINDS)
     if kinds:
         raise CorpusError(
@@ -152,6 +167,33 @@ def summarize(frame: pl.DataFrame) -> dict[str, Any]:
         "source": counts("source"),
         "negatives_per_level": level_counts(frame),
     }
+
+
+def check_output_folder(
+    path: str | os.PathLike[str],
+    what: str = "--out",
+    why: str = "the corpus is written as a folder",
+) -> Path:
+    """Refuse, before any work, an output that cannot become a folder: a file, under one, or in a
+    folder nothing can be created in (tried for real: the permission bits do not bind root).
+
+    Args:
+        what: the option or field that named ``path``, for the message.
+        why: why it must be a folder, for the message.
+    """
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise CorpusError(f"{what} {path}: {p} is a file, not a folder ({why})")
+        if p.exists():
+            try:
+                tempfile.TemporaryDirectory(dir=p, prefix=".write-check-").cleanup()
+            except OSError as e:
+                raise CorpusError(
+                    f"{what} {path}: cannot write in {p} ({e.strerror or e})"
+                ) from None
+            break
+    return path
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -81,7 +81,13 @@ def check_output(
     for p in (target, *target.parents):
         if p.exists() and not p.is_dir():
             raise OutputError(f"{what} {target}: {p} is a file, not a folder")
-        if p.exists():
+        if p.exists():  # tried for real: the permission bits do not bind root
+            try:
+                tempfile.TemporaryDirectory(dir=p, prefix=".write-check-").cleanup()
+            except OSError as e:
+                raise OutputError(
+                    f"{what} {target}: cannot write in {p} ({e.strerror or e})"
+                ) from None
             break
     here = target.resolve()
     for given in inputs:

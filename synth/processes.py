@@ -17,8 +17,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 _POLL_S = 0.05
 
@@ -82,3 +85,27 @@ def stop_groups(
 def stop_group(proc: subprocess.Popen, grace_s: float = 5.0, kill_wait_s: float = 10.0) -> bool:
     """:func:`stop_groups` for one group."""
     return stop_groups([proc], grace_s=grace_s, kill_wait_s=kill_wait_s)
+
+
+@contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """Within the block, SIGTERM (`kill`, a scheduler's stop) does what Ctrl-C does: it calls the
+    current SIGINT handler (Python's raises KeyboardInterrupt; Ray Tune's stops the run gracefully),
+    so ``finally`` blocks and handlers that mark runs KILLED run. Without it the process dies at
+    once (Python's default) or, after ``ray.init``, Ray's handler exits mid-loop with a C++ stack
+    dump; either way MLflow runs stay RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers (and only it gets signals)
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):  # SIGINT ignored: still stop
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -99,6 +99,8 @@ class Settings:
             raise VerifyError(f"--tolerance {self.tolerance}: expected >= 0")
         if self.rows not in ("all", "synthetic"):
             raise VerifyError(f"--rows {self.rows!r}: expected all or synthetic")
+        if self.batch_size < 1:  # 0 encoded nothing and reported every row rejected
+            raise VerifyError(f"--batch-size {self.batch_size}: expected >= 1")
 
 
 @dataclass(frozen=True)

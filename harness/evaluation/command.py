@@ -104,7 +104,10 @@ def load_embedder(
 
     run = run_model(model_or_run, tracking_uri) if RUN_ID.match(model_or_run) else None
     if run is not None:
-        return Embedder.load(run.path, device), run
+        try:
+            return Embedder.load(run.path, device), run
+        finally:
+            run.discard()  # the downloaded copy: loaded, it is not read again
     if (Path(model_or_run) / "embedder.json").is_file():
         return Embedder.load(model_or_run, device), None
     from harness.evaluation.exported import ExportedEmbedder, is_export

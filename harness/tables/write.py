@@ -13,6 +13,7 @@ from harness.tables.collect import collect
 from harness.tables.export import long_frame
 from harness.tables.plots import VECTOR_FORMATS, category_plot, loss_plot, score_plot
 from harness.tables.render import render_all
+from synth.corpus import check_output_folder
 
 ARTIFACT_DIR = "tables"  # under the parent (sweep) run
 PLOTS = ("loss.png", "scores.png", "categories.png")
@@ -54,6 +55,7 @@ def write_tables(
     out = Path(
         output_dir or collected.settings.output_dir or Path("results") / _safe(collected.experiment)
     )
+    check_output_folder(out, "the tables' folder", "the tables are written into a folder")
     out.mkdir(parents=True, exist_ok=True)
 
     files = []
