@@ -391,7 +391,9 @@ def test_a_trial_that_failed_after_training_is_evaluated_not_trained_again(
             "max_doc_length": 32,
         },
         train={"steps": 3, "batch_size": 4, "heldout_size": 8, "warmup_steps": 0, "device": "cpu"},
-        eval={"tasks": [str(task)], "batch_size": 16},
+        # no untrained scoring: it would read the broken task file before training (and fail
+        # there, cheaply); this test is about a failure after training
+        eval={"tasks": [str(task)], "batch_size": 16, "untrained": False},
     )
     first_try = run_sweep(exp, [], results_dir=tmp_path / "results")
     assert [r.status for r in first_try.records] == ["FAILED"]

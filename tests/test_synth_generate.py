@@ -200,9 +200,11 @@ def test_budget_stops_cleanly_and_a_rerun_with_more_budget_finishes(
     assert again.complete and again.corpus.manifest["usage"]["requests"] == 16
 
 
-def _run_killed_then_resumed(config_path: Path, journal: Path, kill_after: int) -> set[str]:
+def _run_killed_then_resumed(
+    config_path: Path, journal: Path, kill_after: int, returncode: int = 0
+) -> set[str]:
     """Start `synth generate`, SIGKILL it once ``kill_after`` answers are journaled, run it again
-    to the end; return the keys journaled when it was killed."""
+    to the end (it exits with ``returncode``); return the keys journaled when it was killed."""
     env = {**os.environ, "NM_TEST_KEY": KEY}
     cmd = [sys.executable, "-m", "synth.cli", "generate", str(config_path), "--quiet"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -217,7 +219,7 @@ def _run_killed_then_resumed(config_path: Path, journal: Path, kill_after: int) 
         proc.wait()
     answered_before = set(Journal(journal).read())
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == returncode, done.stdout + done.stderr
     return answered_before
 
 
@@ -286,8 +288,10 @@ def test_real_server_sigkill_then_rerun_requests_nothing_twice_and_loses_nothing
     recorder = Recorder()
     with serve(forward_to(real_server.base_url), recorder) as url:
         journal = tmp_path / "corpus" / "work" / JOURNAL_FILE
+        # every answer is cut off at 8 tokens (below): the resumed run finishes all requests and
+        # fails, as a run whose every example is rejected does (exit 1)
         answered_before = _run_killed_then_resumed(
-            _real_config(tmp_path, url, real_server.model), journal, kill_after=1
+            _real_config(tmp_path, url, real_server.model), journal, kill_after=1, returncode=1
         )
     assert 1 <= len(answered_before) < 3, "the kill should land mid-run"
     assert len(Journal(journal).read()) == 3
