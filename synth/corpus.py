@@ -181,18 +181,10 @@ def check_output_folder(
         what: the option or field that named ``path``, for the message.
         why: why it must be a folder, for the message.
     """
+    from synth.outputs import check_can_be_folder
+
     path = Path(path)
-    for p in (path, *path.parents):
-        if p.exists() and not p.is_dir():
-            raise CorpusError(f"{what} {path}: {p} is a file, not a folder ({why})")
-        if p.exists():
-            try:
-                tempfile.TemporaryDirectory(dir=p, prefix=".write-check-").cleanup()
-            except OSError as e:
-                raise CorpusError(
-                    f"{what} {path}: cannot write in {p} ({e.strerror or e})"
-                ) from None
-            break
+    check_can_be_folder(path, what, why=why, error=CorpusError)
     return path
 
 

@@ -78,17 +78,7 @@ def check_output(
             wrote is accepted without ``force``.
     """
     target = Path(target)
-    for p in (target, *target.parents):
-        if p.exists() and not p.is_dir():
-            raise OutputError(f"{what} {target}: {p} is a file, not a folder")
-        if p.exists():  # tried for real: the permission bits do not bind root
-            try:
-                tempfile.TemporaryDirectory(dir=p, prefix=".write-check-").cleanup()
-            except OSError as e:
-                raise OutputError(
-                    f"{what} {target}: cannot write in {p} ({e.strerror or e})"
-                ) from None
-            break
+    check_can_be_folder(target, what)
     here = target.resolve()
     for given in inputs:
         source = Path(given).resolve()
@@ -224,3 +214,22 @@ def replacing(
         shutil.rmtree(staging, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def check_can_be_folder(
+    target: Path, what: str, *, why: str | None = None, error: type[Exception] = OutputError
+) -> None:
+    """Refuse a ``target`` that cannot become a folder: a file, under one, or in a folder nothing
+    can be created in (tried for real: the permission bits do not bind root). ``why`` ends the
+    message of a file in the way; ``error`` is the caller's error class."""
+    for p in (target, *target.parents):
+        if p.exists() and not p.is_dir():
+            raise error(
+                f"{what} {target}: {p} is a file, not a folder" + (f" ({why})" if why else "")
+            )
+        if p.exists():
+            try:
+                tempfile.TemporaryDirectory(dir=p, prefix=".write-check-").cleanup()
+            except OSError as e:
+                raise error(f"{what} {target}: cannot write in {p} ({e.strerror or e})") from None
+            return
