@@ -439,14 +439,3 @@ def progress_bar(unit: str = "queries", *, get_time: Callable[[], float] | None 
         speed_estimate_period=3600.0,
         **({"get_time": get_time} if get_time is not None else {}),
     )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[rate]:.1f} " + unit + "/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
